@@ -1,0 +1,17 @@
+"""resunetpp: ResUNet++ and its baselines for polyp segmentation in colonoscopy."""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from . import networks  # noqa: F401  (registers the models)
+from .hub import load_model, save_pretrained
+from .registry import count_parameters, create_model, list_models, model_info
+
+try:
+    __version__ = version("resunetpp")
+except PackageNotFoundError:  # running from a source tree
+    __version__ = "0.0.0+unknown"
+
+__all__ = ["__version__", "count_parameters", "create_model", "list_models", "load_model", "model_info",
+           "save_pretrained"]

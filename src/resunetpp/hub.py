@@ -1,0 +1,120 @@
+"""Checkpoints as `config.json` + `model.safetensors` (the segmentation_models_pytorch layout).
+
+`config.json` holds everything inference needs to repeat training's preprocessing:
+
+    {"model": "resunetpp", "model_kwargs": {...}, "input_size": [256, 256],
+     "normalization": {"mean": [...], "std": [...]}, "threshold": 0.5,
+     "dataset": ..., "split": ..., "metrics": {...}, "version": "..."}
+
+Weights load through safetensors only: no pickle is ever read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .preprocess import default_normalization
+from .registry import create_model
+from .utils import atomic_path, write_json
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+# Trained weights shipped inside the package (see the model card there), used when none are given.
+BUNDLED_DIR = Path(__file__).parent / "weights" / "resunetpp-kvasir"
+
+
+def _files(path: str | os.PathLike) -> tuple[Path, Path]:
+    p = Path(path)
+    if p.is_dir():
+        return p / WEIGHTS_NAME, p / CONFIG_NAME
+    if p.suffix == ".safetensors":
+        return p, p.with_name(CONFIG_NAME)
+    if p.name == CONFIG_NAME:
+        return p.with_name(WEIGHTS_NAME), p
+    raise FileNotFoundError(f"{p}: expected a run folder, a .safetensors file or a config.json")
+
+
+def save_pretrained(model: nn.Module, directory: str | os.PathLike, config: dict[str, Any],
+                    dtype: torch.dtype | None = None) -> Path:
+    """Write `model.safetensors` and `config.json` into `directory`, each atomically.
+
+    `config` must name the registry entry ("model") and its "model_kwargs"; missing
+    preprocessing keys get their defaults. Non-finite weights are refused, so a diverged run
+    can never overwrite a good checkpoint.
+    """
+    directory = Path(directory)
+    if "model" not in config:
+        raise ValueError("config must contain 'model', the registry name")
+    state = {k: v.detach().to("cpu", dtype=dtype if (dtype and v.is_floating_point()) else v.dtype).contiguous()
+             for k, v in model.state_dict().items()}
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"refusing to save non-finite weights ({len(bad)} tensors, e.g. {bad[0]})")
+    from . import __version__
+
+    full = {"model_kwargs": {}, "input_size": [256, 256], "normalization": default_normalization(),
+            "threshold": 0.5, "version": __version__, **config}
+    with atomic_path(directory / WEIGHTS_NAME) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt", "model": str(full["model"])})
+    write_json(directory / CONFIG_NAME, full)
+    return directory
+
+
+def load_config(path: str | os.PathLike) -> dict[str, Any]:
+    _, cfg_path = _files(path)
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path}: no config.json beside the weights; cannot tell which model they are")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+    if "model" not in cfg:
+        raise ValueError(f"{cfg_path}: has no 'model' key")
+    return cfg
+
+
+def load_model(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a model from a run folder, a `.safetensors` file with `config.json` beside it,
+    or (path=None) the bundled weights. Returns it in eval mode, float32, with its config as
+    `model.pretrained_config`."""
+    if path is None:
+        path = bundled_weights()
+    weights, _ = _files(path)
+    cfg = load_config(path)
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: weights file not found")
+    model = create_model(cfg["model"], **_listify(cfg.get("model_kwargs", {})))
+    try:
+        state = load_file(str(weights))
+    except Exception as e:  # safetensors raises its own error types
+        raise ValueError(f"{weights}: not a readable safetensors file ({e})") from None
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{weights}: weights do not match {cfg['model']} {cfg.get('model_kwargs', {})}: {e}") from None
+    model.pretrained_config = cfg
+    return model.to(device).eval()
+
+
+def bundled_weights() -> Path:
+    """Folder of the bundled trained ResUNet++; a clear error says how to get weights if absent."""
+    if not (BUNDLED_DIR / WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(
+            "no bundled trained weights ship with this version of resunetpp yet. Train your own with\n"
+            "  resunetpp train --model resunetpp --data ../shared/data/Kvasir-SEG --out runs/kvasir\n"
+            "and pass --weights runs/kvasir (or load_model('runs/kvasir'))."
+        )
+    return BUNDLED_DIR
+
+
+def _listify(kwargs: dict[str, Any]) -> dict[str, Any]:
+    # JSON has no tuples; constructors take either.
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}

@@ -1,0 +1,25 @@
+import os
+from pathlib import Path
+
+import pytest
+
+# Real datasets live beside the project (../shared/data); RESUNETPP_DATA overrides. Never commit them.
+SHARED_DATA = Path(os.environ.get("RESUNETPP_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+
+
+def _dataset(sub: str) -> Path:
+    path = SHARED_DATA / sub
+    if not path.is_dir():
+        pytest.skip(f"real dataset not found at {path} (set RESUNETPP_DATA to the folder holding Kvasir-SEG/ and "
+                    "CVC-ClinicDB/)")
+    return path
+
+
+@pytest.fixture
+def kvasir_dir() -> Path:
+    return _dataset("Kvasir-SEG")
+
+
+@pytest.fixture
+def clinicdb_dir() -> Path:
+    return _dataset("CVC-ClinicDB")

@@ -1,0 +1,60 @@
+import json
+
+import pytest
+import torch
+
+from resunetpp import create_model, load_model, save_pretrained
+from resunetpp.hub import bundled_weights
+
+
+def test_save_and_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("resunetpp", filters=(8, 8, 8, 8, 16)).eval()
+    save_pretrained(model, tmp_path / "run", {"model": "resunetpp", "model_kwargs": {"filters": [8, 8, 8, 8, 16]}})
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["threshold"] == 0.5 and cfg["input_size"] == [256, 256] and "normalization" in cfg
+    x = torch.randn(1, 3, 32, 32)
+    for path in (tmp_path / "run", tmp_path / "run" / "model.safetensors"):
+        loaded = load_model(path)
+        assert torch.equal(loaded(x), model(x))
+        assert loaded.pretrained_config["model"] == "resunetpp"
+
+
+def test_half_precision_weights_load_as_float32(tmp_path):
+    model = create_model("unet", filters=(4, 4, 4, 4, 4)).eval()
+    save_pretrained(model, tmp_path, {"model": "unet", "model_kwargs": {"filters": [4, 4, 4, 4, 4]}},
+                    dtype=torch.float16)
+    loaded = load_model(tmp_path)
+    assert next(loaded.parameters()).dtype == torch.float32
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.allclose(loaded(x), model(x), atol=1e-2)
+
+
+def test_refuses_nan_weights_and_keeps_old_file(tmp_path):
+    model = create_model("unet", filters=(4, 4, 4, 4, 4))
+    cfg = {"model": "unet", "model_kwargs": {"filters": [4, 4, 4, 4, 4]}}
+    save_pretrained(model, tmp_path, cfg)
+    before = (tmp_path / "model.safetensors").read_bytes()
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    with pytest.raises(ValueError, match="non-finite"):
+        save_pretrained(model, tmp_path, cfg)
+    assert (tmp_path / "model.safetensors").read_bytes() == before
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_model(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_model(tmp_path)
+    (tmp_path / "config.json").write_text('{"model": "unet"}')
+    (tmp_path / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors"):
+        load_model(tmp_path)
+
+
+def test_bundled_weights_message_says_how_to_train(monkeypatch, tmp_path):
+    monkeypatch.setattr("resunetpp.hub.BUNDLED_DIR", tmp_path / "none")
+    with pytest.raises(FileNotFoundError, match="resunetpp train"):
+        bundled_weights()
