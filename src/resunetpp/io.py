@@ -1,0 +1,106 @@
+"""Reading images and masks as they really come: JPEG, PNG, BMP and TIFF (including
+CVC-ClinicDB's 3-sample TIFFs that Pillow cannot open), grayscale, RGBA, palette and 16-bit.
+
+Every failure raises `ImageReadError`, whose message starts with the file's path.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+MAX_PIXELS = 100_000_000  # larger images are refused rather than exhausting memory
+
+
+class ImageReadError(ValueError):
+    """An image or mask file that cannot be used; `path` names it."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+def _to_uint8(a: np.ndarray) -> np.ndarray:
+    if a.dtype == np.uint8:
+        return a
+    if a.dtype == bool:
+        return a.astype(np.uint8) * 255
+    if np.issubdtype(a.dtype, np.integer):
+        # 16-bit and wider: scale the type's full range onto 0..255
+        return (a.astype(np.float64) * 255.0 / np.iinfo(a.dtype).max).round().astype(np.uint8)
+    a = a.astype(np.float64)
+    if a.size and a.max() <= 1.0:
+        a = a * 255.0
+    return np.clip(a, 0, 255).round().astype(np.uint8)
+
+
+def _read_array(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise ImageReadError(path, "file not found")
+    if path.stat().st_size == 0:
+        raise ImageReadError(path, "empty file (0 bytes)")
+    if path.suffix.lower() in (".tif", ".tiff"):
+        import tifffile
+
+        try:
+            a = tifffile.imread(path)
+        except Exception as e:
+            raise ImageReadError(path, f"unreadable TIFF ({e})") from None
+        if a.ndim == 3 and a.shape[0] in (3, 4) and a.shape[-1] not in (3, 4):
+            a = np.moveaxis(a, 0, -1)  # planar (C, H, W) TIFF
+        if a.ndim > 3 or (a.ndim == 3 and a.shape[-1] not in (1, 3, 4)):
+            raise ImageReadError(path, f"unsupported TIFF layout {a.shape} (expected one 2-D image)")
+        if a.size > MAX_PIXELS * 4:
+            raise ImageReadError(path, f"image too large ({a.shape})")
+        return a
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > MAX_PIXELS:
+                raise ImageReadError(path, f"image too large ({im.width}x{im.height} pixels, limit {MAX_PIXELS:,})")
+            if im.mode == "P":
+                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+            elif im.mode in ("1", "CMYK", "YCbCr", "LAB", "HSV", "LA", "PA"):
+                im = im.convert("RGBA" if im.mode in ("LA", "PA") else "RGB")
+            return np.asarray(im)
+    except ImageReadError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageReadError(path, f"image too large ({e})") from None
+    except Exception as e:
+        raise ImageReadError(path, f"not a readable image ({type(e).__name__}: {e})") from None
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """(H, W, 3) uint8 RGB. Grayscale is repeated, alpha dropped, 16-bit scaled to 8-bit."""
+    path = Path(path)
+    a = _to_uint8(_read_array(path))
+    if a.ndim == 2:
+        a = np.repeat(a[:, :, None], 3, axis=2)
+    elif a.shape[-1] == 1:
+        a = np.repeat(a, 3, axis=2)
+    elif a.shape[-1] == 4:
+        a = a[:, :, :3]
+    if a.shape[0] == 0 or a.shape[1] == 0:
+        raise ImageReadError(path, f"image has no pixels ({a.shape})")
+    return np.ascontiguousarray(a)
+
+
+def read_mask(path: str | os.PathLike) -> np.ndarray:
+    """(H, W) bool: grey level > 127 on 0..255.
+
+    Masks come as 1- or 3-channel files, often JPEG with noise around 0 and 255; the mean of
+    the colour channels is thresholded, so JPEG ringing and faint values (1..20 in
+    CVC-ClinicDB) fall on the right side.
+    """
+    path = Path(path)
+    a = _to_uint8(_read_array(path))
+    if a.ndim == 3:
+        a = a[:, :, :3].mean(axis=2)
+    if a.shape[0] == 0 or a.shape[1] == 0:
+        raise ImageReadError(path, f"mask has no pixels ({a.shape})")
+    return a > 127
