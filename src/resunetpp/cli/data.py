@@ -1,7 +1,150 @@
-"""Placeholder: filled in by its issue."""
+"""`resunetpp data ...`: check, split, download, prepare and show datasets (thin layer over resunetpp.data)."""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
 
 import typer
 
+data_app = typer.Typer(help="Datasets: integrity check, splits, download, prepared cache, pictures.",
+                       no_args_is_help=True)
+
+LAYOUT_HELP = "Dataset layout: kvasir-seg, cvc-clinicdb, folder or cache (default: detected from the folder)."
+
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.add_typer(data_app, name="data")
+
+
+@contextmanager
+def _friendly_errors():
+    """Known failures become one 'error:' line (and exit 1); warnings print as 'warning:' lines."""
+    from ..data.download import DownloadError
+    from ..io import ImageReadError
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        try:
+            yield
+        except (ValueError, KeyError, FileNotFoundError, FileExistsError, DownloadError, ImageReadError) as e:
+            _flush(caught)
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+            typer.echo(f"error: {msg}", err=True)
+            raise typer.Exit(1) from None
+        _flush(caught)
+
+
+def _flush(caught) -> None:
+    for w in caught:
+        if issubclass(w.category, UserWarning):
+            typer.echo(f"warning: {w.message}", err=True)
+    caught.clear()
+
+
+def _print_report(report) -> None:
+    from rich.console import Console
+
+    console = Console(width=120)
+    console.print(report.headline(), style="bold green" if report.ok else "bold red", markup=False,
+                  soft_wrap=True)
+    console.print(report.table())
+    for title, items, style in (("unusable", report.problems, "red"), ("warnings", report.warnings, "yellow")):
+        if items:
+            console.print(f"{title}:", style=style)
+            for p in items[:50]:
+                console.print(f"  {p.path}: {p.what}", markup=False, highlight=False, soft_wrap=True)
+            if len(items) > 50:
+                console.print(f"  ... and {len(items) - 50} more")
+
+
+@data_app.command("check")
+def check(root: Path = typer.Argument(..., help="Dataset folder (or prepared cache)."),
+          layout: str = typer.Option(None, "--layout", help=LAYOUT_HELP),
+          quick: bool = typer.Option(False, "--quick", help="Read file headers only (no decoding).")) -> None:
+    """Check a dataset's pairs; exits 1 when a pair is unusable."""
+    from ..data import check_dataset
+
+    with _friendly_errors():
+        report = check_dataset(root, layout=layout, deep=not quick, progress=True)
+    _print_report(report)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@data_app.command("split")
+def split(root: Path = typer.Argument(..., help="Dataset folder (or prepared cache)."),
+          out: Path = typer.Option(..., "--out", help="Split JSON to write."),
+          seed: int = typer.Option(0, "--seed"),
+          fractions: str = typer.Option("0.8,0.1,0.1", "--fractions", help="train,val,test fractions."),
+          layout: str = typer.Option(None, "--layout", help=LAYOUT_HELP),
+          skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave unusable pairs out instead of failing.")
+          ) -> None:
+    """Write a deterministic train/val/test split of the dataset's ids (naturally sorted, then shuffled by seed)."""
+    from ..data import SegmentationFolder, make_split, save_split
+
+    with _friendly_errors():
+        try:
+            fr = [float(x) for x in fractions.split(",")]
+        except ValueError:
+            raise ValueError(f"--fractions {fractions!r}: expected three numbers like 0.8,0.1,0.1") from None
+        ds = SegmentationFolder(root, layout=layout, skip_bad=skip_bad)
+        parts = make_split(ds.ids, seed=seed, fractions=fr)
+        save_split(parts, out, dataset=ds.name, seed=seed)
+    typer.echo(f"{out}: {ds.name}, seed {seed}: " + ", ".join(f"{k} {len(v)}" for k, v in parts.items()))
+
+
+@data_app.command("download")
+def download(name: str = typer.Argument(..., help="kvasir-seg or cvc-clinicdb."),
+             to: Path = typer.Option(..., "--to", help="Folder to download and unpack into."),
+             url: str = typer.Option(None, "--url", help="Download from this URL instead of the official one."),
+             archive: Path = typer.Option(None, "--archive", help="Use this local archive (no download)."),
+             sha256: str = typer.Option(None, "--sha256", help="Expected SHA-256 of the archive.")) -> None:
+    """Download (resumable), verify, safely unpack and check a dataset."""
+    from ..data.download import download_dataset
+
+    with _friendly_errors():
+        root, report = download_dataset(name, to, url=url, archive=archive, sha256=sha256)
+    _print_report(report)
+    typer.echo(f"dataset ready at {root}" if report.ok else f"{root}: unpacked, but the check failed")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@data_app.command("prepare")
+def prepare(root: Path = typer.Argument(..., help="Dataset folder."),
+            out: Path = typer.Option(..., "--out", help="Cache folder to write."),
+            size: str = typer.Option("256", "--size", help="Side (256) or HxW (288x384)."),
+            layout: str = typer.Option(None, "--layout", help=LAYOUT_HELP),
+            skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave unusable pairs out instead of failing."),
+            quality: int = typer.Option(95, "--quality", help="JPEG quality of the cached images.")) -> None:
+    """Write a compact resized copy (JPEG images, PNG masks, manifest, split) that loads fast."""
+    from ..data import prepare_cache
+    from ..data.cache import read_manifest
+
+    with _friendly_errors():
+        out = prepare_cache(root, out, size=size, layout=layout, skip_bad=skip_bad, quality=quality)
+    manifest = read_manifest(out)
+    nbytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    h, w = manifest["size"]
+    typer.echo(f"{out}: {manifest['dataset']}, {len(manifest['ids'])} pairs at {h}x{w} (HxW), "
+               f"{nbytes / 1e6:.1f} MB; split: {manifest['split']}")
+
+
+@data_app.command("show")
+def show(root: Path = typer.Argument(..., help="Dataset folder (or prepared cache)."),
+         out: Path = typer.Option(Path("grid.png"), "--out", help="Picture to write (PNG)."),
+         n: int = typer.Option(16, "--n", help="Number of pairs."),
+         augment: str = typer.Option(None, "--augment", help="Also show each pair after this preset (paper, light)."),
+         seed: int = typer.Option(0, "--seed", help="Picks the pairs and the augmentation."),
+         size: str = typer.Option("256", "--size", help="Side (256) or HxW."),
+         layout: str = typer.Option(None, "--layout", help=LAYOUT_HELP),
+         skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave unusable pairs out instead of failing.")
+         ) -> None:
+    """Draw pairs with their mask outlines (and their augmented versions)."""
+    from ..data.show import show_dataset
+
+    with _friendly_errors():
+        path = show_dataset(root, out, n=n, augment=augment, seed=seed, size=size, layout=layout, skip_bad=skip_bad)
+    typer.echo(f"wrote {path}")

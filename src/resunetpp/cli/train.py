@@ -1,7 +1,147 @@
-"""Placeholder: filled in by its issue."""
+"""`resunetpp train`, `resunetpp evaluate` and `resunetpp reproduce`: thin layers over
+`resunetpp.train`, `resunetpp.evaluate` and `resunetpp.reproduce`.
+
+Settings precedence for `train`: the library defaults (the paper's recipe), then `--config FILE`
+(YAML or TOML with the same names, e.g. `batch_size: 8`), then the flags given on the command line.
+`--resume RUN` starts from that run's `train_config.yaml` instead of the defaults.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
 
 import typer
 
+_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError)
+
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("train")(train)
+    app.command("evaluate")(evaluate)
+    app.command("reproduce")(reproduce)
+
+
+def _fail(e: BaseException) -> None:
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    typer.secho(f"error: {msg}", err=True, fg="red")
+    raise typer.Exit(1)
+
+
+def train(
+    model: str | None = typer.Option(None, help="Registry name: resunetpp, resunet-mod, resunet, unet."),
+    data: str | None = typer.Option(None, "--data", help="Dataset folder or prepared cache."),
+    split: str | None = typer.Option(None, help="Split JSON (default: the committed split of a known dataset)."),
+    size: int | None = typer.Option(None, help="Square input size (default 256)."),
+    epochs: int | None = typer.Option(None, help="Epochs (default 120)."),
+    batch_size: int | None = typer.Option(None, help="Global batch size over all processes (default 16)."),
+    lr: float | None = typer.Option(None, help="Learning rate (default 1e-4)."),
+    optimizer: str | None = typer.Option(None, help="adam | adamw | nadam (default adam)."),
+    loss: str | None = typer.Option(None, help="dice | bce | bce+dice | mse (default: the model's own loss)."),
+    schedule: str | None = typer.Option(None, help="sgdr | cosine | constant | onecycle (default sgdr)."),
+    augment: str | None = typer.Option(None, help="paper | light | none (default paper)."),
+    seed: int | None = typer.Option(None, help="Random seed (default 0)."),
+    device: str | None = typer.Option(None, help="auto | cpu | cuda | cuda:N (default auto)."),
+    amp: bool | None = typer.Option(None, "--amp/--no-amp", help="bf16 autocast (default on for CUDA, off for CPU)."),
+    out: str | None = typer.Option(None, "--out", help="Run folder (default runs/resunetpp)."),
+    config: Path | None = typer.Option(None, "--config", help="YAML or TOML file of settings; flags override it."),
+    resume: Path | None = typer.Option(None, "--resume", help="Continue the run in this folder from its last.pt."),
+    skip_bad: bool | None = typer.Option(None, "--skip-bad", help="Train on the good pairs of a failing dataset."),
+    early_stop: int | None = typer.Option(None, "--early-stop", help="Patience in epochs (0: off)."),
+    limit: int | None = typer.Option(None, help="Use only the first N train/val/test ids."),
+) -> None:
+    """Train a model (paper recipe by default). Works as is under `torchrun --nproc_per_node=N`."""
+    from ..train import TrainConfig, config_from_dict, read_config_file
+    from ..train import train as run_train
+
+    flags = {"model": model, "data": data, "split": split, "size": size, "epochs": epochs, "batch_size": batch_size,
+             "lr": lr, "optimizer": optimizer, "loss": loss, "schedule": schedule, "augment": augment, "seed": seed,
+             "device": device, "amp": amp, "out": out, "skip_bad": skip_bad, "early_stop": early_stop, "limit": limit}
+    try:
+        values: dict = {}
+        if resume is not None:
+            saved = resume / "train_config.yaml"
+            if not saved.is_file():
+                raise FileNotFoundError(f"{saved}: not found; --resume takes a run folder written by `resunetpp train`")
+            known = TrainConfig.__dataclass_fields__
+            values = {k: v for k, v in read_config_file(saved).items() if k in known}
+        if config is not None:
+            values.update(read_config_file(config))
+        values.update({k: v for k, v in flags.items() if v is not None})
+        cfg = config_from_dict(values, str(config or "settings"))
+        run = run_train(cfg, resume=resume)
+    except _ERRORS as e:
+        _fail(e)
+    typer.echo(f"run folder: {run}")
+
+
+def evaluate(
+    weights: Path = typer.Option(..., "--weights", help="Run folder (config.json + model.safetensors)."),
+    data: Path = typer.Option(..., "--data", help="Dataset folder or prepared cache (any dataset)."),
+    split: str = typer.Option("test", help="test | val | train | all | a split JSON | a text file of ids."),
+    out: Path | None = typer.Option(None, "--out", help="Report folder (default WEIGHTS/eval/DATASET-SPLIT)."),
+    threshold: float | None = typer.Option(None, help="Override config.json's threshold."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    batch_size: int = typer.Option(16, help="Images per forward pass."),
+    limit: int | None = typer.Option(None, help="Only the first N ids of the split."),
+    native: bool = typer.Option(False, "--native", help="Score at each mask's original size."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave out pairs that fail the dataset check."),
+) -> None:
+    """Score a trained model: Dice, IoU, recall, precision, F2, accuracy, 2-class mIoU (mean and pooled)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..evaluate import evaluate as run_evaluate
+    from ..metrics import METRIC_NAMES
+    from ..train import dataset_name
+
+    try:
+        if out is None:
+            out = weights / "eval" / f"{dataset_name(data)}-{Path(split).stem}"
+        result = run_evaluate(weights, data, split=split, out=out, threshold=threshold, device=device,
+                              batch_size=batch_size, limit=limit, native=native, skip_bad=skip_bad)
+    except _ERRORS as e:
+        _fail(e)
+    s = result.settings
+    table = Table(title=f"{s['model']} on {s['dataset']} ({s['split']}, {result.summary['images']} images)")
+    for col in ("metric", "mean over images", "pooled"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for k in METRIC_NAMES:
+        table.add_row(k, f"{result.summary['mean'][k]:.4f}", f"{result.summary['pooled'][k]:.4f}")
+    Console().print(table)
+    typer.echo(f"reports: {out}")
+
+
+def reproduce(
+    table: str = typer.Argument(..., help="table1 (Kvasir-SEG) or table2 (CVC-ClinicDB)."),
+    data: Path | None = typer.Option(None, "--data", help="Dataset folder (default ../shared/data/<dataset>)."),
+    epochs: int | None = typer.Option(None, help="Epochs per model (default 120; 2 with --quick)."),
+    out: Path | None = typer.Option(None, "--out", help="Output folder (default runs/reproduce-<table>)."),
+    quick: bool = typer.Option(False, "--quick", help="64x64, 2 epochs, 16 ids per split: a CPU pipeline check."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    size: int | None = typer.Option(None, help="Override the input size."),
+    limit: int | None = typer.Option(None, help="Override the number of ids per split."),
+    batch_size: int | None = typer.Option(None, help="Override the batch size."),
+    models: str | None = typer.Option(None, help="Comma-separated subset of unet,resunet,resunet-mod,resunetpp."),
+) -> None:
+    """Train the paper's four models and write table.md, results.json and fig3.png."""
+    from ..reproduce import MODELS
+    from ..reproduce import reproduce as run_reproduce
+
+    # the command as given (rebuilt from the parsed options, so it is right however the CLI was invoked)
+    given = {"--data": data, "--epochs": epochs, "--out": out, "--quick": quick, "--device": device, "--size": size,
+             "--limit": limit, "--batch-size": batch_size, "--models": models}
+    command = ["resunetpp", "reproduce", table]
+    for flag, value in given.items():
+        if value is True:
+            command.append(flag)
+        elif value not in (None, False) and not (flag == "--device" and value == "auto"):
+            command += [flag, str(value)]
+    try:
+        chosen = tuple(m.strip() for m in models.split(",")) if models else MODELS
+        path = run_reproduce(table, data=data, out=out, epochs=epochs, quick=quick, device=device, size=size,
+                             limit=limit, batch_size=batch_size, models=chosen, command=shlex.join(command))
+    except _ERRORS as e:
+        _fail(e)
+    typer.echo((path / "table.md").read_text())
+    typer.echo(f"outputs: {path}")

@@ -1,0 +1,22 @@
+"""The data layer: readers, integrity check, splits, prepared cache, augmentation and downloads.
+
+Modules: `layouts` (which dataset, where its files are), `check` (integrity), `folder` (SegmentationFolder,
+load_pairs), `splits`, `cache` (prepare_cache), `augment` (Augment, Kornia), `download`, `show` (pictures).
+Each module's docstring states its conventions.
+"""
+
+from __future__ import annotations
+
+from .augment import Augment
+from .cache import prepare_cache
+from .check import CheckReport, DatasetCheckError, Problem, check_dataset
+from .download import download_dataset
+from .folder import Pairs, SegmentationFolder, load_pairs, parse_size
+from .layouts import detect_layout, natural_sorted
+from .splits import default_split, load_split, make_split, save_split
+
+__all__ = [
+    "Augment", "CheckReport", "DatasetCheckError", "Pairs", "Problem", "SegmentationFolder", "check_dataset",
+    "default_split", "detect_layout", "download_dataset", "load_pairs", "load_split", "make_split", "natural_sorted",
+    "parse_size", "prepare_cache", "save_split",
+]

@@ -1,0 +1,218 @@
+"""Dataset integrity check: what `resunetpp data check` prints and what training refuses.
+
+Unusable (the check fails, `ok` is False; the pair is dropped under ``skip_bad``):
+  image without mask, mask without image, duplicate id (``a.jpg`` and ``a.png`` in one folder: which one
+  is meant is unknowable), empty (0-byte) or unreadable image or mask, image and mask of different sizes.
+Warnings (reported, the data is still used):
+  a non-image file (Thumbs.db, README, .DS_Store) or a subfolder inside images/ or masks/ (ignored),
+  and an all-empty mask (a frame without a polyp is legal data, but often a broken export).
+
+The quick check (``deep=False``, used when a dataset is opened) lists the folders and reads only file
+headers; the full check (``deep=True``, `check_dataset`'s default) decodes every file, so truncated
+files and all-empty masks are found too. Every problem names its file.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+from ..io import IMAGE_EXTENSIONS, ImageReadError, read_image, read_mask
+from .layouts import Source, locate, natural_sorted
+
+# summary rows, in print order
+COUNTS = ("pairs found", "images without masks", "masks without images", "duplicate ids", "unreadable or empty files",
+          "size mismatches", "all-empty masks", "non-image files")
+
+
+class Problem(NamedTuple):
+    path: Path
+    what: str
+
+
+@dataclass
+class CheckReport:
+    """The result of a check. `problems` make pairs unusable; `warnings` do not."""
+
+    root: Path
+    name: str
+    layout: str
+    pairs: dict[str, tuple[Path, Path]] = field(default_factory=dict)  # every id with one image and one mask
+    problems: list[Problem] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)
+    bad_ids: set[str] = field(default_factory=set)
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTS, 0))
+    deep: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def good_ids(self) -> list[str]:
+        return natural_sorted(i for i in self.pairs if i not in self.bad_ids)
+
+    def add(self, kind: str, path: Path, what: str, *, warning: bool = False, bad_id: str | None = None) -> None:
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        (self.warnings if warning else self.problems).append(Problem(Path(path), what))
+        if bad_id is not None:
+            self.bad_ids.add(bad_id)
+
+    def headline(self) -> str:
+        status = "OK" if self.ok else "FAILED"
+        return f"{self.root} ({self.name}, layout {self.layout}): {len(self.good_ids):,} usable pairs, {status}"
+
+    def table(self):
+        """The summary as a rich Table."""
+        from rich import box
+        from rich.table import Table
+
+        table = Table(box=box.SIMPLE)
+        table.add_column("check")
+        table.add_column("count", justify="right")
+        table.add_column("severity")
+        for kind in COUNTS:
+            n = self.counts.get(kind, 0)
+            sev = "" if kind == "pairs found" else ("warning" if kind in ("all-empty masks", "non-image files")
+                                                      else "unusable")
+            if kind == "all-empty masks" and not self.deep:
+                table.add_row(kind, "not checked", "warning")
+                continue
+            table.add_row(kind, f"{n:,}", sev if n else "")
+        return table
+
+    def format(self, limit: int = 20) -> str:
+        """A short plain-text table plus the files at fault (at most `limit` of each kind)."""
+        from rich.console import Console
+
+        buf = io.StringIO()
+        Console(file=buf, width=110, color_system=None, force_terminal=False).print(self.table())
+        lines = [self.headline(), buf.getvalue().rstrip("\n")]
+        for title, items in (("unusable", self.problems), ("warnings", self.warnings)):
+            if items:
+                lines.append(f"{title}:")
+                lines += [f"  {p.path}: {p.what}" for p in items[:limit]]
+                if len(items) > limit:
+                    lines.append(f"  ... and {len(items) - limit} more")
+        if self.problems:
+            lines.append("Fix or remove these files, or pass skip_bad=True (--skip-bad) to use only the good pairs.")
+        return "\n".join(lines)
+
+
+class DatasetCheckError(ValueError):
+    """A dataset that failed its check; the message is the report, `report` the CheckReport."""
+
+    def __init__(self, report: CheckReport):
+        self.report = report
+        super().__init__("dataset check failed:\n" + report.format())
+
+
+def header_size(path: Path) -> tuple[int, int]:
+    """(H, W) from the file header only; ImageReadError when the file is empty or not an image."""
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise ImageReadError(path, "empty file (0 bytes)")
+    if path.suffix.lower() in (".tif", ".tiff"):
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(path) as tif:
+                shape = tif.pages[0].shape
+        except Exception as e:
+            raise ImageReadError(path, f"unreadable TIFF ({e})") from None
+        if len(shape) == 3 and shape[0] in (3, 4) and shape[-1] not in (3, 4):
+            shape = shape[1:]  # planar (C, H, W)
+        return int(shape[0]), int(shape[1])
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.height, im.width
+    except Exception as e:
+        raise ImageReadError(path, f"not a readable image ({type(e).__name__}: {e})") from None
+
+
+def _list_folder(folder: Path, report: CheckReport) -> dict[str, Path]:
+    """{stem: path} of the image files in `folder`; strays, subfolders and duplicate stems go to the report."""
+    by_stem: dict[str, list[Path]] = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_dir():
+            report.add("non-image files", p, "subfolder ignored", warning=True)
+        elif p.suffix.lower() not in IMAGE_EXTENSIONS:
+            report.add("non-image files", p, "not an image file (ignored)", warning=True)
+        else:
+            by_stem.setdefault(p.stem, []).append(p)
+    files = {}
+    for stem, paths in by_stem.items():
+        if len(paths) > 1:
+            names = ", ".join(q.name for q in paths)
+            report.add("duplicate ids", paths[0], f"duplicate id {stem!r}: {names} (keep one)", bad_id=stem)
+        files[stem] = paths[0]
+    return files
+
+
+def _deep_read(pair: tuple[Path, Path]) -> tuple[tuple[int, int], tuple[int, int], bool]:
+    image = read_image(pair[0])
+    mask = read_mask(pair[1])
+    return image.shape[:2], mask.shape, bool(mask.any())
+
+
+def scan(source: Source, deep: bool = True, progress: bool = False, workers: int | None = None) -> CheckReport:
+    """Check the dataset at `source` (see the module docstring)."""
+    report = CheckReport(source.root, source.name, source.layout, deep=deep)
+    images = _list_folder(source.image_dir, report)
+    masks = _list_folder(source.mask_dir, report)
+    mask_dir = source.mask_dir.name
+    image_dir = source.image_dir.name
+    for stem in natural_sorted(set(images) - set(masks)):
+        report.add("images without masks", images[stem], f"no mask {stem}.* in {mask_dir}/", bad_id=stem)
+    for stem in natural_sorted(set(masks) - set(images)):
+        report.add("masks without images", masks[stem], f"no image {stem}.* in {image_dir}/", bad_id=stem)
+    report.pairs = {i: (images[i], masks[i]) for i in natural_sorted(set(images) & set(masks))}
+    report.counts["pairs found"] = len(report.pairs)
+
+    todo = [i for i in report.pairs if i not in report.bad_ids]
+    read = _deep_read if deep else (lambda pair: (header_size(pair[0]), header_size(pair[1]), True))
+    workers = workers or min(8, os.cpu_count() or 1)
+
+    def one(i):
+        try:
+            return i, read(report.pairs[i]), None
+        except ImageReadError as e:
+            return i, None, e
+        except OSError as e:
+            return i, None, ImageReadError(report.pairs[i][0], str(e))
+
+    with ThreadPoolExecutor(workers) as pool:
+        results = pool.map(one, todo)
+        if progress:
+            from tqdm import tqdm
+
+            results = tqdm(results, total=len(todo), desc=f"checking {source.name}", unit="pair")
+        for i, got, err in results:
+            if err is not None:
+                report.add("unreadable or empty files", err.path, err.reason, bad_id=i)
+                continue
+            (ih, iw), (mh, mw), nonempty = got
+            if (ih, iw) != (mh, mw):
+                report.add("size mismatches", report.pairs[i][1],
+                           f"mask is {mw}x{mh} but its image {report.pairs[i][0].name} is {iw}x{ih} (WxH)", bad_id=i)
+            elif not nonempty:
+                report.add("all-empty masks", report.pairs[i][1], "mask is all background (no pixel > 127)",
+                           warning=True)
+    return report
+
+
+def check_dataset(root: str | os.PathLike, layout: str | None = None, deep: bool = True,
+                  progress: bool = False) -> CheckReport:
+    """Check a raw dataset folder; see the module docstring for what counts as unusable."""
+    source = locate(root, layout)
+    if source.layout == "cache":
+        from .cache import check_cache
+
+        return check_cache(source, deep=deep, progress=progress)
+    return scan(source, deep=deep, progress=progress)

@@ -1,0 +1,64 @@
+"""Drawing predictions for people: a tinted, outlined polyp region and a text readout.
+
+All functions take and return (H, W, 3) uint8 **RGB** arrays (as `resunetpp.io.read_image` gives);
+convert to BGR yourself before handing frames to OpenCV's writers. Inputs are never modified.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+
+POLYP_COLOR = (0, 255, 0)  # RGB; green reads well against the reddish mucosa
+TEXT_COLOR = (255, 255, 255)
+
+
+def _line_width(shape: Sequence[int]) -> int:
+    # thin enough for a 332 px image, still visible on 1920x1080 video
+    return max(1, round(min(shape[0], shape[1]) / 250))
+
+
+def draw_overlay(image: np.ndarray, mask: np.ndarray, color: Sequence[int] = POLYP_COLOR, alpha: float = 0.35,
+                 thickness: int | None = None) -> np.ndarray:
+    """The image with the mask's region tinted by `color` (blend weight `alpha`) and its
+    outline drawn with OpenCV contours. `mask` is (H, W) bool at the image's resolution."""
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"draw_overlay expects an (H, W, 3) uint8 image, got {image.shape} {image.dtype}")
+    if mask.shape != image.shape[:2]:
+        raise ValueError(f"mask shape {mask.shape} does not match image shape {image.shape[:2]}")
+    out = image.copy()
+    m = mask.astype(bool)
+    if not m.any():
+        return out
+    tint = np.asarray(color, dtype=np.float32)
+    out[m] = (out[m].astype(np.float32) * (1 - alpha) + tint * alpha).round().astype(np.uint8)
+    contours, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    cv2.drawContours(out, contours, -1, tuple(int(c) for c in color), thickness or _line_width(image.shape),
+                     lineType=cv2.LINE_AA)
+    return out
+
+
+def draw_text(image: np.ndarray, lines: Sequence[str], corner: str = "top-left") -> np.ndarray:
+    """Draw `lines` of text on a dark box in a corner, in place, and return the image.
+
+    Used for the live frames-per-second and latency readout of `resunetpp video`.
+    """
+    if not lines:
+        return image
+    h, w = image.shape[:2]
+    scale = max(0.4, min(h, w) / 700)
+    thick = max(1, round(scale * 2))
+    sizes = [cv2.getTextSize(t, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)[0] for t in lines]
+    line_h = max(s[1] for s in sizes) + round(8 * scale)
+    box_w = max(s[0] for s in sizes) + round(12 * scale)
+    box_h = line_h * len(lines) + round(6 * scale)
+    x0 = 0 if corner.endswith("left") else max(0, w - box_w)
+    y0 = 0 if corner.startswith("top") else max(0, h - box_h)
+    region = image[y0:y0 + box_h, x0:x0 + box_w]
+    region[:] = (region.astype(np.float32) * 0.4).astype(np.uint8)  # darken, keep the scene visible
+    for i, text in enumerate(lines):
+        org = (x0 + round(6 * scale), y0 + line_h * (i + 1))
+        cv2.putText(image, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, TEXT_COLOR, thick, cv2.LINE_AA)
+    return image

@@ -1,0 +1,184 @@
+"""Reproduce the paper's Tables I (Kvasir-SEG) and II (CVC-ClinicDB) and its Fig. 3.
+
+`reproduce("table1", out=DIR)` trains the four models (U-Net, ResUNet, ResUNet-mod, ResUNet++) with
+the paper's recipe (`TrainConfig` defaults: Adam 1e-4, batch 16, 256x256, 120 epochs, SGDR, `paper`
+augmentation; each model its registry default loss) on the committed 80/10/10 split, evaluates each
+best-on-validation model on the test split and writes, in `out`:
+
+- `table.md`: Dice, IoU (foreground), mIoU (2-class, the paper's), recall and precision per model,
+  means over test images, beside the paper's numbers;
+- `results.json`: device, torch version, date, wall time, the command, per-model metrics (mean and
+  pooled) and settings;
+- `fig3.png`: test images, ground truth and the four models' masks (the paper's Fig. 3);
+- one run folder per model (`out/<model>/`) with its `eval/` reports. A finished run is reused and an
+  unfinished one resumed, so an interrupted reproduction continues where it stopped.
+
+`quick=True` keeps the models exact but shrinks the rest (64x64, 2 epochs, the first 16 ids of each
+split) so the whole pipeline runs on a CPU in minutes; its numbers say nothing about the paper.
+
+The paper's numbers: the ResUNet++ rows are verified against the paper's abstract (Dice 0.8133 / mIoU
+0.7927 on Kvasir-SEG, 0.7955 / 0.7962 on CVC-ClinicDB). The other rows are as remembered from
+Tables I and II; the tables are images in every copy we could search, so they are marked unverified.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .evaluate import evaluate, predict, resolve_ids
+from .hub import load_model
+from .registry import count_parameters
+from .train import TrainConfig, resolve_device, train
+from .utils import atomic_path, write_json
+
+MODELS = ("unet", "resunet", "resunet-mod", "resunetpp")
+DISPLAY = {"unet": "U-Net", "resunet": "ResUNet", "resunet-mod": "ResUNet-mod", "resunetpp": "ResUNet++"}
+TABLES = {
+    "table1": {"title": "Table I", "dataset": "Kvasir-SEG", "folder": "Kvasir-SEG"},
+    "table2": {"title": "Table II", "dataset": "CVC-ClinicDB", "folder": "CVC-ClinicDB"},
+}
+# (dice, miou, recall, precision, verified)
+PAPER = {
+    "table1": {"unet": (0.7147, 0.4334, 0.6306, 0.9222, False), "resunet": (0.5144, 0.4364, 0.5041, 0.7292, False),
+               "resunet-mod": (0.7909, 0.4287, 0.6909, 0.8713, False),
+               "resunetpp": (0.8133, 0.7927, 0.7064, 0.8774, True)},
+    "table2": {"unet": (0.6419, 0.4711, 0.6756, 0.6868, False), "resunet": (0.4510, 0.4570, 0.5775, 0.5614, False),
+               "resunet-mod": (0.7788, 0.4545, 0.6683, 0.8877, False),
+               "resunetpp": (0.7955, 0.7962, 0.7022, 0.8785, True)},
+}
+QUICK = {"size": 64, "epochs": 2, "limit": 16, "batch_size": 8}
+FIG3_ROWS = 4
+
+
+def default_data(table: str) -> Path:
+    """../shared/data/<dataset> relative to the working directory, or an error saying how to get it."""
+    path = Path("..") / "shared" / "data" / TABLES[table]["folder"]
+    if path.is_dir():
+        return path
+    raise FileNotFoundError(
+        f"{TABLES[table]['dataset']} not found at {path}; pass --data DIR, or get it with "
+        f"`resunetpp data download {TABLES[table]['dataset'].lower()} --to DIR` (research use only)")
+
+
+def _paper_row(table: str, model: str) -> dict[str, Any]:
+    dice, miou, recall, precision, verified = PAPER[table][model]
+    return {"dice": dice, "miou": miou, "recall": recall, "precision": precision, "verified": verified}
+
+
+def table_markdown(table: str, results: dict[str, dict[str, Any]], note: str = "") -> str:
+    """Our test-split means beside the paper's numbers."""
+    t = TABLES[table]
+    lines = [f"# {t['title']}: {t['dataset']} (test split)", ""]
+    if note:
+        lines += [note, ""]
+    lines += ["| model | Dice | IoU (fg) | mIoU (2-class) | recall | precision || paper DSC | paper mIoU "
+              "| paper recall | paper precision | paper row |",
+              "| --- | ---: | ---: | ---: | ---: | ---: || ---: | ---: | ---: | ---: | --- |"]
+    for model, r in results.items():
+        m = r["metrics"]["mean"]
+        p = _paper_row(table, model)
+        lines.append(f"| {DISPLAY[model]} | {m['dice']:.4f} | {m['iou']:.4f} | {m['miou_2class']:.4f} | "
+                     f"{m['recall']:.4f} | {m['precision']:.4f} || {p['dice']:.4f} | {p['miou']:.4f} | "
+                     f"{p['recall']:.4f} | {p['precision']:.4f} | {'verified' if p['verified'] else 'unverified'} |")
+    lines += ["", "Ours: means over test images at threshold 0.5, computed at the training input size. The paper's "
+              "mIoU is a 2-class (background + polyp) Keras MeanIoU: compare it with our mIoU (2-class) column. Rows "
+              "marked unverified are as remembered from the paper's table, not checked against a copy of it."]
+    return "\n".join(lines) + "\n"
+
+
+def reproduce(table: str, data: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
+              epochs: int | None = None, quick: bool = False, device: str = "auto", size: int | None = None,
+              limit: int | None = None, batch_size: int | None = None, models: tuple[str, ...] = MODELS,
+              seed: int = 0, progress: bool = True, command: str | None = None) -> Path:
+    """Train and evaluate the models of `table` ("table1" or "table2"); returns the output folder."""
+    if table not in TABLES:
+        raise ValueError(f"unknown table {table!r}; choose table1 (Kvasir-SEG) or table2 (CVC-ClinicDB)")
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        raise ValueError(f"unknown model(s) {', '.join(unknown)}; the paper's are {', '.join(MODELS)}")
+    data = Path(data) if data is not None else default_data(table)
+    out = Path(out or f"runs/reproduce-{table}{'-quick' if quick else ''}")
+    base = TrainConfig()
+    settings = {"size": base.size, "epochs": base.epochs, "limit": None, "batch_size": base.batch_size}
+    if quick:
+        settings.update(QUICK)
+    settings.update({k: v for k, v in {"size": size, "epochs": epochs, "limit": limit,
+                                       "batch_size": batch_size}.items() if v is not None})
+    dev = resolve_device(device)
+    start = time.perf_counter()
+    results: dict[str, dict[str, Any]] = {}
+    for model in models:
+        cfg = TrainConfig(model=model, data=str(data), out=str(out / model), seed=seed, device=device,
+                          progress=progress, **settings)
+        run = out / model
+        done = _finished_epochs(run)
+        if done is None or done < cfg.epochs:
+            t0 = time.perf_counter()
+            train(cfg, resume=run if done is not None else None)
+            train_seconds = time.perf_counter() - t0
+        else:
+            train_seconds = None  # reused a finished run
+        ev = evaluate(run, data, split="test", out=run / "eval", device=device, limit=settings["limit"],
+                      progress=progress)
+        best = json.loads((run / "config.json").read_text())
+        results[model] = {"metrics": {"mean": ev.summary["mean"], "pooled": ev.summary["pooled"]},
+                          "test_images": ev.summary["images"], "best_epoch": best.get("best_epoch"),
+                          "val": best.get("metrics", {}).get("val"), "train_seconds": train_seconds,
+                          "parameters": count_parameters(load_model(run)),
+                          "settings": {k: v for k, v in asdict(cfg.resolved()).items() if k != "progress"},
+                          "paper": _paper_row(table, model)}
+    wall = time.perf_counter() - start
+
+    note = (f"Quick run ({settings['size']}x{settings['size']}, {settings['epochs']} epochs, first "
+            f"{settings['limit']} ids of each split): a pipeline check, not a reproduction." if quick else "")
+    with atomic_path(out / "table.md") as tmp:
+        tmp.write_text(table_markdown(table, results, note))
+    ids, _ = resolve_ids(data, "test", out / models[0], settings["limit"])
+    plot_fig3_for(out, data, models, ids[:FIG3_ROWS], dev, TABLES[table]["dataset"])
+    if dev.type == "cuda":
+        device_name = torch.cuda.get_device_name(dev)
+    else:
+        device_name = f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+    write_json(out / "results.json", {
+        "table": table, "dataset": TABLES[table]["dataset"], "data": str(data), "quick": quick,
+        "device": str(dev), "device_name": device_name, "torch": torch.__version__, "python": platform.python_version(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "wall_seconds": round(wall, 1),
+        "command": command or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "settings": settings, "models": results})
+    return out
+
+
+def _finished_epochs(run: Path) -> int | None:
+    """Epochs completed by the run in `run` (from last.pt), or None when there is no run yet."""
+    if not (run / "last.pt").is_file():
+        return None
+    return int(torch.load(run / "last.pt", map_location="cpu", weights_only=True)["epoch"])
+
+
+def plot_fig3_for(out: Path, data: Path, models: tuple[str, ...], ids: list[str], device: torch.device,
+                  dataset: str) -> Path:
+    """fig3.png from the runs in `out`: the given test ids, ground truth and each model's mask."""
+    from .data import load_pairs
+    from .figures import plot_fig3
+
+    preds = {}
+    pairs = None
+    for model in models:
+        net = load_model(out / model, device)
+        cfg = net.pretrained_config
+        pairs = load_pairs(data, ids=ids, size=tuple(cfg["input_size"]), progress=False)
+        probs = predict(net, pairs.images, cfg["normalization"], device)
+        preds[DISPLAY[model]] = (probs > cfg["threshold"]).cpu()
+    return plot_fig3(pairs.images, pairs.masks, preds, out / "fig3.png", row_labels=pairs.ids,
+                     title=f"{dataset}: test images")

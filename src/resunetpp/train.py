@@ -1,0 +1,467 @@
+"""Training: `train(TrainConfig(...)) -> run_dir`, in the style of nanoGPT's train.py.
+
+All settings live in `TrainConfig`; `train()` reads top to bottom: data, model, optimiser, then one
+loop over epochs (shuffle, augment, step; validate; checkpoint). Conventions:
+
+- Paper recipe (the defaults): Adam, lr 1e-4, batch 16, 256x256, 120 epochs, `paper` augmentation,
+  each model's default loss from the registry (`dice` for ResUNet++ and ResUNet-mod, `mse` for
+  ResUNet, `bce` for U-Net), and SGDR: cosine annealing with warm restarts, stepped every batch,
+  T_0 = total steps / 15 and T_mult = 2, so there are exactly four cycles of 1:2:4:8 units that end with
+  the last epoch (for 120 epochs: restarts after epochs 8, 24 and 56), annealing to 1% of the lr.
+  `cosine` (one cycle), `onecycle` and `constant` are the alternatives, all stepped per batch.
+- Data: `load_pairs` once into uint8 tensors on the device; per epoch a permutation seeded by
+  (seed, epoch); batch slices; `Augment` on the batch (global RNG reseeded by (seed, epoch, rank) at
+  each epoch start); `normalize`. No DataLoader workers: the whole set sits in memory.
+- `--batch-size` is the global batch: under torchrun each of the N ranks takes batch/N images of its
+  own disjoint shard of every epoch's permutation. BatchNorm statistics stay per rank.
+- Validation (rank 0): loss and the `resunetpp.metrics` at the threshold, mean over images. The best
+  val Dice (mean over images) is kept as `model.safetensors` + `config.json` (`save_pretrained`).
+- The run folder holds `train_config.yaml` (resolved settings), `split.json` (the ids used),
+  `metrics.csv`, `tb/` (TensorBoard), `last.pt` (resumable state, written atomically each epoch and
+  read back with `torch.load(weights_only=True)`: only tensors and plain types) and `curves.png`.
+- A non-finite loss (checked every `check_every` steps without a per-step device sync) or non-finite
+  weights stop the run with `NonFiniteError`; nothing of that epoch is written, so the last good
+  checkpoint stays as it was.
+- Devices: CUDA runs use bf16 autocast and channels_last; CPU runs float32 and deterministic
+  algorithms, so the same seed gives bit-identical weights, also across a kill and `--resume`.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from .hub import save_pretrained
+from .losses import LOSSES, get_loss
+from .metrics import METRIC_NAMES, confusion, summarize
+from .preprocess import default_normalization, normalize
+from .registry import create_model, model_info
+from .utils import atomic_path
+
+OPTIMIZERS = ("adam", "adamw", "nadam")
+SCHEDULES = ("sgdr", "cosine", "constant", "onecycle")
+AUGMENTS = ("paper", "light", "none")
+
+
+@dataclass
+class TrainConfig:
+    model: str = "resunetpp"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    data: str = ""                      # dataset folder or prepared cache
+    split: str | None = None            # split JSON; None: the committed split of a known dataset, else a new one
+    out: str = "runs/resunetpp"
+    size: int = 256
+    epochs: int = 120
+    batch_size: int = 16                # global, over all ranks
+    lr: float = 1e-4
+    weight_decay: float | None = None   # None: 0.01 for adamw, 0 otherwise
+    optimizer: str = "adam"
+    loss: str | None = None             # None: the model's default loss
+    schedule: str = "sgdr"
+    augment: str = "paper"
+    seed: int = 0
+    device: str = "auto"                # auto | cpu | cuda | cuda:N
+    amp: bool | None = None             # None: bf16 autocast on CUDA, off on CPU
+    deterministic: bool | None = None   # None: on for CPU, off (cudnn.benchmark) for CUDA
+    early_stop: int = 0                 # patience in epochs without a better val Dice; 0: off
+    limit: int | None = None            # only the first N train / val / test ids
+    skip_bad: bool = False              # train on the good pairs of a dataset that fails the check
+    threshold: float = 0.5
+    check_every: int = 10               # steps between non-finite-loss checks (each one is a device sync)
+    progress: bool = True
+
+    def resolved(self) -> TrainConfig:
+        """A copy with the None defaults filled in and every choice checked."""
+        cfg = TrainConfig(**{f.name: getattr(self, f.name) for f in fields(self)})
+        model_info(cfg.model)  # KeyError listing the models
+        cfg.loss = cfg.loss or model_info(cfg.model).default_loss
+        for name, value, choices in (("loss", cfg.loss, tuple(LOSSES)), ("optimizer", cfg.optimizer, OPTIMIZERS),
+                                     ("schedule", cfg.schedule, SCHEDULES), ("augment", cfg.augment, AUGMENTS)):
+            if value not in choices:
+                raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+        if cfg.weight_decay is None:
+            cfg.weight_decay = 0.01 if cfg.optimizer == "adamw" else 0.0
+        for name in ("size", "epochs", "batch_size", "check_every"):
+            if getattr(cfg, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+        if not cfg.data:
+            raise ValueError("no training data given (--data DIR_OR_CACHE)")
+        return cfg
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the weights became NaN/inf; the run stopped before writing anything of that epoch."""
+
+
+def config_from_dict(values: dict[str, Any], source: str = "config") -> TrainConfig:
+    """TrainConfig from a mapping (a YAML/TOML file's content), refusing unknown keys by name."""
+    known = {f.name for f in fields(TrainConfig)}
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{source}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return TrainConfig(**values)
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Settings from a .yaml/.yml, .toml or .json file, as a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: config file not found")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                raise ValueError(f"{path}: TOML configs need Python 3.11+ (tomllib); use YAML instead") from None
+            values = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml", ".json"):
+            import yaml  # JSON is YAML
+
+            values = yaml.safe_load(text) or {}
+        else:
+            raise ValueError(f"{path}: unknown config format {path.suffix!r}; use .yaml, .toml or .json")
+    except (ValueError, TypeError) as e:
+        if str(e).startswith(str(path)):
+            raise
+        raise ValueError(f"{path}: not a valid config file ({e})") from None
+    except Exception as e:  # yaml.YAMLError and friends
+        raise ValueError(f"{path}: not a valid config file ({e})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of settings at the top level")
+    return values
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "nadam": torch.optim.NAdam}[cfg.optimizer]
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, total_steps: int):
+    S = torch.optim.lr_scheduler
+    if cfg.schedule == "sgdr":  # four cycles 1:2:4:8 ending with the last step (module docstring)
+        return S.CosineAnnealingWarmRestarts(opt, T_0=max(1, total_steps // 15), T_mult=2, eta_min=cfg.lr * 0.01)
+    if cfg.schedule == "cosine":
+        return S.CosineAnnealingLR(opt, T_max=total_steps, eta_min=cfg.lr * 0.01)
+    if cfg.schedule == "onecycle":
+        return S.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total_steps)
+    return S.LambdaLR(opt, lambda step: 1.0)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG's state as tensors and plain types, so `torch.load(weights_only=True)` reads it."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, py_state, gauss = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached": float(cached)},
+             "python": {"version": version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": gauss}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def dataset_name(data: str | os.PathLike) -> str:
+    """"kvasir-seg", "cvc-clinicdb" (also for a prepared cache of them) or the folder's own name."""
+    from .data.layouts import locate
+
+    return locate(data).name
+
+
+def resolve_split(cfg: TrainConfig, name: str) -> tuple[dict[str, Any] | None, str]:
+    """(split, where it came from): --split FILE, else the committed split of a known dataset, else
+    (None, "made"): the caller makes a seeded 80/10/10 split of the ids it finds."""
+    from .data import default_split, load_split
+
+    if cfg.split:
+        return load_split(cfg.split), str(cfg.split)
+    if name in ("kvasir-seg", "cvc-clinicdb"):
+        return load_split(default_split(name)), f"committed {name} split"
+    return None, f"made by make_split(seed={cfg.seed})"
+
+
+def limit_split(split: dict[str, Any], limit: int | None) -> dict[str, Any]:
+    if not limit:
+        return dict(split)
+    return {**split, **{k: list(split[k])[:limit] for k in ("train", "val", "test")}}
+
+
+@torch.no_grad()
+def validate(model, images, masks, cfg: TrainConfig, loss_fn, device, amp) -> dict[str, float]:
+    """Validation loss and the metrics at the threshold (mean over images)."""
+    model.eval()
+    losses, stats = [], []
+    for i in range(0, len(images), cfg.batch_size):
+        x = normalize(images[i:i + cfg.batch_size], **default_normalization())
+        y = masks[i:i + cfg.batch_size]
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x)
+        losses.append(loss_fn(logits, y).item() * len(x))
+        stats.append(confusion(torch.sigmoid(logits.float()) > cfg.threshold, y.bool()).cpu())
+    s = summarize(torch.cat(stats))["mean"]
+    return {"val_loss": sum(losses) / len(images), **{f"val_{k}": s[k] for k in METRIC_NAMES}}
+
+
+def epoch_shard(train_idx: torch.Tensor, seed: int, epoch: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """This rank's part of the epoch's permutation (seeded by seed and epoch, the same on every rank):
+    disjoint, equal-length shards; the last len % world images of the permutation sit the epoch out."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    perm = train_idx[torch.randperm(len(train_idx), generator=g).to(train_idx.device)]
+    return perm[:len(perm) // world * world][rank::world]
+
+
+def write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(history[0]))
+        w.writeheader()
+        w.writerows(history)
+
+
+def _all_finite(model: torch.nn.Module) -> bool:
+    return all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point())
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
+    """Train a model; returns the run folder. `resume` continues the run in that folder from last.pt."""
+    from .data import Augment, load_pairs, make_split, save_split
+
+    cfg = cfg.resolved()
+    out = Path(resume or cfg.out)
+    if resume and not (out / "last.pt").is_file():
+        raise FileNotFoundError(f"{out / 'last.pt'}: nothing to resume (no checkpoint in {out})")
+    if not resume and (out / "last.pt").exists():
+        raise FileExistsError(f"{out} already holds a run (last.pt); pass --resume {out} or choose another --out")
+
+    # -- distributed (torchrun sets the env vars) and device
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if ddp:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        device = resolve_device(cfg.device)
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        device, rank, world = resolve_device(cfg.device), 0, 1
+    master = rank == 0
+    cuda = device.type == "cuda"
+    amp = cuda if cfg.amp is None else cfg.amp
+    deterministic = (not cuda) if cfg.deterministic is None else cfg.deterministic
+    if deterministic and cuda:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    was_deterministic = (torch.are_deterministic_algorithms_enabled(),
+                         torch.is_deterministic_algorithms_warn_only_enabled())
+    log = (lambda msg: tqdm.write(msg)) if master else (lambda msg: None)
+
+    try:
+        if cfg.batch_size % world:
+            raise ValueError(f"batch size {cfg.batch_size} is not divisible by the {world} processes")
+        torch.use_deterministic_algorithms(deterministic, warn_only=True)
+        torch.backends.cudnn.benchmark = cuda and not deterministic
+        # -- data: split ids, then the pairs as uint8 tensors on the device
+        split, split_source = resolve_split(cfg, dataset_name(cfg.data))
+        if split is not None:
+            split = limit_split(split, cfg.limit)
+        wanted = None if split is None else [*split["train"], *split["val"]]
+        pairs = load_pairs(cfg.data, ids=wanted, size=cfg.size, skip_bad=cfg.skip_bad, progress=master)
+        if split is None:  # an unknown dataset: a seeded 80/10/10 split of the good pairs
+            split = limit_split({"dataset": pairs.name, "seed": cfg.seed, **make_split(pairs.ids, seed=cfg.seed)},
+                                cfg.limit)
+        index = {k: i for i, k in enumerate(pairs.ids)}
+        skipped = [k for k in [*split["train"], *split["val"]] if k not in index]
+        if skipped:
+            log(f"--skip-bad: left out {len(skipped)} pair(s) that fail the check: {', '.join(map(str, skipped))}")
+        split = {**split, **{part: [k for k in split[part] if k in index] for part in ("train", "val")}}
+        if not split["train"] or not split["val"]:
+            raise ValueError(f"{cfg.data}: the split leaves no training or no validation images")
+        images = pairs.images.to(device)
+        masks = pairs.masks.to(device)
+        train_idx = torch.tensor([index[k] for k in split["train"]], device=device)
+        val_idx = torch.tensor([index[k] for k in split["val"]], device=device)
+        val_x, val_y = images[val_idx], masks[val_idx].float()
+        augment = Augment(cfg.augment).to(device)
+
+        # -- model, loss, optimiser, schedule
+        seed_all(cfg.seed)
+        model = create_model(cfg.model, **cfg.model_kwargs).to(device)
+        if cfg.size % model.total_stride:
+            raise ValueError(f"--size {cfg.size} is not a multiple of {cfg.model}'s total stride {model.total_stride}")
+        if cuda:
+            model = model.to(memory_format=torch.channels_last)
+        raw_model = model
+        if ddp:
+            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+        loss_fn = get_loss(cfg.loss)
+        opt = make_optimizer(cfg, raw_model.parameters())
+        shard_len = len(train_idx) // world
+        rank_batch = cfg.batch_size // world
+        steps = math.ceil(shard_len / rank_batch)
+        sched = make_scheduler(cfg, opt, cfg.epochs * steps)
+        start_epoch, history, best = 0, [], {"epoch": 0, "dice": -1.0}
+        if resume:
+            ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)  # RNG states must stay on CPU
+            raw_model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            sched.load_state_dict(ckpt["scheduler"])
+            start_epoch, history, best = ckpt["epoch"], ckpt["history"], ckpt["best"]
+            set_rng_state(ckpt["rng"])
+            log(f"resuming {out} after epoch {start_epoch} (best val Dice {best['dice']:.4f} at epoch {best['epoch']})")
+
+        # -- run folder (rank 0 writes everything)
+        if master:
+            import yaml
+
+            out.mkdir(parents=True, exist_ok=True)
+            settings = {**asdict(cfg), "out": str(out), "resolved_device": str(device), "amp": amp,
+                        "deterministic": deterministic, "world_size": world, "dataset": pairs.name,
+                        "steps_per_epoch": steps}
+            with atomic_path(out / "train_config.yaml") as tmp:
+                tmp.write_text(yaml.safe_dump(settings, sort_keys=False))
+            save_split(split, out / "split.json")
+            from torch.utils.tensorboard import SummaryWriter
+
+            tb = SummaryWriter(str(out / "tb"), purge_step=start_epoch + 1 if resume else None)
+        checkpoint_config = {
+            "model": cfg.model, "model_kwargs": cfg.model_kwargs, "input_size": [cfg.size, cfg.size],
+            "normalization": default_normalization(), "threshold": cfg.threshold, "dataset": pairs.name,
+            "split": {"file": "split.json", "source": split_source,
+                      "seed": split.get("seed"), **{k: len(split[k]) for k in ("train", "val", "test")}},
+            "training": {k: getattr(cfg, k) for k in ("loss", "optimizer", "lr", "batch_size", "schedule",
+                                                      "augment", "seed", "epochs")},
+        }
+        bar = tqdm(total=cfg.epochs * steps, initial=start_epoch * steps, disable=not (master and cfg.progress),
+                   unit="step", dynamic_ncols=True)
+
+        # -- the loop
+        for epoch in range(start_epoch + 1, cfg.epochs + 1):
+            bar.set_description(f"epoch {epoch}/{cfg.epochs}")
+            shard = epoch_shard(train_idx, cfg.seed, epoch, rank, world)
+            seed_all(cfg.seed * 100_003 + epoch * 101 + rank)  # augmentation randomness, same after a resume
+            model.train()
+            step_losses = torch.zeros(steps, device=device)
+            t0, seen = time.perf_counter(), 0
+            for step in range(steps):
+                idx = shard[step * rank_batch:(step + 1) * rank_batch]
+                x, y = augment(images[idx].float() / 255, masks[idx].float())
+                x = normalize(x, **default_normalization())
+                if cuda:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    logits = model(x)
+                loss = loss_fn(logits, y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                step_losses[step] = loss.detach()
+                seen += len(idx) * world
+                if (step + 1) % cfg.check_every == 0 or step + 1 == steps:
+                    done = step_losses[:step + 1].clone()
+                    if ddp:
+                        dist.all_reduce(done)
+                        done /= world
+                    done = done.cpu()
+                    if not torch.isfinite(done).all():
+                        bad = int((~torch.isfinite(done)).nonzero()[0])
+                        raise NonFiniteError(
+                            f"non-finite loss ({done[bad].item()}) at epoch {epoch}, step {bad + 1}/{steps}: "
+                            f"training stopped. The last good checkpoint in {out} (epoch {epoch - 1}) is intact; "
+                            "try a lower --lr or another --loss.")
+                    bar.update((epoch - 1) * steps + step + 1 - bar.n)
+                    bar.set_postfix(loss=f"{done.mean():.4f}", val_dice=f"{history[-1]['val_dice']:.4f}"
+                                    if history else "-", img_s=f"{seen / (time.perf_counter() - t0):.1f}")
+            train_seconds = time.perf_counter() - t0
+            if not _all_finite(raw_model):
+                raise NonFiniteError(f"non-finite weights after epoch {epoch}: training stopped. The last good "
+                                     f"checkpoint in {out} (epoch {epoch - 1}) is intact; try a lower --lr.")
+
+            stop = torch.zeros(1, device=device)
+            if master:
+                row = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "train_loss": done.mean().item(),
+                       **validate(raw_model, val_x, val_y, cfg, loss_fn, device, amp),
+                       "seconds": round(time.perf_counter() - t0, 3),
+                       "img_per_s": round(shard_len * world / train_seconds, 2)}
+                history.append(row)
+                if row["val_dice"] > best["dice"]:
+                    best = {"epoch": epoch, "dice": row["val_dice"]}
+                    metrics = {k[4:]: v for k, v in row.items() if k.startswith("val_")}
+                    save_pretrained(raw_model, out, {**checkpoint_config, "metrics": {"val": metrics},
+                                                     "best_epoch": epoch})
+                with atomic_path(out / "last.pt") as tmp:
+                    torch.save({"model": raw_model.state_dict(), "optimizer": opt.state_dict(),
+                                "scheduler": sched.state_dict(), "epoch": epoch, "best": best,
+                                "history": history, "rng": rng_state(), "config": asdict(cfg)}, tmp)
+                write_metrics_csv(out / "metrics.csv", history)
+                for k, v in row.items():
+                    if k != "epoch":
+                        tb.add_scalar(k.replace("val_", "val/").replace("train_", "train/"), v, epoch)
+                tb.flush()
+                bar.set_postfix(loss=f"{row['train_loss']:.4f}", val_dice=f"{row['val_dice']:.4f}",
+                                img_s=f"{row['img_per_s']:.1f}")
+                if cfg.early_stop and epoch - best["epoch"] >= cfg.early_stop:
+                    log(f"early stop: no better val Dice for {cfg.early_stop} epochs (best {best['dice']:.4f} "
+                        f"at epoch {best['epoch']})")
+                    stop += 1
+            if ddp:
+                dist.broadcast(stop, 0)  # also keeps the ranks in step while rank 0 validates
+            if stop.item():
+                break
+        bar.close()
+        if master:
+            tb.close()
+            if history:
+                from .figures import plot_curves
+
+                plot_curves(history, out / "curves.png")
+            log(f"done: best val Dice {best['dice']:.4f} at epoch {best['epoch']}; model in {out}")
+        return out
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic[0], warn_only=was_deterministic[1])
+        if ddp and dist.is_initialized():
+            dist.destroy_process_group()

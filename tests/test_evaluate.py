@@ -1,0 +1,129 @@
+"""Evaluation: reports, metric consistency, thresholds, splits, native size, cross-dataset, real data."""
+
+import csv
+import json
+import shutil
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from resunetpp import load_model
+from resunetpp.cli import app
+from resunetpp.data import load_pairs
+from resunetpp.evaluate import evaluate, predict
+from resunetpp.metrics import METRIC_NAMES, confusion, summarize
+from resunetpp.train import TrainConfig, train
+from test_train import TINY, write_discs
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    data = write_discs(root / "discs", n=24)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    run = train(TrainConfig(model="resunetpp", model_kwargs=TINY, data=str(data), out=str(root / "run"), size=32,
+                            epochs=3, batch_size=4, lr=3e-3, augment="light", progress=False))
+    torch.set_num_threads(n)
+    return data, run
+
+
+def test_reports_and_consistency(trained, tmp_path):
+    data, run = trained
+    res = evaluate(run, data, split="test", out=tmp_path / "ev", progress=False)
+    split = json.loads((run / "split.json").read_text())
+    assert [r["id"] for r in res.per_image] == split["test"]  # the run's own test split
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert set(m["mean"]) == set(m["pooled"]) == set(METRIC_NAMES)
+    assert m["images"] == len(split["test"]) and m["settings"]["scored_at"] == "model input size"
+    with open(tmp_path / "ev" / "per_image.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["id"] for r in rows] == split["test"]
+    assert float(rows[0]["dice"]) == pytest.approx(res.per_image[0]["dice"])
+    md = (tmp_path / "ev" / "metrics.md").read_text()
+    assert "| dice |" in md and "| miou_2class |" in md
+
+    # the same numbers by hand: load, predict, threshold, count
+    model = load_model(run)
+    pairs = load_pairs(data, ids=split["test"], size=32, progress=False)
+    probs = predict(model, pairs.images, model.pretrained_config["normalization"])
+    assert summarize(confusion(probs > 0.5, pairs.masks.bool())) == res.summary
+
+
+def test_threshold_override_and_from_config(trained, tmp_path):
+    data, run = trained
+    never = evaluate(run, data, split="all", threshold=1.0, progress=False)  # sigmoid < 1: nothing predicted
+    assert never.summary["images"] == 24
+    assert never.summary["mean"]["dice"] == 0 and never.summary["mean"]["recall"] == 0
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg["threshold"] = 0.0  # everything is polyp
+    (copy / "config.json").write_text(json.dumps(cfg))
+    always = evaluate(copy, data, split="all", progress=False)
+    assert always.settings["threshold"] == 0.0
+    assert always.summary["pooled"]["recall"] == 1.0 and always.summary["pooled"]["precision"] < 0.5
+
+
+def test_split_choices(trained, tmp_path):
+    data, run = trained
+    split = json.loads((run / "split.json").read_text())
+    val = evaluate(run, data, split="val", progress=False)
+    assert [r["id"] for r in val.per_image] == split["val"]
+    ids = tmp_path / "ids.txt"
+    ids.write_text("# a subset\n5\n7\n")
+    sub = evaluate(run, data, split=str(ids), progress=False)
+    assert [r["id"] for r in sub.per_image] == ["5", "7"]
+    assert evaluate(run, data, split="all", limit=3, progress=False).summary["images"] == 3
+    other = write_discs(tmp_path / "rings", n=6, seed=5)  # another dataset: no split of its own
+    with pytest.raises(ValueError, match="no split known for dataset 'rings'"):
+        evaluate(run, other, split="test", progress=False)
+    cross = evaluate(run, other, split="all", progress=False)  # cross-dataset: same call, other data
+    assert cross.settings["dataset"] == "rings" and cross.settings["trained_on"] == "discs"
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        evaluate(run, data, split=str(tmp_path / "nope.json"), progress=False)
+
+
+def test_native_size_scoring(trained, tmp_path):
+    _, run = trained
+    big = write_discs(tmp_path / "big", n=4, size=48, seed=3)  # resized to the model's 32x32
+    at_input = evaluate(run, big, split="all", progress=False)
+    native = evaluate(run, big, split="all", native=True, progress=False)
+    assert native.settings["scored_at"] == "native mask size"
+    assert all(r["tp"] + r["fp"] + r["fn"] + r["tn"] == 48 * 48 for r in native.per_image)
+    assert all(r["tp"] + r["fp"] + r["fn"] + r["tn"] == 32 * 32 for r in at_input.per_image)
+    assert native.summary["mean"]["dice"] == pytest.approx(at_input.summary["mean"]["dice"], abs=0.1)
+
+
+def test_cli_evaluate(trained, tmp_path):
+    data, run = trained
+    r = runner.invoke(app, ["evaluate", "--weights", str(run), "--data", str(data), "--split", "val",
+                            "--out", str(tmp_path / "cli")])
+    assert r.exit_code == 0, r.output
+    assert "miou_2class" in r.output and (tmp_path / "cli" / "metrics.json").is_file()
+    r = runner.invoke(app, ["evaluate", "--weights", str(run), "--data", str(data)])
+    assert r.exit_code == 0, r.output
+    assert (run / "eval" / "discs-test" / "metrics.md").is_file()
+    r = runner.invoke(app, ["evaluate", "--weights", str(tmp_path / "missing"), "--data", str(data)])
+    assert r.exit_code == 1 and "missing" in r.output
+
+
+def test_real_data_and_cross_dataset(trained, kvasir_dir, clinicdb_dir, tmp_path):
+    _, run = trained  # a 32x32 disc model: the point is the plumbing (resizing, layouts, splits), not the score
+    kv = evaluate(run, kvasir_dir, split="test", limit=4, out=tmp_path / "kv", progress=False)
+    assert kv.settings["dataset"] == "kvasir-seg" and "committed kvasir-seg split" in kv.settings["split"]
+    assert kv.summary["images"] == 4 and all(r["tp"] + r["fp"] + r["fn"] + r["tn"] == 32 * 32 for r in kv.per_image)
+    cvc = evaluate(run, clinicdb_dir, split="test", limit=3, native=True, progress=False)
+    assert cvc.settings["dataset"] == "cvc-clinicdb"
+    assert all(r["tp"] + r["fp"] + r["fn"] + r["tn"] == 384 * 288 for r in cvc.per_image)

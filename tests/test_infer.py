@@ -1,0 +1,240 @@
+"""Segmenter and `resunetpp predict` on synthetic images and tiny checkpoints (CPU, seconds)."""
+
+from __future__ import annotations
+
+import csv
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image
+from test_infer_common import SIZE, dice, disc_image, disc_model, save_disc_checkpoint
+from typer.testing import CliRunner
+
+import resunetpp
+from resunetpp import Segmenter, hub
+from resunetpp.cli import app
+from resunetpp.inference import bounding_box, collect_inputs, output_names
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return save_disc_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+def _manual(model, image, size, mean, std, threshold=0.5):
+    """The documented pipeline written out by hand: INTER_AREA down, normalise, sigmoid, bilinear up."""
+    small = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+    x = (torch.from_numpy(small).permute(2, 0, 1)[None].float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) \
+        / torch.tensor(std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        p = torch.sigmoid(model(x))[0, 0].numpy()
+    p = cv2.resize(p, image.shape[1::-1], interpolation=cv2.INTER_LINEAR)
+    return p > threshold, p
+
+
+def test_segmenter_round_trip_equals_manual_forward(tmp_path):
+    norm = {"mean": [0.3, 0.2, 0.1], "std": [0.5, 0.6, 0.7]}
+    path = save_disc_checkpoint(tmp_path / "run", normalization=norm, threshold=0.4)
+    seg = Segmenter(weights=path)
+    assert seg.backend == "torch" and seg.threshold == 0.4 and seg.input_size == (SIZE, SIZE)
+    image, _ = disc_image(np.random.default_rng(1), 77, 50)
+    mask, prob = seg.segment(image)
+    ref_mask, ref_prob = _manual(disc_model(), image, SIZE, norm["mean"], norm["std"], threshold=0.4)
+    assert mask.shape == prob.shape == (77, 50) and mask.dtype == bool and prob.dtype == np.float32
+    np.testing.assert_allclose(prob, ref_prob, atol=1e-6)
+    assert (mask == ref_mask).all()
+    # the config's normalisation really is applied: the default one gives other probabilities
+    _, other = _manual(disc_model(), image, SIZE, [0, 0, 0], [1, 1, 1])
+    assert np.abs(other - prob).max() > 1e-3
+    # --threshold overrides the config
+    assert Segmenter(weights=path, threshold=0.9).segment(image)[0].sum() < mask.sum()
+
+
+def test_segment_batch_any_sizes_and_real_predictions(ckpt):
+    seg = Segmenter(ckpt)
+    rng = np.random.default_rng(2)
+    pairs = [disc_image(rng, h, w) for h, w in [(32, 32), (45, 61), (100, 37), (257, 199)]]
+    results = seg.segment_batch([p[0] for p in pairs])
+    for (image, truth), (mask, prob) in zip(pairs, results):
+        assert mask.shape == prob.shape == image.shape[:2]
+        assert dice(mask, truth) > 0.8  # the tiny model really segments discs, at any size
+    single = seg.segment(pairs[1][0])
+    np.testing.assert_allclose(single[1], results[1][1], atol=1e-5)
+    with pytest.raises(ValueError, match="uint8 RGB"):
+        seg.segment(np.zeros((8, 8), np.uint8))
+
+
+class _FlipSymmetrized(torch.nn.Module):
+    """Average of f over the four flips (identity, H, V, HV), each flipped back: an
+    equivariant model, for which flip TTA must change nothing."""
+
+    def __init__(self, f):
+        super().__init__()
+        self.f = f
+
+    def forward(self, x):
+        out = self.f(x)
+        out = out + self.f(x.flip(-1)).flip(-1) + self.f(x.flip(-2)).flip(-2)
+        return (out + self.f(x.flip(-1, -2)).flip(-1, -2)) / 4
+
+
+def test_tta_averages_flips_and_leaves_symmetric_model_unchanged():
+    cfg = {"input_size": [SIZE, SIZE]}
+    rng = np.random.default_rng(3)
+    images = [disc_image(rng)[0] for _ in range(3)]
+    f = disc_model()
+    # 1. for an arbitrary model, TTA is the documented three-way average of sigmoids
+    plain = np.stack(Segmenter(f, config=cfg).probabilities(images))
+    tta = np.stack(Segmenter(f, config=cfg, tta=True).probabilities(images))
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        s = torch.sigmoid
+        ref = (s(f(x)) + s(f(x.flip(-1))).flip(-1) + s(f(x.flip(-2))).flip(-2))[:, 0] / 3
+    np.testing.assert_allclose(tta, ref.numpy(), atol=1e-6)
+    assert np.abs(tta - plain).max() > 1e-3  # so TTA is not a no-op for this model ...
+    # 2. ... but for a flip-equivariant model it equals the plain prediction
+    g = _FlipSymmetrized(f).eval()
+    np.testing.assert_allclose(np.stack(Segmenter(g, config=cfg, tta=True).probabilities(images)),
+                               np.stack(Segmenter(g, config=cfg).probabilities(images)), atol=1e-6)
+
+
+def test_crf_cleans_a_noisy_disc():
+    pytest.importorskip("pydensecrf.densecrf", reason="pydensecrf2 (the crf extra) is not installed")
+    from resunetpp.crf import crf_refine
+
+    rng = np.random.default_rng(4)
+    image, truth = disc_image(rng, 96, 96)
+    prob = np.clip(np.where(truth, 0.75, 0.25) + rng.normal(0, 0.2, truth.shape), 0, 1).astype(np.float32)
+    noisy = prob > 0.5
+    specks = cv2.connectedComponents(noisy.astype(np.uint8))[0] - 1
+    for mode in ("mask", "bilateral"):
+        refined = crf_refine(image, prob, mode=mode) > 0.5
+        assert dice(refined, truth) > dice(noisy, truth) + 0.03, mode
+        assert cv2.connectedComponents(refined.astype(np.uint8))[0] - 1 < specks / 4, mode
+    # an all-polyp mask stays all polyp (the follow-up's np.unique relabelling would flip it)
+    assert crf_refine(image, np.ones_like(prob), mode="mask").min() > 0.5
+    seg = Segmenter(disc_model(), config={"input_size": [SIZE, SIZE]}, crf="mask")
+    mask, p = seg.segment(image)
+    assert mask.shape == truth.shape and dice(mask, truth) > 0.8
+
+
+def test_crf_missing_gives_install_hint(monkeypatch):
+    from resunetpp.crf import CRFUnavailableError
+
+    monkeypatch.setitem(sys.modules, "pydensecrf", None)
+    monkeypatch.setitem(sys.modules, "pydensecrf.densecrf", None)
+    with pytest.raises(CRFUnavailableError, match=r"pip install \"resunetpp\[crf\]\""):
+        Segmenter(disc_model(), config={"input_size": [SIZE, SIZE]}, crf="mask")
+
+
+def test_no_bundled_weights_message(tmp_path, monkeypatch):
+    monkeypatch.setattr(hub, "BUNDLED_DIR", tmp_path / "none")
+    with pytest.raises(FileNotFoundError, match="resunetpp train"):
+        Segmenter()
+    img = tmp_path / "a.png"
+    cv2.imwrite(str(img), np.zeros((16, 16, 3), np.uint8))
+    r = runner.invoke(app, ["predict", str(img), "--out", str(tmp_path / "out")])
+    assert r.exit_code == 2, r.output
+    assert "no bundled trained weights" in r.output and "resunetpp train" in r.output
+    assert "Traceback" not in r.output and r.exception is None or isinstance(r.exception, SystemExit)
+
+
+def _write_rgb(path, rgb):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rgb).save(path)
+
+
+def test_predict_folder_with_good_and_bad_files(tmp_path, ckpt):
+    rng = np.random.default_rng(5)
+    src = tmp_path / "in"
+    good = {}
+    image, truth = disc_image(rng, 61, 45)  # non-square, not a multiple of 8
+    _write_rgb(src / "odd.png", image)
+    good["odd.png"] = truth
+    image, truth = disc_image(rng, 40, 64)
+    _write_rgb(src / "a" / "same.jpg", image)
+    good["a/same.png"] = truth
+    _write_rgb(src / "b" / "same.png", disc_image(rng, 48, 48)[0])  # same name, other folder
+    good["b/same.png"] = None
+    image, truth = disc_image(rng, 50, 70)
+    Image.fromarray(image).convert("RGBA").save(src / "rgba.png")
+    good["rgba.png"] = truth
+    Image.fromarray(image).convert("P", palette=Image.Palette.ADAPTIVE).save(src / "palette.png")
+    good["palette.png"] = None
+    sixteen = image.astype(np.uint16) * 257
+    cv2.imwrite(str(src / "sixteen.png"), cv2.cvtColor(sixteen, cv2.COLOR_RGB2BGR))
+    good["sixteen.png"] = truth
+    Image.fromarray(image[:, :, 0]).save(src / "gray.png")
+    good["gray.png"] = None
+    tifffile.imwrite(src / "tiff.tif", image)
+    good["tiff.png"] = truth
+    (src / "empty.png").write_bytes(b"")
+    (src / "garbage.jpg").write_bytes(b"this is not a jpeg" * 10)
+    (src / "notes.txt").write_text("not an image")
+    (src / ".hidden.png").write_bytes(b"")
+
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["predict", str(src), str(src / "notes.txt"), "--weights", str(ckpt), "--out", str(out),
+                            "--batch-size", "3", "--save-prob"])
+    assert r.exit_code == 1, r.output
+    for bad in ("empty.png", "garbage.jpg", "notes.txt"):
+        assert any(bad in line and line.startswith("error:") for line in r.output.splitlines()), bad
+    assert ".hidden" not in r.output
+    for name, truth in good.items():
+        mask = cv2.imread(str(out / "masks" / name), cv2.IMREAD_UNCHANGED)
+        overlay = cv2.imread(str(out / "overlays" / name), cv2.IMREAD_UNCHANGED)
+        prob = cv2.imread(str(out / "probs" / name), cv2.IMREAD_UNCHANGED)
+        assert mask is not None and overlay is not None and prob is not None, name
+        assert mask.ndim == 2 and set(np.unique(mask)) <= {0, 255}, name
+        assert overlay.shape == mask.shape + (3,) and prob.shape == mask.shape, name
+        if truth is not None:
+            assert mask.shape == truth.shape, name
+            assert dice(mask > 0, truth) > 0.7, name
+    with open(out / "predictions.csv") as fh:
+        rows = {r["input"]: r for r in csv.DictReader(fh)}
+    assert len(rows) == len(good) + 3
+    errors = {k for k, v in rows.items() if v["error"]}
+    assert {p.rsplit("/", 1)[-1] for p in errors} == {"empty.png", "garbage.jpg", "notes.txt"}
+    row = rows[str(src / "odd.png")]
+    mask = cv2.imread(str(out / "masks" / "odd.png"), cv2.IMREAD_UNCHANGED) > 0
+    assert (int(row["height"]), int(row["width"])) == (61, 45) and row["polyp"] == "1"
+    assert float(row["area_fraction"]) == pytest.approx(mask.mean(), abs=1e-6)
+    assert tuple(int(row[k]) for k in ("x0", "y0", "x1", "y1")) == bounding_box(mask)
+    assert float(row["time_ms"]) > 0
+
+
+def test_predict_all_good_exit_zero_npy_and_glob(tmp_path, ckpt):
+    rng = np.random.default_rng(6)
+    for i in range(3):
+        _write_rgb(tmp_path / "in" / f"{i}.png", disc_image(rng, 40, 56)[0])
+    _write_rgb(tmp_path / "in" / "blank.png", np.full((40, 56, 3), 70, np.uint8))
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["predict", str(tmp_path / "in" / "*.png"), "-w", str(ckpt), "-o", str(out), "--tta",
+                            "--save-prob", "--prob-format", "npy", "--no-overlay"])
+    assert r.exit_code == 0, r.output
+    prob = np.load(out / "probs" / "0.npy")
+    assert prob.dtype == np.float32 and prob.shape == (40, 56)
+    assert not (out / "overlays").exists()
+    with open(out / "predictions.csv") as fh:
+        rows = {r["input"].rsplit("/", 1)[-1]: r for r in csv.DictReader(fh)}
+    assert rows["0.png"]["polyp"] == "1"
+    assert rows["blank.png"]["polyp"] == "0" and rows["blank.png"]["x0"] == "" and rows["blank.png"]["error"] == ""
+    r = runner.invoke(app, ["predict", str(tmp_path / "nothing-*.png"), "-w", str(ckpt), "-o", str(out)])
+    assert r.exit_code == 1 and "no files match" in r.output
+
+
+def test_inputs_and_output_names(tmp_path):
+    for rel in ("x/a.png", "x/a.jpg", "y/a.png", "x/deep/b.bmp", "x/readme.md"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    listing = collect_inputs([tmp_path, tmp_path / "x" / "a.png"])  # duplicates removed
+    assert [p.relative_to(tmp_path).as_posix() for p in listing.skipped] == ["x/readme.md"]
+    names = [n.as_posix() for n in output_names(listing.files)]
+    assert names == ["x/a.jpg.png", "x/a.png.png", "x/deep/b.png", "y/a.png"]
+    assert output_names([tmp_path / "x" / "a.png"]) == [resunetpp.inference.Path("a.png")]

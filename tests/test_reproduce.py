@@ -1,0 +1,69 @@
+"""`resunetpp reproduce --quick` on a small subset of the real data (skips without ../shared/data)."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from resunetpp.cli import app
+from resunetpp.reproduce import MODELS, PAPER, default_data, table_markdown
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_quick_table1_writes_every_output(kvasir_dir, tmp_path):
+    out = tmp_path / "t1"
+    # the exact models (U-Net's 31 M parameters included) at 32x32 on 8 ids per split, one epoch
+    args = ["reproduce", "table1", "--data", str(kvasir_dir), "--out", str(out), "--quick", "--size", "32",
+            "--limit", "8", "--epochs", "1", "--device", "cpu"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    table = (out / "table.md").read_text()
+    for name in ("U-Net", "ResUNet", "ResUNet-mod", "ResUNet++", "0.8133", "0.7927", "unverified", "Quick run"):
+        assert name in table
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["models"]) == list(MODELS)
+    assert res["device"] == "cpu" and res["torch"] == torch.__version__ and res["wall_seconds"] > 0
+    assert "reproduce table1" in res["command"] and res["settings"] == {"size": 32, "epochs": 1, "limit": 8,
+                                                                         "batch_size": 8}
+    unet = res["models"]["unet"]
+    assert unet["parameters"] == 31_031_745 and unet["settings"]["loss"] == "bce"
+    assert res["models"]["resunet"]["settings"]["loss"] == "mse"
+    assert res["models"]["resunetpp"]["settings"]["loss"] == "dice" and unet["test_images"] == 8
+    for model in MODELS:
+        assert (out / model / "model.safetensors").is_file()
+        assert (out / model / "eval" / "metrics.json").is_file()
+    with Image.open(out / "fig3.png") as im:
+        assert im.width > im.height > 100  # 4 rows x 6 columns
+
+    # a second call reuses the finished runs instead of training again
+    r = runner.invoke(app, [*args, "--models", "resunetpp"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "results.json").read_text())["models"]["resunetpp"]["train_seconds"] is None
+
+
+def test_default_data_error_says_where_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="resunetpp data download cvc-clinicdb"):
+        default_data("table2")
+    r = runner.invoke(app, ["reproduce", "table3"])
+    assert r.exit_code == 1 and "unknown table 'table3'" in r.output
+
+
+def test_table_markdown_lists_ours_beside_the_paper():
+    fake = {m: {"metrics": {"mean": {"dice": 0.5, "iou": 0.4, "miou_2class": 0.6, "recall": 0.7, "precision": 0.8}}}
+            for m in MODELS}
+    md = table_markdown("table2", fake)
+    assert "CVC-ClinicDB" in md and md.count("| 0.5000 | 0.4000 | 0.6000 | 0.7000 | 0.8000 |") == 4
+    assert "| 0.7955 | 0.7962 | 0.7022 | 0.8785 | verified |" in md
+    assert all(PAPER["table2"][m][4] == (m == "resunetpp") for m in MODELS)

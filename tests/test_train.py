@@ -1,0 +1,317 @@
+"""Training loop: learning, best-model keeping, determinism, kill + resume, non-finite losses, configs.
+
+Tiny everywhere: ResUNet++ with filters (8,8,8,8,8), 32x32 synthetic discs (bright disc on a dark
+background, generated in tmp_path), a few epochs.
+"""
+
+import csv
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+import resunetpp.train as T
+from resunetpp import load_model
+from resunetpp.cli import app
+from resunetpp.train import NonFiniteError, TrainConfig, epoch_shard, train
+
+TINY = {"filters": [8, 8, 8, 8, 8]}
+runner = CliRunner()
+
+
+def write_discs(root: Path, n: int = 24, size: int = 32, seed: int = 0, corrupt: int | None = None) -> Path:
+    """A learnable synthetic dataset: images/<i>.png with a bright noisy disc, masks/<i>.png of the disc."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(exist_ok=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    for i in range(n):
+        cy, cx = rng.uniform(size * 0.3, size * 0.7, 2)
+        r = rng.uniform(size * 0.12, size * 0.3)
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        img = rng.normal(50, 12, (size, size, 3))
+        img[disc] += 140
+        cv2.imwrite(str(root / "images" / f"{i}.png"), np.clip(img, 0, 255).astype(np.uint8))
+        cv2.imwrite(str(root / "masks" / f"{i}.png"), disc.astype(np.uint8) * 255)
+    if corrupt is not None:
+        (root / "images" / f"{corrupt}.png").write_bytes(b"")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny models gain nothing from threads, and on a shared 2-core machine OpenMP spinning makes them 5x slower
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def discs(tmp_path_factory) -> Path:
+    return write_discs(tmp_path_factory.mktemp("data") / "discs")
+
+
+def tiny(data, out, **kw) -> TrainConfig:
+    base = dict(model="resunetpp", model_kwargs=TINY, data=str(data), out=str(out), size=32, epochs=3, batch_size=4,
+                lr=3e-3, augment="light", progress=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def model_state(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "last.pt", map_location="cpu", weights_only=True)["model"]
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_loss_drops_on_real_kvasir_subset(kvasir_dir, tmp_path):
+    run = train(tiny(kvasir_dir, tmp_path / "run", size=64, epochs=4, batch_size=4, limit=16, lr=3e-3,
+                     augment="none", loss="bce+dice"))
+    rows = read_csv(run / "metrics.csv")
+    assert len(rows) == 4
+    losses = [float(r["train_loss"]) for r in rows]
+    assert losses[-1] < losses[0] * 0.95, losses
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["dataset"] == "kvasir-seg" and cfg["input_size"] == [64, 64]
+    assert cfg["split"]["train"] == 16 and cfg["split"]["val"] == 16
+
+
+def test_best_on_validation_is_kept(discs, tmp_path):
+    run = train(tiny(discs, tmp_path / "run", epochs=4))
+    files = {p.name for p in run.iterdir()}
+    assert {"config.json", "model.safetensors", "last.pt", "metrics.csv", "curves.png", "train_config.yaml",
+            "split.json", "tb"} <= files
+    assert any((run / "tb").iterdir())  # TensorBoard event file
+    rows = read_csv(run / "metrics.csv")
+    dice = [float(r["val_dice"]) for r in rows]
+    best = int(np.argmax(dice))
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["best_epoch"] == int(rows[best]["epoch"])
+    assert cfg["metrics"]["val"]["dice"] == pytest.approx(dice[best], abs=1e-12)
+    assert cfg["threshold"] == 0.5 and cfg["normalization"] == {"mean": [0.0] * 3, "std": [1.0] * 3}
+    # the saved weights are that epoch's: validating them again gives that epoch's score
+    model = load_model(run)
+    split = json.loads((run / "split.json").read_text())
+    from resunetpp.data import load_pairs
+    from resunetpp.losses import get_loss
+
+    pairs = load_pairs(discs, ids=split["val"], size=32, progress=False)
+    again = T.validate(model, pairs.images, pairs.masks.float(), tiny(discs, "x").resolved(), get_loss("dice"),
+                       torch.device("cpu"), False)
+    assert again["val_dice"] == pytest.approx(dice[best], abs=1e-9)
+    if best != len(rows) - 1:  # then last.pt holds different (later) weights
+        saved = load_file(run / "model.safetensors")
+        assert any(not torch.equal(saved[k], v) for k, v in model_state(run).items() if v.is_floating_point())
+
+
+def test_same_seed_bit_identical_and_other_seed_differs(discs, tmp_path):
+    a = model_state(train(tiny(discs, tmp_path / "a", epochs=2, augment="paper")))
+    b = model_state(train(tiny(discs, tmp_path / "b", epochs=2, augment="paper")))
+    assert_same_state(a, b)
+    c = model_state(train(tiny(discs, tmp_path / "c", epochs=2, augment="paper", seed=1)))
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_sigkill_mid_epoch_then_resume_matches_unbroken_run(discs, tmp_path):
+    # 20 train images / batch 4 = 5 steps per epoch; the child SIGKILLs itself 2 steps into epoch 2,
+    # after epoch 1's last.pt is on disk.
+    cfg_path = tmp_path / "cfg.yaml"
+    settings = {"model": "resunetpp", "model_kwargs": TINY, "data": str(discs), "size": 32, "epochs": 3,
+                "batch_size": 4, "lr": 3e-3, "augment": "paper", "progress": False}
+    cfg_path.write_text(yaml.safe_dump(settings))
+    killed = tmp_path / "killed"
+    script = textwrap.dedent(f"""
+        import os, signal, torch, yaml
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+        from resunetpp.train import config_from_dict, train
+        steps = 0
+        def hook(opt, args, kwargs):
+            global steps
+            steps += 1
+            if steps == 5 + 2:
+                assert torch.load({str(killed / "last.pt")!r}, weights_only=True)["epoch"] == 1
+                os.kill(os.getpid(), signal.SIGKILL)
+        register_optimizer_step_post_hook(hook)
+        cfg = config_from_dict(yaml.safe_load(open({str(cfg_path)!r})))
+        cfg.out = {str(killed)!r}
+        train(cfg)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert torch.load(killed / "last.pt", weights_only=True)["epoch"] == 1
+    assert not list(killed.glob(".*.tmp"))  # no half-written checkpoint left behind
+
+    r = runner.invoke(app, ["train", "--resume", str(killed)])
+    assert r.exit_code == 0, r.output
+    unbroken = train(config_from_yaml(cfg_path, tmp_path / "unbroken"))
+    assert_same_state(model_state(killed), model_state(unbroken))
+    assert len(read_csv(killed / "metrics.csv")) == 3
+    assert read_csv(killed / "metrics.csv")[2]["val_dice"] == read_csv(unbroken / "metrics.csv")[2]["val_dice"]
+
+
+def config_from_yaml(path: Path, out: Path) -> TrainConfig:
+    cfg = T.config_from_dict(yaml.safe_load(path.read_text()))
+    cfg.out = str(out)
+    return cfg
+
+
+def test_torchrun_two_gloo_processes(discs, tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"model_kwargs": TINY, "size": 32, "epochs": 2, "batch_size": 4, "lr": 3e-3,
+                                   "augment": "light", "progress": False}))
+    script = tmp_path / "cli.py"
+    script.write_text("from resunetpp.cli import app\napp()\n")
+    run = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), "train",
+         "--data", str(discs), "--config", str(cfg), "--device", "cpu", "--out", str(run)],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    settings = yaml.safe_load((run / "train_config.yaml").read_text())
+    assert settings["world_size"] == 2 and settings["steps_per_epoch"] == 5  # 20 images / 2 ranks / 2 per rank
+    assert len(read_csv(run / "metrics.csv")) == 2
+    assert load_model(run) is not None and torch.load(run / "last.pt", weights_only=True)["epoch"] == 2
+
+
+def test_epoch_shards_are_disjoint_and_reseeded():
+    idx = torch.arange(10, 21)
+    shards = [epoch_shard(idx, seed=0, epoch=1, rank=r, world=2) for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == 5
+    assert not set(shards[0].tolist()) & set(shards[1].tolist())
+    assert set(shards[0].tolist()) | set(shards[1].tolist()) <= set(idx.tolist())
+    assert torch.equal(epoch_shard(idx, 0, 1), epoch_shard(idx, 0, 1))
+    assert not torch.equal(epoch_shard(idx, 0, 1), epoch_shard(idx, 0, 2))
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(discs, tmp_path, monkeypatch):
+    # epoch 1 trains normally; the loss turns NaN 3 steps into epoch 2 (5 steps per epoch)
+    real, calls = T.get_loss("dice"), {"n": 0}
+
+    def poisoned(logits, target):
+        calls["n"] += torch.is_grad_enabled()  # count training steps, not validation batches
+        loss = real(logits, target)
+        return loss * float("nan") if calls["n"] == 5 + 3 else loss
+
+    monkeypatch.setattr(T, "get_loss", lambda name: poisoned)
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteError, match=r"epoch 2, step 3/5.*last good checkpoint.*epoch 1"):
+        train(tiny(discs, run, epochs=3, check_every=2))
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
+    assert json.loads((run / "config.json").read_text())["best_epoch"] == 1
+    assert len(read_csv(run / "metrics.csv")) == 1
+    assert all(torch.isfinite(v).all() for v in load_file(run / "model.safetensors").values())
+
+
+def test_huge_learning_rate_is_caught_by_the_cli(discs, tmp_path):
+    r = runner.invoke(app, ["train", "--data", str(discs), "--out", str(tmp_path / "run"), "--size", "32", "--epochs",
+                            "2", "--batch-size", "4", "--lr", "1e30", "--config", str(_tiny_yaml(tmp_path))])
+    assert r.exit_code == 1
+    assert "non-finite" in r.output and "training stopped" in r.output
+
+
+def _tiny_yaml(tmp_path: Path) -> Path:
+    p = tmp_path / "tiny.yaml"
+    p.write_text(yaml.safe_dump({"model_kwargs": TINY, "progress": False, "augment": "none"}))
+    return p
+
+
+def test_config_file_and_flag_override(discs, tmp_path):
+    yml = tmp_path / "c.yaml"
+    yml.write_text(yaml.safe_dump({"model": "resunetpp", "model_kwargs": TINY, "size": 32, "epochs": 5,
+                                   "batch-size": 4, "optimizer": "nadam", "schedule": "cosine", "progress": False}))
+    r = runner.invoke(app, ["train", "--config", str(yml), "--epochs", "1", "--data", str(discs),
+                            "--out", str(tmp_path / "y")])
+    assert r.exit_code == 0, r.output
+    s = yaml.safe_load((tmp_path / "y" / "train_config.yaml").read_text())
+    assert (s["epochs"], s["optimizer"], s["schedule"], s["batch_size"], s["loss"]) == (1, "nadam", "cosine", 4, "dice")
+
+    toml = tmp_path / "c.toml"
+    toml.write_text('model = "resunet"\nsize = 32\nepochs = 1\nbatch_size = 4\nprogress = false\n'
+                    'optimizer = "adamw"\n[model_kwargs]\nfilters = [8, 8, 8, 8]\n')
+    r = runner.invoke(app, ["train", "--config", str(toml), "--data", str(discs), "--out", str(tmp_path / "t"),
+                            "--schedule", "onecycle"])
+    assert r.exit_code == 0, r.output
+    s = yaml.safe_load((tmp_path / "t" / "train_config.yaml").read_text())
+    assert (s["model"], s["loss"], s["schedule"], s["weight_decay"]) == ("resunet", "mse", "onecycle", 0.01)
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epocs: 3\n")
+    r = runner.invoke(app, ["train", "--config", str(bad), "--data", str(discs)])
+    assert r.exit_code == 1 and "unknown setting(s) epocs" in r.output and str(bad) in r.output
+    r = runner.invoke(app, ["train", "--data", str(discs), "--loss", "focal", "--out", str(tmp_path / "f")])
+    assert r.exit_code == 1 and "unknown loss 'focal'" in r.output
+    r = runner.invoke(app, ["train", "--data", str(discs), "--out", str(tmp_path / "y")])
+    assert r.exit_code == 1 and "--resume" in r.output  # refuses to overwrite a run
+
+
+def test_dataset_check_refuses_or_skips_bad_pairs(tmp_path):
+    data = write_discs(tmp_path / "broken", n=12, corrupt=3)
+    cfg_file = _tiny_yaml(tmp_path)
+    args = ["train", "--data", str(data), "--config", str(cfg_file), "--size", "32", "--epochs", "1",
+            "--batch-size", "4"]
+    r = runner.invoke(app, [*args, "--out", str(tmp_path / "a")])
+    assert r.exit_code == 1 and "3.png" in r.output
+    r = runner.invoke(app, [*args, "--out", str(tmp_path / "b"), "--skip-bad"])
+    assert r.exit_code == 0, r.output
+    split = json.loads((tmp_path / "b" / "split.json").read_text())
+    assert "3" not in split["train"] + split["val"] and len(split["train"]) + len(split["val"]) >= 9
+
+
+@pytest.mark.parametrize("schedule", T.SCHEDULES)
+@pytest.mark.parametrize("optimizer", T.OPTIMIZERS)
+def test_optimizer_scheduler_and_rng_state_survive_weights_only(schedule, optimizer, tmp_path):
+    cfg = TrainConfig(data="x", optimizer=optimizer, schedule=schedule, lr=1e-3).resolved()
+    net = torch.nn.Linear(3, 1)
+    opt = T.make_optimizer(cfg, net.parameters())
+    sched = T.make_scheduler(cfg, opt, total_steps=30)
+    for _ in range(4):
+        net(torch.ones(2, 3)).sum().backward()
+        opt.step()
+        sched.step()
+    torch.save({"opt": opt.state_dict(), "sched": sched.state_dict(), "rng": T.rng_state()}, tmp_path / "s.pt")
+    back = torch.load(tmp_path / "s.pt", weights_only=True)
+    sched2 = T.make_scheduler(cfg, T.make_optimizer(cfg, net.parameters()), total_steps=30)
+    sched2.load_state_dict(back["sched"])
+    assert sched2.get_last_lr() == sched.get_last_lr()
+    T.set_rng_state(back["rng"])
+    first = (torch.rand(3), np.random.rand(), random.random())
+    T.set_rng_state(back["rng"])
+    assert torch.equal(torch.rand(3), first[0]) and np.random.rand() == first[1] and random.random() == first[2]
+
+
+def test_sgdr_restarts_at_the_documented_epochs():
+    cfg = TrainConfig(data="x", lr=1.0).resolved()
+    opt = T.make_optimizer(cfg, [torch.nn.Parameter(torch.zeros(1))])
+    steps_per_epoch = 50
+    sched = T.make_scheduler(cfg, opt, total_steps=120 * steps_per_epoch)
+    lrs = []
+    for _ in range(120 * steps_per_epoch):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    restarts = [i / steps_per_epoch for i in range(1, len(lrs)) if lrs[i] > lrs[i - 1] + 0.5]
+    assert restarts == [8, 24, 56]
+    assert lrs[0] == 1.0 and lrs[-1] < 0.02
