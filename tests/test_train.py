@@ -274,7 +274,8 @@ def test_dataset_check_refuses_or_skips_bad_pairs(tmp_path):
             "--batch-size", "4"]
     r = runner.invoke(app, [*args, "--out", str(tmp_path / "a")])
     assert r.exit_code == 1 and "3.png" in r.output
-    r = runner.invoke(app, [*args, "--out", str(tmp_path / "b"), "--skip-bad"])
+    with pytest.warns(UserWarning, match="skipping 1 unusable pair"):
+        r = runner.invoke(app, [*args, "--out", str(tmp_path / "b"), "--skip-bad"])
     assert r.exit_code == 0, r.output
     split = json.loads((tmp_path / "b" / "split.json").read_text())
     assert "3" not in split["train"] + split["val"] and len(split["train"]) + len(split["val"]) >= 9

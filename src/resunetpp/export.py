@@ -22,7 +22,9 @@ Conventions
 from __future__ import annotations
 
 import json
+import logging
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,12 +145,21 @@ def export_onnx(weights: str | os.PathLike | nn.Module, out: str | os.PathLike, 
             from torch.export import Dim
 
             dims = {0: Dim("batch", min=1), 2: stride * Dim("h_blocks", min=1), 3: stride * Dim("w_blocks", min=1)}
-            program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset, input_names=["image"],
-                                        output_names=["logits"], dynamic_shapes={"x": dims}, verbose=False)
+            # quiet the exporter's known noise: "torchvision is not installed" and a pytree FutureWarning
+            noisy = logging.getLogger("torch.onnx._internal.exporter._registration")
+            level = noisy.level
+            noisy.setLevel(logging.ERROR)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", FutureWarning)
+                    program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset,
+                                                input_names=["image"], output_names=["logits"],
+                                                dynamic_shapes={"x": dims}, verbose=False)
+            finally:
+                noisy.setLevel(level)
             proto = program.model_proto
         else:
             import io
-            import warnings
 
             buf = io.BytesIO()
             axes = {0: "batch", 2: "height", 3: "width"}
@@ -232,8 +243,9 @@ def quantize_int8(fp32_onnx: str | os.PathLike, out: str | os.PathLike,
 
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"
-        # shape inference + graph optimisation (BatchNorm folded into Conv) before placing Q/DQ pairs
-        quant_pre_process(str(fp32_onnx), str(pre), skip_symbolic_shape=False)
+        # ONNX shape inference + graph optimisation (BatchNorm folded into Conv) before placing Q/DQ pairs;
+        # onnxruntime's symbolic shape inference cannot follow the "8 * h_blocks" dimensions, and is not needed
+        quant_pre_process(str(fp32_onnx), str(pre), skip_symbolic_shape=True)
         q = Path(tmp) / "int8.onnx"
         quantize_static(str(pre), str(q), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,

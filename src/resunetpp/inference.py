@@ -155,7 +155,7 @@ class Segmenter:
             self.weights = None
         else:
             path = Path(weights)
-            if backend == "onnxruntime" and path.is_dir():
+            if backend == "onnxruntime" and path.is_dir() and (path / "model.onnx").is_file():
                 path = path / "model.onnx"
             is_onnx = path.suffix == ".onnx"
             self.backend = backend or ("onnxruntime" if is_onnx else "torch")

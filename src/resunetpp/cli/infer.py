@@ -75,7 +75,8 @@ def predict(
     batch_size: int = typer.Option(4, "--batch-size", "-b", min=1, help="Images per forward pass."),
     threshold: float | None = typer.Option(None, min=0.0, max=1.0, help="Default: the checkpoint's config."),
     tta: bool = typer.Option(False, "--tta", help="Average identity, horizontal- and vertical-flip predictions."),
-    crf: bool = typer.Option(False, "--crf", help="Dense-CRF post-processing (needs `pip install resunetpp[crf]`)."),
+    crf: bool = typer.Option(False, "--crf",
+                             help=r"Dense-CRF post-processing (needs the crf extra: pip install 'resunetpp\[crf]')."),
     crf_mode: CrfMode = typer.Option(CrfMode.mask, help="mask: the ResUNet++ follow-up's settings; bilateral: "
                                      "soft probabilities + colour term."),
     save_prob: bool = typer.Option(False, "--save-prob", help="Also write the probability maps under probs/."),
@@ -183,4 +184,6 @@ def export(
             quantize_int8(fp32, out, calib, count=calib_count, method=calib_method.value)
         except (FileNotFoundError, ValueError) as e:
             raise _fail(str(e)) from None
+        except Exception as e:  # onnxruntime's quantiser raises bare Exceptions
+            raise _fail(f"int8 quantisation of {fp32} failed: {type(e).__name__}: {e}", 1) from None
         typer.echo(f"int8 model {out} (calibrated on up to {calib_count} images from {calib}, {calib_method.value})")

@@ -8,6 +8,7 @@ Settings precedence for `train`: the library defaults (the paper's recipe), then
 
 from __future__ import annotations
 
+import os
 import shlex
 from pathlib import Path
 
@@ -72,7 +73,8 @@ def train(
         run = run_train(cfg, resume=resume)
     except _ERRORS as e:
         _fail(e)
-    typer.echo(f"run folder: {run}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, once
+        typer.echo(f"run folder: {run}")
 
 
 def evaluate(

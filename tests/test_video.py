@@ -1,0 +1,106 @@
+"""`resunetpp video` on short videos the tests write themselves (OpenCV, mp4v)."""
+
+from __future__ import annotations
+
+import csv
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from resunetpp import Segmenter
+from resunetpp.cli import app
+from resunetpp.video import lag_frames, process_video
+from test_infer_common import disc_image, one_torch_thread, save_disc_checkpoint, write_video  # noqa: F401
+
+runner = CliRunner()
+
+
+def _read_video(path):
+    cap = cv2.VideoCapture(str(path))
+    assert cap.isOpened(), path
+    fps = cap.get(cv2.CAP_PROP_FPS)
+    frames = []
+    while True:
+        ok, f = cap.read()
+        if not ok:
+            break
+        frames.append(f)
+    cap.release()
+    return frames, fps
+
+
+class _Brightness(torch.nn.Module):
+    """A stand-in model with known output: logit = 40 * (mean channel value - 0.5), i.e. a
+    probability of ~1 on white and ~0 on black, so smoothing lag can be counted exactly."""
+
+    def forward(self, x):
+        return 40 * (x.mean(dim=1, keepdim=True) - 0.5)
+
+
+def test_video_cli_keeps_frames_size_fps_and_writes_csv(tmp_path):
+    ckpt = save_disc_checkpoint(tmp_path / "run")
+    rng = np.random.default_rng(20)
+    frames = [disc_image(rng, 50, 70)[0] for _ in range(10)]  # 70x50: not a multiple of 8
+    src = write_video(tmp_path / "in.mp4", frames, fps=12.0)
+    out = tmp_path / "out" / "seg.mp4"
+    r = runner.invoke(app, ["video", str(src), "--weights", str(ckpt), "--out", str(out), "--batch-size", "4",
+                            "--smooth", "0.3"])
+    assert r.exit_code == 0, r.output
+    written, fps = _read_video(out)
+    assert len(written) == 10 and written[0].shape == (50, 70, 3) and fps == pytest.approx(12.0)
+    with open(out.with_suffix(".csv")) as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["frame"]) for r in rows] == list(range(10))
+    assert float(rows[3]["timestamp_s"]) == pytest.approx(3 / 12, abs=1e-3)
+    assert all(r["polyp"] == "1" and 0 < float(r["area_fraction"]) < 0.5 and float(r["latency_ms"]) > 0
+               for r in rows)
+    # the overlay is drawn: output frames differ from the input frames inside the disc region
+    assert np.abs(written[5].astype(int) - cv2.cvtColor(frames[5], cv2.COLOR_RGB2BGR)).mean() > 2
+    # --max-frames and a custom CSV path; no source -> a clear error, exit 1
+    r = runner.invoke(app, ["video", str(src), "-w", str(ckpt), "-o", str(tmp_path / "short.mp4"), "--max-frames", "3",
+                            "--csv", str(tmp_path / "short-frames.csv")])
+    assert r.exit_code == 0, r.output
+    assert len(_read_video(tmp_path / "short.mp4")[0]) == 3
+    assert len((tmp_path / "short-frames.csv").read_text().splitlines()) == 4
+    r = runner.invoke(app, ["video", str(tmp_path / "nope.mp4"), "-w", str(ckpt), "-o", str(tmp_path / "x.mp4")])
+    assert r.exit_code == 1 and "nope.mp4" in r.output and "Traceback" not in r.output
+
+
+def test_smoothing_lag_matches_the_documented_formula(tmp_path):
+    assert [lag_frames(a) for a in (0.0, 0.3, 0.5, 0.8, 0.9)] == [0, 0, 1, 3, 6]
+    step = 4
+    frames = [np.full((32, 32, 3), 0 if i < step else 255, np.uint8) for i in range(12)]
+    src = write_video(tmp_path / "step.mp4", frames, fps=25.0)
+    seg = Segmenter(_Brightness(), config={"input_size": [32, 32]})
+    for alpha in (0.0, 0.5, 0.8):
+        stats = process_video(seg, src, tmp_path / f"s{alpha}.mp4", smooth=alpha, batch_size=3, progress=False)
+        assert stats.frames == 12 and not stats.interrupted
+        with open(stats.csv_path) as fh:
+            polyp = [int(r["polyp"]) for r in csv.DictReader(fh)]
+        assert polyp.index(1) == step + lag_frames(alpha), (alpha, polyp)
+        assert all(polyp[step + lag_frames(alpha):])
+
+
+def test_interrupt_leaves_a_valid_video(tmp_path):
+    frames = [np.full((40, 48, 3), 20 * i, np.uint8) for i in range(8)]
+    src = write_video(tmp_path / "in.mp4", frames)
+
+    class Interrupting(Segmenter):
+        calls = 0
+
+        def probabilities(self, images):
+            Interrupting.calls += 1
+            if Interrupting.calls == 3:
+                raise KeyboardInterrupt
+            return super().probabilities(images)
+
+    seg = Interrupting(_Brightness(), config={"input_size": [40, 48]})
+    stats = process_video(seg, src, tmp_path / "cut.mp4", batch_size=2, progress=False)
+    assert stats.interrupted and stats.frames == 4
+    written, _ = _read_video(tmp_path / "cut.mp4")
+    assert len(written) == 4 and written[0].shape == (40, 48, 3)
+    assert len(stats.csv_path.read_text().splitlines()) == 5
+    assert not list(tmp_path.glob(".*partial*"))  # the temporary file was renamed
