@@ -138,7 +138,7 @@ def dice_of(run: Runner, data: list[tuple[np.ndarray, np.ndarray]], threshold: f
     for x, truth in data:
         out = run(x)
         out = out.float().cpu().numpy() if torch.is_tensor(out) else out
-        prob = 1 / (1 + np.exp(-out[0, 0].astype(np.float32)))
+        prob = 1 / (1 + np.exp(-np.clip(out[0, 0].astype(np.float32), -60, 60)))
         mask = resize_prob(prob, truth.shape) > threshold
         denom = mask.sum() + truth.sum()
         scores.append(1.0 if denom == 0 else 2 * float((mask & truth).sum()) / float(denom))
@@ -147,7 +147,9 @@ def dice_of(run: Runner, data: list[tuple[np.ndarray, np.ndarray]], threshold: f
 
 
 def agreement(a: list, b: list) -> float:
-    return float(np.mean([2 * (x & y).sum() / max(1, x.sum() + y.sum()) for x, y in zip(a, b)]))
+    """Mean Dice between two backends' masks (1 where both are empty)."""
+    return float(np.mean([1.0 if not (x.any() or y.any()) else 2 * (x & y).sum() / (x.sum() + y.sum())
+                          for x, y in zip(a, b)]))
 
 
 # --- main ------------------------------------------------------------------------------------------
@@ -193,8 +195,7 @@ def main() -> None:
 
     if "torch" in only:
         runners += [("torch", "fp32", torch_runner(model), nosync),
-                    ("torch channels_last", "fp32", torch_runner(resunetpp.load_model(args.weights) if args.weights
-                                                                 else _copy(model), channels_last=True), nosync),
+                    ("torch channels_last", "fp32", torch_runner(_copy(model), channels_last=True), nosync),
                     ("torch autocast", "bf16", torch_runner(model, bf16=True), nosync),
                     ("torch channels_last autocast", "bf16",
                      torch_runner(_copy(model), channels_last=True, bf16=True), nosync)]
@@ -212,8 +213,8 @@ def main() -> None:
         calib = _calibration(args.calib, args.calib_count, work, args.size)
         t = time.perf_counter()
         quantize_int8(fp32, int8, calib, count=args.calib_count, progress=False)
-        notes.append(f"int8: static QDQ per-channel, MinMax on {min(args.calib_count, len(calib))} images "
-                     f"({time.perf_counter() - t:.0f} s)")
+        notes.append(f"int8: static QDQ, convolutions only (not those reading a Concat), per-channel weights, "
+                     f"MinMax on {args.calib_count} calibration images ({time.perf_counter() - t:.0f} s)")
         if "ort" in only:
             optimized = work / "model-ort-optimized.onnx"
             runners += [("onnxruntime, no graph opt", "fp32", ort_runner(fp32, args.threads, optimize=False), nosync),
@@ -231,7 +232,10 @@ def main() -> None:
                 versions.append(f"openvino {ov.__version__}")
                 runners += [("openvino", "fp32", openvino_runner(fp32, args.threads, "f32"), nosync),
                             ("openvino", "bf16", openvino_runner(fp32, args.threads, "bf16"), nosync),
-                            ("openvino (int8 QDQ model)", "int8", openvino_runner(int8, args.threads, "f32"), nosync)]
+                            ("openvino, int8 QDQ model", "int8 + fp32", openvino_runner(int8, args.threads, "f32"),
+                             nosync),
+                            ("openvino, int8 QDQ model", "int8 + bf16", openvino_runner(int8, args.threads, "bf16"),
+                             nosync)]
             except ImportError:
                 notes.append("openvino not installed: skipped (pip install openvino)")
     if "cuda" in only and torch.cuda.is_available():

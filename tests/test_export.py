@@ -121,3 +121,18 @@ def test_export_cli_errors(tmp_path, exported):
     r = runner.invoke(app, ["export", "-w", str(exported["ckpt"]), "--out", str(tmp_path / "m.onnx"),
                             "--format", "tflite"])
     assert r.exit_code == 2 and "only onnx" in r.output
+
+
+def test_openvino_backend_matches_onnxruntime(exported):
+    pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    rng = np.random.default_rng(13)
+    images = [disc_image(rng, h, w)[0] for h, w in [(32, 32), (50, 70), (64, 40)]]
+    ort_seg = Segmenter(exported["fp32"])
+    ov_seg = Segmenter(exported["fp32"], backend="openvino", threads=1)
+    ov_bf16 = Segmenter(exported["fp32"], backend="openvino", precision="bf16", threads=1)
+    for (m_ort, p_ort), (m_ov, p_ov), (m_bf, _) in zip(ort_seg.segment_batch(images), ov_seg.segment_batch(images),
+                                                        ov_bf16.segment_batch(images)):
+        assert np.abs(p_ort - p_ov).max() < 1e-3 and dice(m_ort, m_ov) > 0.99
+        assert dice(m_ort, m_bf) > 0.95
+    with pytest.raises(ValueError, match="own precision"):
+        Segmenter(exported["fp32"], precision="bf16")

@@ -14,7 +14,8 @@ Conventions
   vertical-flip predictions (each flipped back), as the ResUNet++ follow-up (JBHI 2021) did.
 * Weights: a checkpoint folder (config.json + model.safetensors), a `.safetensors` file with
   config.json beside it, an `.onnx` file from `resunetpp export` (its config is embedded as
-  metadata and written beside it), an `nn.Module`, or None for the bundled weights.
+  metadata and written beside it; run by onnxruntime, or by OpenVINO with backend="openvino"),
+  an `nn.Module`, or None for the bundled weights.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ from torch import nn
 from .io import IMAGE_EXTENSIONS, ImageReadError, read_image
 from .preprocess import default_normalization, normalize
 
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "onnxruntime", "openvino")
+PRECISIONS = ("fp32", "bf16")
 ONNX_CONFIG_KEY = "resunetpp_config"  # metadata_props key holding config.json in exported models
 DEFAULT_CONFIG: dict[str, Any] = {"input_size": [256, 256], "normalization": default_normalization(), "threshold": 0.5}
 
@@ -80,10 +82,12 @@ def onnx_config(path: str | os.PathLike) -> dict[str, Any]:
 
 
 class _TorchRunner:
-    def __init__(self, model: nn.Module, device: str | torch.device, channels_last: bool = False):
+    def __init__(self, model: nn.Module, device: str | torch.device, channels_last: bool = False,
+                 bf16: bool = False):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.channels_last = channels_last
+        self.bf16 = bf16
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
 
@@ -92,7 +96,8 @@ class _TorchRunner:
         x = x.to(self.device)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.model(x).float().cpu()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return self.model(x).float().cpu()
 
 
 class _OrtRunner:
@@ -118,25 +123,58 @@ class _OrtRunner:
         return torch.from_numpy(out)
 
 
+class _OpenVinoRunner:
+    """OpenVINO on CPU: one static-shape compilation per input shape (faster than a dynamic one)."""
+
+    def __init__(self, path: Path, threads: int | None, precision: str):
+        try:
+            import openvino as ov
+        except ImportError:
+            raise ImportError("the openvino backend needs the optional package openvino: "
+                              "pip install \"resunetpp[openvino]\"") from None
+        self.core, self.path = ov.Core(), path
+        self.options: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+                                        "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            self.options["INFERENCE_NUM_THREADS"] = threads
+        self.requests: dict[tuple[int, ...], Any] = {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = tuple(x.shape)
+        if shape not in self.requests:
+            model = self.core.read_model(str(self.path))
+            model.reshape(list(shape))
+            self.requests[shape] = self.core.compile_model(model, "CPU", self.options).create_infer_request()
+        req = self.requests[shape]
+        req.infer({0: x.numpy().astype(np.float32, copy=False)})
+        return torch.from_numpy(req.get_output_tensor(0).data.copy())
+
+
 class Segmenter:
     """Polyp segmentation of RGB images with a trained model.
 
     >>> seg = Segmenter("runs/kvasir")            # or Segmenter("model.onnx") for onnxruntime
     >>> mask, prob = seg.segment(read_image("frame.jpg"))
 
-    backend: "torch", "onnxruntime", or None to choose from the weights (".onnx" -> onnxruntime).
-    crf: None, "mask" or "bilateral" (needs the `crf` extra). threads: onnxruntime intra-op threads
-    (default: onnxruntime's choice, one per physical core). channels_last: PyTorch memory format.
+    backend: "torch", "onnxruntime", "openvino" (an .onnx file; the `openvino` extra), or None to
+    choose from the weights (".onnx" -> onnxruntime).
+    precision: "fp32", or "bf16" (torch autocast, or OpenVINO's bf16 inference precision; the
+    fastest accurate CPU option measured, see benchmarks/RESULTS.md). onnxruntime runs the
+    precision the .onnx file has (fp32, or int8 from `resunetpp export --int8`).
+    crf: None, "mask" or "bilateral" (needs the `crf` extra). threads: onnxruntime / OpenVINO
+    threads (default: their choice, one per physical core). channels_last: PyTorch memory format.
     """
 
     def __init__(self, weights: str | os.PathLike | nn.Module | None = None, device: str = "cpu",
                  backend: str | None = None, tta: bool = False, crf: str | None = None,
                  threshold: float | None = None, config: dict[str, Any] | None = None,
-                 threads: int | None = None, channels_last: bool = False):
+                 threads: int | None = None, channels_last: bool = False, precision: str = "fp32"):
         from .crf import CRF_MODES, CRFUnavailableError, crf_available
 
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
         if crf is not None:
             if crf not in CRF_MODES:
                 raise ValueError(f"unknown CRF mode {crf!r}; choose one of {', '.join(CRF_MODES)}")
@@ -147,26 +185,32 @@ class Segmenter:
 
             weights = bundled_weights()  # FileNotFoundError saying how to get weights
         if isinstance(weights, nn.Module):
-            if backend == "onnxruntime":
-                raise ValueError("the onnxruntime backend needs an .onnx file, not an nn.Module")
+            if backend in ("onnxruntime", "openvino"):
+                raise ValueError(f"the {backend} backend needs an .onnx file, not an nn.Module")
             self.backend = "torch"
             cfg = config or getattr(weights, "pretrained_config", None) or {}
-            self._run = _TorchRunner(weights, device, channels_last)
+            self._run = _TorchRunner(weights, device, channels_last, precision == "bf16")
             self.weights = None
         else:
             path = Path(weights)
-            if backend == "onnxruntime" and path.is_dir() and (path / "model.onnx").is_file():
+            if backend in ("onnxruntime", "openvino") and path.is_dir() and (path / "model.onnx").is_file():
                 path = path / "model.onnx"
             is_onnx = path.suffix == ".onnx"
             self.backend = backend or ("onnxruntime" if is_onnx else "torch")
-            if self.backend == "onnxruntime":
+            if self.backend in ("onnxruntime", "openvino"):
                 if not is_onnx:
-                    raise ValueError(f"{path}: the onnxruntime backend needs an .onnx file; "
+                    raise ValueError(f"{path}: the {self.backend} backend needs an .onnx file; "
                                      "make one with `resunetpp export --weights RUN --out model.onnx`")
                 if not path.is_file():
                     raise FileNotFoundError(f"{path}: ONNX model not found")
                 cfg = config or onnx_config(path)
-                self._run = _OrtRunner(path, device, threads)
+                if self.backend == "openvino":
+                    self._run = _OpenVinoRunner(path, threads, precision)
+                else:
+                    if precision != "fp32":
+                        raise ValueError("onnxruntime runs the .onnx file's own precision; for bf16 use "
+                                         "backend='openvino' or 'torch', for int8 `resunetpp export --int8`")
+                    self._run = _OrtRunner(path, device, threads)
             else:
                 if is_onnx:
                     raise ValueError(f"{path}: an .onnx model runs with backend='onnxruntime', not torch")
@@ -174,7 +218,7 @@ class Segmenter:
 
                 model = load_model(path, device)
                 cfg = config or model.pretrained_config
-                self._run = _TorchRunner(model, device, channels_last)
+                self._run = _TorchRunner(model, device, channels_last, precision == "bf16")
             self.weights = path
         self.config = {**DEFAULT_CONFIG, **cfg}
         self.input_size = tuple(int(v) for v in self.config["input_size"])
@@ -185,10 +229,12 @@ class Segmenter:
             raise ValueError(f"threshold must lie in [0, 1], got {self.threshold}")
         self.tta = tta
         self.crf = crf
+        self.precision = precision
 
     def __repr__(self) -> str:
         return (f"Segmenter(weights={str(self.weights) if self.weights else 'module'!r}, backend={self.backend!r}, "
-                f"input_size={list(self.input_size)}, threshold={self.threshold}, tta={self.tta}, crf={self.crf!r})")
+                f"precision={self.precision!r}, input_size={list(self.input_size)}, threshold={self.threshold}, "
+                f"tta={self.tta}, crf={self.crf!r})")
 
     # -- the steps, usable one by one (video smooths probabilities between them) --
     def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:

@@ -17,6 +17,12 @@ import typer
 class Backend(str, Enum):
     torch = "torch"
     onnxruntime = "onnxruntime"
+    openvino = "openvino"
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
 
 
 class CrfMode(str, Enum):
@@ -44,6 +50,11 @@ WEIGHTS_HELP = ("Checkpoint folder (config.json + model.safetensors), .safetenso
                 "Default: the bundled trained weights.")
 
 
+BACKEND_HELP = "Default: onnxruntime for .onnx weights, else torch. openvino (an .onnx file) needs the openvino extra."
+PRECISION_HELP = ("bf16: torch autocast or OpenVINO bf16 (fastest accurate CPU choice with --backend openvino); "
+                  "onnxruntime runs the model file's own precision.")
+
+
 def register(app: typer.Typer) -> None:
     app.command("predict")(predict)
     app.command("video")(video)
@@ -55,14 +66,14 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _segmenter(weights, backend, device, tta, crf, crf_mode, threshold, threads):
-    from ..crf import CRFUnavailableError
+def _segmenter(weights, backend, device, tta, crf, crf_mode, threshold, threads, precision):
     from ..inference import Segmenter
 
     try:
         return Segmenter(weights, device=device, backend=backend.value if backend else None, tta=tta,
-                         crf=crf_mode.value if crf else None, threshold=threshold, threads=threads)
-    except (FileNotFoundError, ValueError, KeyError, CRFUnavailableError) as e:
+                         crf=crf_mode.value if crf else None, threshold=threshold, threads=threads,
+                         precision=precision.value)
+    except (FileNotFoundError, ValueError, KeyError, ImportError) as e:
         raise _fail(str(e)) from None
 
 
@@ -70,7 +81,7 @@ def predict(
     inputs: list[str] = typer.Argument(..., help="Image files, folders (searched recursively) and glob patterns."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder."),
     weights: str | None = typer.Option(None, "--weights", "-w", help=WEIGHTS_HELP),
-    backend: Backend | None = typer.Option(None, help="Default: onnxruntime for .onnx weights, else torch."),
+    backend: Backend | None = typer.Option(None, help=BACKEND_HELP),
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda."),
     batch_size: int = typer.Option(4, "--batch-size", "-b", min=1, help="Images per forward pass."),
     threshold: float | None = typer.Option(None, min=0.0, max=1.0, help="Default: the checkpoint's config."),
@@ -82,7 +93,8 @@ def predict(
     save_prob: bool = typer.Option(False, "--save-prob", help="Also write the probability maps under probs/."),
     prob_format: ProbFormat = typer.Option(ProbFormat.png, help="png: 8-bit, round(255 p); npy: float32."),
     overlay: bool = typer.Option(True, "--overlay/--no-overlay", help="Write overlays/ images."),
-    threads: int | None = typer.Option(None, min=1, help="onnxruntime intra-op threads."),
+    threads: int | None = typer.Option(None, min=1, help="onnxruntime / OpenVINO threads."),
+    precision: Precision = typer.Option(Precision.fp32, help=PRECISION_HELP),
 ) -> None:
     """Segment polyps in images: masks/, overlays/ (and probs/) under --out, plus predictions.csv.
 
@@ -93,7 +105,7 @@ def predict(
 
     from ..inference import IMAGE_EXTENSIONS, predict_files
 
-    seg = _segmenter(weights, backend, device, tta, crf, crf_mode, threshold, threads)
+    seg = _segmenter(weights, backend, device, tta, crf, crf_mode, threshold, threads, precision)
     summary = predict_files(seg, inputs, out, batch_size=batch_size,
                             save_prob=prob_format.value if save_prob else None, overlay=overlay)
     if summary.skipped:
@@ -111,7 +123,7 @@ def video(
     source: str = typer.Argument(..., help="A video file, or a camera index such as 0."),
     out: Path = typer.Option(..., "--out", "-o", help="Output .mp4 (overlay video)."),
     weights: str | None = typer.Option(None, "--weights", "-w", help=WEIGHTS_HELP),
-    backend: Backend | None = typer.Option(None, help="Default: onnxruntime for .onnx weights, else torch."),
+    backend: Backend | None = typer.Option(None, help=BACKEND_HELP),
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda."),
     batch_size: int | None = typer.Option(None, "--batch-size", "-b", min=1,
                                           help="Frames per forward pass. Default: 1 for cameras, 4 for files."),
@@ -121,7 +133,8 @@ def video(
     csv_path: Path | None = typer.Option(None, "--csv", help="Per-frame CSV. Default: OUT with .csv."),
     threshold: float | None = typer.Option(None, min=0.0, max=1.0, help="Default: the checkpoint's config."),
     tta: bool = typer.Option(False, "--tta", help="Flip test-time augmentation (3x the compute)."),
-    threads: int | None = typer.Option(None, min=1, help="onnxruntime intra-op threads."),
+    threads: int | None = typer.Option(None, min=1, help="onnxruntime / OpenVINO threads."),
+    precision: Precision = typer.Option(Precision.fp32, help=PRECISION_HELP),
     readout: bool = typer.Option(True, "--readout/--no-readout", help="Draw fps and latency in the corner."),
 ) -> None:
     """Segment a video or camera stream into an overlay video with an fps/latency readout and a per-frame CSV.
@@ -130,7 +143,7 @@ def video(
     """
     from ..video import process_video
 
-    seg = _segmenter(weights, backend, device, tta, False, CrfMode.mask, threshold, threads)
+    seg = _segmenter(weights, backend, device, tta, False, CrfMode.mask, threshold, threads, precision)
     try:
         stats = process_video(seg, source, out, csv_path=csv_path, batch_size=batch_size, smooth=smooth,
                               max_frames=max_frames, readout=readout)
