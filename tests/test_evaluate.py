@@ -5,7 +5,6 @@ import json
 import shutil
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from resunetpp import load_model
@@ -19,23 +18,13 @@ from test_train import TINY, write_discs
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     data = write_discs(root / "discs", n=24)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     run = train(TrainConfig(model="resunetpp", model_kwargs=TINY, data=str(data), out=str(root / "run"), size=32,
                             epochs=3, batch_size=4, lr=3e-3, augment="light", progress=False))
-    torch.set_num_threads(n)
     return data, run
 
 

@@ -18,7 +18,7 @@ from resunetpp import Segmenter
 from resunetpp.cli import app
 from resunetpp.export import ParityError, check_parity, export_onnx
 from resunetpp.inference import ONNX_CONFIG_KEY
-from test_infer_common import dice, disc_image, disc_model, one_torch_thread, save_disc_checkpoint  # noqa: F401
+from test_infer_common import dice, disc_image, disc_model, save_disc_checkpoint  # noqa: F401
 
 runner = CliRunner()
 

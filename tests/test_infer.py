@@ -17,7 +17,7 @@ import resunetpp
 from resunetpp import Segmenter, hub
 from resunetpp.cli import app
 from resunetpp.inference import bounding_box, collect_inputs, output_names
-from test_infer_common import SIZE, dice, disc_image, disc_model, one_torch_thread, save_disc_checkpoint  # noqa: F401
+from test_infer_common import SIZE, dice, disc_image, disc_model, save_disc_checkpoint  # noqa: F401
 
 runner = CliRunner()
 

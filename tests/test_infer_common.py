@@ -13,7 +13,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pytest
 import torch
 
 import resunetpp
@@ -44,12 +43,7 @@ def _trained_state() -> dict[str, torch.Tensor]:
     x = torch.from_numpy(np.stack([p[0] for p in pairs])).permute(0, 3, 1, 2).float() / 255
     y = torch.from_numpy(np.stack([p[1] for p in pairs]))[:, None].float()
     model.train()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: one thread beats two fighting over a shared CPU
-    try:
-        _train(model, opt, x, y)
-    finally:
-        torch.set_num_threads(threads)
+    _train(model, opt, x, y)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -88,11 +82,3 @@ def write_video(path: Path, frames: list[np.ndarray], fps: float = 10.0) -> Path
     writer.release()
     return path
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models: one thread is as fast as two, and far faster when the two cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -13,13 +13,6 @@ from resunetpp.reproduce import MODELS, PAPER, default_data, table_markdown
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def test_quick_table1_writes_every_output(kvasir_dir, tmp_path):
     out = tmp_path / "t1"

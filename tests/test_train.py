@@ -50,14 +50,6 @@ def write_discs(root: Path, n: int = 24, size: int = 32, seed: int = 0, corrupt:
     return root
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models gain nothing from threads, and on a shared 2-core machine OpenMP spinning makes them 5x slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def discs(tmp_path_factory) -> Path:

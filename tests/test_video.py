@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from resunetpp import Segmenter
 from resunetpp.cli import app
 from resunetpp.video import lag_frames, process_video
-from test_infer_common import disc_image, one_torch_thread, save_disc_checkpoint, write_video  # noqa: F401
+from test_infer_common import disc_image, save_disc_checkpoint, write_video  # noqa: F401
 
 runner = CliRunner()
 

@@ -115,9 +115,6 @@ def _save_onnx(model_proto, out: Path) -> None:
 
     with atomic_path(out) as tmp:
         onnx.save(model_proto, str(tmp))  # one file: small models need no external data
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(out, 0o666 & ~umask)  # mkstemp made it private; a model file is meant to be shared
 
 
 def export_onnx(weights: str | os.PathLike | nn.Module, out: str | os.PathLike, opset: int = 18,
