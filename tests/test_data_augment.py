@@ -122,6 +122,9 @@ def test_none_preset_uint8_and_non_square_input():
     images, masks = encoded_batch(n=4, h=48, w=80)
     out = Augment("none")(images, masks)
     assert torch.equal(out[0], images) and torch.equal(out[1], masks)
+    over = images * 2  # out of range: clamped in the output, the caller's tensor left as it was
+    kept = over.clone()
+    assert Augment("none")(over, masks)[0].max() == 1 and torch.equal(over, kept)
     u8 = (images * 255).round().to(torch.uint8)
     torch.manual_seed(0)
     out_images, out_masks = Augment("paper")(u8, masks.to(torch.uint8))

@@ -107,8 +107,12 @@ def test_legacy_exporter_opset17_and_parity_failure(tmp_path):
     rep = export_onnx(model, tmp_path / "legacy.onnx", opset=17, exporter="legacy", config=cfg)
     assert rep.opset == 17 and rep.max_abs_diff < 1e-4 and rep.config_path == tmp_path / "config.json"
     assert check_parity(rep.path, model, [(2, 3, 40, 24)]) < 1e-4
-    with pytest.raises(ParityError, match="max \\|logit difference\\|"):
+    with pytest.raises(ParityError, match="strict.onnx: max \\|logit difference\\|"):
         export_onnx(model, tmp_path / "strict.onnx", opset=17, exporter="legacy", config=cfg, atol=0.0)
+    assert not list(tmp_path.glob("*strict*"))  # a wrong export is not left where a model is expected
+    model.train()
+    export_onnx(model, tmp_path / "again.onnx", opset=17, exporter="legacy", config=cfg)
+    assert model.training  # the caller's model is exported from a copy, not switched to eval
     with pytest.raises(ValueError, match="opset 18"):
         export_onnx(model, tmp_path / "x.onnx", opset=17, exporter="dynamo", config=cfg)
 
@@ -121,6 +125,9 @@ def test_export_cli_errors(tmp_path, exported):
     r = runner.invoke(app, ["export", "-w", str(exported["ckpt"]), "--out", str(tmp_path / "m.onnx"),
                             "--format", "tflite"])
     assert r.exit_code == 2 and "only onnx" in r.output
+    r = runner.invoke(app, ["export", "-w", str(exported["ckpt"]), "--out", str(tmp_path / "m.bin"), "--int8",
+                            "--calib", str(exported["root"] / "calib")])
+    assert r.exit_code == 2 and "must end in .onnx" in r.output and not list(tmp_path.glob("m*"))
 
 
 def test_openvino_backend_matches_onnxruntime(exported):

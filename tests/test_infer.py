@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 import resunetpp
 from resunetpp import Segmenter, hub
 from resunetpp.cli import app
-from resunetpp.inference import bounding_box, collect_inputs, output_names
+from resunetpp.inference import bounding_box, collect_inputs, output_names, predict_files
+from resunetpp.io import read_image
 from test_infer_common import SIZE, dice, disc_image, disc_model, save_disc_checkpoint  # noqa: F401
 
 runner = CliRunner()
@@ -52,6 +53,8 @@ def test_segmenter_round_trip_equals_manual_forward(tmp_path):
     # the config's normalisation really is applied: the default one gives other probabilities
     _, other = _manual(disc_model(), image, SIZE, [0, 0, 0], [1, 1, 1])
     assert np.abs(other - prob).max() > 1e-3
+    # NCHW-contiguous input: a channels_last view would switch torch kernels behind channels_last=False
+    assert seg.preprocess([image]).is_contiguous()
     # --threshold overrides the config
     assert Segmenter(weights=path, threshold=0.9).segment(image)[0].sum() < mask.sum()
 
@@ -250,3 +253,36 @@ def test_inputs_and_output_names(tmp_path):
     names = [n.as_posix() for n in output_names(listing.files)]
     assert names == ["x/a.jpg.png", "x/a.png.png", "x/deep/b.png", "y/a.png"]
     assert output_names([tmp_path / "x" / "a.png"]) == [resunetpp.inference.Path("a.png")]
+
+
+def test_failed_batch_is_retried_image_by_image(tmp_path, ckpt):
+    class Picky(Segmenter):
+        """Fails every forward pass that contains a 13-pixel-wide image."""
+
+        def probabilities(self, images):
+            if any(im.shape[1] == 13 for im in images):
+                raise RuntimeError("cannot take this one")
+            return super().probabilities(images)
+
+    rng = np.random.default_rng(8)
+    for name, (h, w) in {"a": (40, 40), "bad": (40, 13), "c": (36, 44)}.items():
+        _write_rgb(tmp_path / "in" / f"{name}.png", disc_image(rng, h, w)[0])
+    summary = predict_files(Picky(ckpt), [tmp_path / "in"], tmp_path / "out", batch_size=3, progress=False,
+                            on_error=None)
+    assert [r["input"].rsplit("/", 1)[-1] for r in summary.failed] == ["bad.png"]
+    assert "bad.png: inference failed (RuntimeError: cannot take this one)" in summary.failed[0]["error"]
+    assert sorted(p.name for p in (tmp_path / "out" / "masks").iterdir()) == ["a.png", "c.png"]
+
+
+def test_signed_and_float_tiffs_do_not_wrap(tmp_path):
+    a = np.zeros((4, 4, 3), np.int16)
+    a[0] = -32767  # negative: black, not (as a wrapped uint8) bright
+    a[1] = 32767
+    tifffile.imwrite(tmp_path / "s.tif", a, photometric="rgb")
+    im = read_image(tmp_path / "s.tif")
+    assert im[0].max() == 0 and im[1].min() == 255 and im[2:].max() == 0
+    f = np.full((4, 4), 0.5, np.float32)
+    f[0, 0] = np.nan
+    tifffile.imwrite(tmp_path / "f.tif", f)
+    im = read_image(tmp_path / "f.tif")
+    assert im[0, 0, 0] == 0 and im[1, 1, 0] == 128

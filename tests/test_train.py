@@ -308,3 +308,17 @@ def test_sgdr_restarts_at_the_documented_epochs():
     restarts = [i / steps_per_epoch for i in range(1, len(lrs)) if lrs[i] > lrs[i - 1] + 0.5]
     assert restarts == [8, 24, 56]
     assert lrs[0] == 1.0 and lrs[-1] < 0.02
+
+
+def test_sgdr_never_restarts_at_the_end_when_15_does_not_divide_the_steps():
+    cfg = TrainConfig(data="x", lr=1.0).resolved()
+    opt = T.make_optimizer(cfg, [torch.nn.Parameter(torch.zeros(1))])
+    total = 100 * 7  # 700 steps: a T_0 of 700 // 15 = 46 would restart 10 steps before the end
+    sched = T.make_scheduler(cfg, opt, total_steps=total)
+    lrs = []
+    for _ in range(total):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    restarts = [i for i in range(1, total) if lrs[i] > lrs[i - 1] + 0.5]
+    assert len(restarts) == 3 and lrs[-1] < 0.02

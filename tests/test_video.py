@@ -71,6 +71,8 @@ def test_video_cli_keeps_frames_size_fps_and_writes_csv(tmp_path):
 
 def test_smoothing_lag_matches_the_documented_formula(tmp_path):
     assert [lag_frames(a) for a in (0.0, 0.3, 0.5, 0.8, 0.9)] == [0, 0, 1, 3, 6]
+    with pytest.raises(ValueError, match="threshold"):
+        lag_frames(0.5, threshold=1.0)  # the mask never shows: no finite lag (was an endless loop)
     step = 4
     frames = [np.full((32, 32, 3), 0 if i < step else 255, np.uint8) for i in range(12)]
     src = write_video(tmp_path / "step.mp4", frames, fps=25.0)
@@ -104,3 +106,24 @@ def test_interrupt_leaves_a_valid_video(tmp_path):
     assert len(written) == 4 and written[0].shape == (40, 48, 3)
     assert len(stats.csv_path.read_text().splitlines()) == 5
     assert not list(tmp_path.glob(".*partial*"))  # the temporary file was renamed
+
+
+def test_unwritable_video_names_the_output(tmp_path, monkeypatch):
+    src = write_video(tmp_path / "in.mp4", [np.zeros((32, 32, 3), np.uint8)] * 2)
+
+    class Unopened:
+        def __init__(self, *args):
+            pass
+
+        def isOpened(self):
+            return False
+
+        def release(self):
+            pass
+
+    monkeypatch.setattr(cv2, "VideoWriter", Unopened)
+    seg = Segmenter(_Brightness(), config={"input_size": [32, 32]})
+    with pytest.raises(OSError, match="cannot write") as info:
+        process_video(seg, src, tmp_path / "o.mp4", csv_path=tmp_path / "new" / "o.csv", progress=False)
+    assert str(tmp_path / "o.mp4") in str(info.value)  # not a FileNotFoundError for the temporary file
+    assert not (tmp_path / "o.mp4").exists()

@@ -60,9 +60,10 @@ def resolve_ids(data: str | os.PathLike, split: str, weights: str | os.PathLike 
         return SegmentationFolder(data, skip_bad=True).ids[:limit], f"first {limit} of all"
     if split in ("train", "val", "test"):
         name = dataset_name(data)
-        own = Path(weights) / "split.json" if weights is not None and Path(weights).is_dir() else None
-        if own is not None and own.is_file() and load_split(own).get("dataset") == name:
-            ids, source = load_split(own)[split], f"{split} of {own}"
+        own = Path(weights) / "split.json" if weights is not None else None
+        own_split = load_split(own) if own is not None and own.is_file() else None
+        if own_split is not None and own_split.get("dataset") == name:
+            ids, source = own_split[split], f"{split} of {own}"
         elif name in ("kvasir-seg", "cvc-clinicdb"):
             path = default_split(name)
             ids, source = load_split(path)[split], f"{split} of the committed {name} split"
@@ -108,12 +109,12 @@ def evaluate(weights: str | os.PathLike, data: str | os.PathLike, split: str = "
     size = tuple(cfg.get("input_size", (256, 256)))
     norm = cfg["normalization"]
     thr = float(cfg.get("threshold", 0.5) if threshold is None else threshold)
+    if native and detect_layout(data) == "cache":  # before the (slow) loading
+        raise ValueError(f"{data}: --native needs the original dataset folder, not a prepared cache of resized masks")
     ids, source = resolve_ids(data, split, weights, limit)
     pairs = load_pairs(data, ids=ids, size=size, skip_bad=skip_bad, progress=progress)
     if not len(pairs):
         raise ValueError(f"{data}: no pairs to evaluate ({source})")
-    if native and detect_layout(data) == "cache":
-        raise ValueError(f"{data}: --native needs the original dataset folder, not a prepared cache of resized masks")
     native_masks = SegmentationFolder(data, ids=pairs.ids, skip_bad=skip_bad).pairs if native else None
 
     stats = []

@@ -11,7 +11,7 @@ Conventions
   multiples of the stride (`8 * Dim`), which is what the model accepts anyway.
 * Parity: the exported model is run with onnxruntime on random inputs (batch 2, the config's
   input size and a second non-square size) and compared with PyTorch; a maximum absolute logit
-  difference above `atol` (1e-4) raises `ParityError`.
+  difference above `atol` (1e-4) raises `ParityError`, and leaves no model file behind.
 * The checkpoint's config.json is embedded as metadata (key "resunetpp_config") and written as
   config.json beside the .onnx when none is there, so `Segmenter("model.onnx")` knows the input
   size, normalisation and threshold.
@@ -24,6 +24,7 @@ Conventions
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -88,11 +89,12 @@ def check_parity(onnx_path: str | os.PathLike, model: nn.Module, shapes: Sequenc
     name = sess.get_inputs()[0].name
     gen = torch.Generator().manual_seed(seed)
     worst = 0.0
-    model = model.eval()
+    model.eval()
+    device = next(model.parameters(), torch.empty(0)).device
     for shape in shapes:
         x = torch.rand(*shape, generator=gen)
         with torch.inference_mode():
-            ref = model(x).numpy()
+            ref = model(x.to(device)).float().cpu().numpy()
         out = sess.run(None, {name: x.numpy()})[0]
         if out.shape != ref.shape:
             raise ParityError(f"{onnx_path}: output shape {out.shape} != PyTorch's {ref.shape} "
@@ -130,7 +132,9 @@ def export_onnx(weights: str | os.PathLike | nn.Module, out: str | os.PathLike, 
     if exporter == "dynamo" and opset < 18:
         raise ValueError("the dynamo exporter emits opset 18 or newer; use --opset 18 or --exporter legacy for 17")
     if isinstance(weights, nn.Module):
-        model, cfg = weights.eval(), dict(config or getattr(weights, "pretrained_config", {}) or {})
+        # a CPU float32 copy: the caller's model may be on a GPU or in training mode, and stays as it was
+        model = copy.deepcopy(weights).float().cpu().eval()
+        cfg = dict(config or getattr(weights, "pretrained_config", {}) or {})
     else:
         from .hub import load_model
 
@@ -157,7 +161,7 @@ def export_onnx(weights: str | os.PathLike | nn.Module, out: str | os.PathLike, 
                     warnings.simplefilter("ignore", FutureWarning)
                     program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset,
                                                 input_names=["image"], output_names=["logits"],
-                                                dynamic_shapes={"x": dims}, verbose=False)
+                                                dynamic_shapes=(dims,), verbose=False)
             finally:
                 noisy.setLevel(level)
             proto = program.model_proto
@@ -172,17 +176,21 @@ def export_onnx(weights: str | os.PathLike | nn.Module, out: str | os.PathLike, 
                                   output_names=["logits"], dynamic_axes={"image": axes, "logits": axes})
             proto = onnx.load_from_string(buf.getvalue())
     embed_config(proto, {**cfg, "onnx": {"exporter": exporter, "opset": opset, "precision": "fp32"}})
-    _save_onnx(proto, out)
+    diff = float("nan")
+    with atomic_path(out) as tmp:  # checked before it is renamed into place: a failed export leaves no model
+        onnx.save(proto, str(tmp))  # one file: small models need no external data
+        if check:
+            try:
+                diff = check_parity(tmp, model, shapes)
+            except ParityError as e:  # name the output, not the temporary file
+                raise ParityError(str(e).replace(str(tmp), str(out))) from None
+            if not diff <= atol:
+                raise ParityError(f"{out}: max |logit difference| vs PyTorch is {diff:.3g} > {atol:g}; "
+                                  f"the export is wrong (try exporter='legacy' or another opset)")
     config_path = None
     if not out.with_name("config.json").exists():
         config_path = out.with_name("config.json")
         write_json(config_path, cfg)
-    diff = float("nan")
-    if check:
-        diff = check_parity(out, model, shapes)
-        if not diff <= atol:
-            raise ParityError(f"{out}: max |logit difference| vs PyTorch is {diff:.3g} > {atol:g}; "
-                              f"the export is wrong (try exporter='legacy' or another opset)")
     actual_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset)
     return ExportReport(out, exporter, int(actual_opset), diff, [tuple(s) for s in shapes], config_path)
 
@@ -232,9 +240,8 @@ def quantize_int8(fp32_onnx: str | os.PathLike, out: str | os.PathLike,
     from onnxruntime.quantization.shape_inference import quant_pre_process
     from tqdm import tqdm
 
-    from .inference import onnx_config, resize_image
+    from .inference import onnx_config, preprocess_images
     from .io import read_image
-    from .preprocess import normalize
 
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
@@ -254,8 +261,7 @@ def quantize_int8(fp32_onnx: str | os.PathLike, out: str | os.PathLike,
             f = next(self.it, None)
             if f is None:
                 return None
-            im = resize_image(read_image(f), size)
-            x = normalize(torch.from_numpy(im).permute(2, 0, 1)[None], norm["mean"], norm["std"])
+            x = preprocess_images([read_image(f)], size, norm["mean"], norm["std"])
             return {"image": x.numpy()}
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -62,6 +62,20 @@ def resize_prob(prob: np.ndarray, size: Sequence[int]) -> np.ndarray:
     return cv2.resize(prob, (int(size[1]), int(size[0])), interpolation=cv2.INTER_LINEAR)
 
 
+def preprocess_images(images: Sequence[np.ndarray], size: Sequence[int], mean: Sequence[float],
+                      std: Sequence[float]) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB images -> (N, 3, h, w) float32 normalised, NCHW-contiguous: training's
+    preprocessing, shared by `Segmenter`, int8 calibration and the benchmark."""
+    for i, im in enumerate(images):
+        if not isinstance(im, np.ndarray) or im.ndim != 3 or im.shape[2] != 3 or im.dtype != np.uint8:
+            got = f"{im.shape} {im.dtype}" if isinstance(im, np.ndarray) else type(im).__name__
+            raise ValueError(f"image {i}: expected an (H, W, 3) uint8 RGB array, got {got}")
+    batch = np.stack([resize_image(im, size) for im in images])
+    # contiguous before normalising: the permuted view would otherwise give a channels_last tensor,
+    # which silently switches PyTorch to channels_last kernels and hands onnxruntime strided memory
+    return normalize(torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous(), mean, std)
+
+
 def onnx_config(path: str | os.PathLike) -> dict[str, Any]:
     """The config of an exported model: its embedded metadata, else config.json beside it."""
     import onnx
@@ -239,12 +253,7 @@ class Segmenter:
     # -- the steps, usable one by one (video smooths probabilities between them) --
     def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """Resize and normalise a list of (H, W, 3) uint8 images into an (N, 3, h, w) float tensor."""
-        for i, im in enumerate(images):
-            if not isinstance(im, np.ndarray) or im.ndim != 3 or im.shape[2] != 3 or im.dtype != np.uint8:
-                got = f"{im.shape} {im.dtype}" if isinstance(im, np.ndarray) else type(im).__name__
-                raise ValueError(f"image {i}: expected an (H, W, 3) uint8 RGB array, got {got}")
-        batch = np.stack([resize_image(im, self.input_size) for im in images])
-        return normalize(torch.from_numpy(batch).permute(0, 3, 1, 2), self.mean, self.std)
+        return preprocess_images(images, self.input_size, self.mean, self.std)
 
     def forward_probs(self, x: torch.Tensor) -> np.ndarray:
         """(N, 3, h, w) normalised -> (N, h, w) float32 probabilities at the model's size (with TTA)."""
@@ -440,14 +449,12 @@ def predict_files(segmenter: Segmenter, inputs: Iterable[str | os.PathLike], out
                     good.append((i, image, secs))
             if good:
                 t0 = time.perf_counter()
-                try:
-                    probs = segmenter.probabilities([g[1] for g in good])
-                except Exception as e:
-                    for i, _, secs in good:
-                        fail(str(listing.files[i]), f"{listing.files[i]}: inference failed ({e})", secs)
-                    probs = []
+                results = _infer(segmenter, [g[1] for g in good])
                 share = (time.perf_counter() - t0) / len(good)
-                for (i, image, secs), prob in zip(good, probs):
+                for (i, image, secs), (prob, err) in zip(good, results):
+                    if prob is None:
+                        fail(str(listing.files[i]), f"{listing.files[i]}: inference failed ({err})", secs)
+                        continue
                     t1 = time.perf_counter()
                     try:
                         row = _write_outputs(segmenter, listing.files[i], names[i], out, image, prob,
@@ -461,6 +468,17 @@ def predict_files(segmenter: Segmenter, inputs: Iterable[str | os.PathLike], out
             fh.flush()
             bar.update(len(batch))
     return PredictSummary(rows=rows, csv_path=csv_path, skipped=listing.skipped)
+
+
+def _infer(segmenter: Segmenter, images: list[np.ndarray]) -> list[tuple[np.ndarray | None, str]]:
+    """(prob, "") or (None, error) per image. A failed batch is retried image by image, so an input
+    that breaks the model (or a batch too big for the device) fails alone, not its batch-mates."""
+    try:
+        return [(p, "") for p in segmenter.probabilities(images)]
+    except Exception as e:
+        if len(images) == 1:
+            return [(None, f"{type(e).__name__}: {e}")]
+        return [r for im in images for r in _infer(segmenter, [im])]
 
 
 def _write_outputs(segmenter: Segmenter, src: Path, name: Path, out: Path, image: np.ndarray, prob: np.ndarray,

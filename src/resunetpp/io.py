@@ -31,11 +31,13 @@ def _to_uint8(a: np.ndarray) -> np.ndarray:
     if a.dtype == bool:
         return a.astype(np.uint8) * 255
     if np.issubdtype(a.dtype, np.integer):
-        # 16-bit and wider: scale the type's full range onto 0..255
-        return (a.astype(np.float64) * 255.0 / np.iinfo(a.dtype).max).round().astype(np.uint8)
-    a = a.astype(np.float64)
-    if a.size and a.max() <= 1.0:
-        a = a * 255.0
+        # 16-bit and wider: scale the type's full range onto 0..255; clip, as negative values
+        # of signed types would otherwise wrap around to bright ones
+        a = a.astype(np.float64) * (255.0 / np.iinfo(a.dtype).max)
+    else:
+        a = np.nan_to_num(a.astype(np.float64))
+        if a.size and a.max() <= 1.0:
+            a = a * 255.0
     return np.clip(a, 0, 255).round().astype(np.uint8)
 
 

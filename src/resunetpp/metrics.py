@@ -52,8 +52,7 @@ def confusion(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def _ratio(num: torch.Tensor, den: torch.Tensor, errors: torch.Tensor) -> torch.Tensor:
     # 0/0 is 1 when there is nothing to get wrong and nothing was got wrong, else 0 (module docstring).
-    safe = torch.where(den > 0, num / den.clamp(min=1), torch.zeros_like(num))
-    return torch.where(den > 0, safe, (errors == 0).to(num.dtype))
+    return torch.where(den > 0, num / den.clamp(min=1), (errors == 0).to(num.dtype))
 
 
 def scores(stats: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -173,11 +173,14 @@ def plot_fig3_for(out: Path, data: Path, models: tuple[str, ...], ids: list[str]
     from .figures import plot_fig3
 
     preds = {}
-    pairs = None
+    loaded = {}  # input size -> pairs: the models usually share one, and loading scans the whole dataset
     for model in models:
         net = load_model(out / model, device)
         cfg = net.pretrained_config
-        pairs = load_pairs(data, ids=ids, size=tuple(cfg["input_size"]), progress=False)
+        size = tuple(cfg["input_size"])
+        if size not in loaded:
+            loaded[size] = load_pairs(data, ids=ids, size=size, progress=False)
+        pairs = loaded[size]
         probs = predict(net, pairs.images, cfg["normalization"], device)
         preds[DISPLAY[model]] = (probs > cfg["threshold"]).cpu()
     return plot_fig3(pairs.images, pairs.masks, preds, out / "fig3.png", row_labels=pairs.ids,

@@ -6,14 +6,16 @@ loop over epochs (shuffle, augment, step; validate; checkpoint). Conventions:
 - Paper recipe (the defaults): Adam, lr 1e-4, batch 16, 256x256, 120 epochs, `paper` augmentation,
   each model's default loss from the registry (`dice` for ResUNet++ and ResUNet-mod, `mse` for
   ResUNet, `bce` for U-Net), and SGDR: cosine annealing with warm restarts, stepped every batch,
-  T_0 = total steps / 15 and T_mult = 2, so there are exactly four cycles of 1:2:4:8 units that end with
-  the last epoch (for 120 epochs: restarts after epochs 8, 24 and 56), annealing to 1% of the lr.
+  T_0 = ceil(total steps / 15) and T_mult = 2: four cycles of 1:2:4:8 units, the last one ending at (or, when
+  15 does not divide the steps, just after) the last step, so it never restarts at the end (for 120 epochs:
+  restarts after epochs 8, 24 and 56), annealing to 1% of the lr.
   `cosine` (one cycle), `onecycle` and `constant` are the alternatives, all stepped per batch.
 - Data: `load_pairs` once into uint8 tensors on the device; per epoch a permutation seeded by
   (seed, epoch); batch slices; `Augment` on the batch (global RNG reseeded by (seed, epoch, rank) at
   each epoch start); `normalize`. No DataLoader workers: the whole set sits in memory.
 - `--batch-size` is the global batch: under torchrun each of the N ranks takes batch/N images of its
-  own disjoint shard of every epoch's permutation. BatchNorm statistics stay per rank.
+  own disjoint shard of every epoch's permutation. Batch statistics are per rank (no SyncBatchNorm);
+  DDP copies rank 0's running statistics to the others at each forward.
 - Validation (rank 0): loss and the `resunetpp.metrics` at the threshold, mean over images. The best
   val Dice (mean over images) is kept as `model.safetensors` + `config.json` (`save_pretrained`).
 - The run folder holds `train_config.yaml` (resolved settings), `split.json` (the ids used),
@@ -84,8 +86,7 @@ class TrainConfig:
     def resolved(self) -> TrainConfig:
         """A copy with the None defaults filled in and every choice checked."""
         cfg = TrainConfig(**{f.name: getattr(self, f.name) for f in fields(self)})
-        model_info(cfg.model)  # KeyError listing the models
-        cfg.loss = cfg.loss or model_info(cfg.model).default_loss
+        cfg.loss = cfg.loss or model_info(cfg.model).default_loss  # KeyError listing the models
         for name, value, choices in (("loss", cfg.loss, tuple(LOSSES)), ("optimizer", cfg.optimizer, OPTIMIZERS),
                                      ("schedule", cfg.schedule, SCHEDULES), ("augment", cfg.augment, AUGMENTS)):
             if value not in choices:
@@ -163,8 +164,8 @@ def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
 
 def make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, total_steps: int):
     S = torch.optim.lr_scheduler
-    if cfg.schedule == "sgdr":  # four cycles 1:2:4:8 ending with the last step (module docstring)
-        return S.CosineAnnealingWarmRestarts(opt, T_0=max(1, total_steps // 15), T_mult=2, eta_min=cfg.lr * 0.01)
+    if cfg.schedule == "sgdr":  # four cycles 1:2:4:8; ceil: a floor would restart for the last few steps
+        return S.CosineAnnealingWarmRestarts(opt, T_0=math.ceil(total_steps / 15), T_mult=2, eta_min=cfg.lr * 0.01)
     if cfg.schedule == "cosine":
         return S.CosineAnnealingLR(opt, T_max=total_steps, eta_min=cfg.lr * 0.01)
     if cfg.schedule == "onecycle":
@@ -226,13 +227,20 @@ def limit_split(split: dict[str, Any], limit: int | None) -> dict[str, Any]:
     return {**split, **{k: list(split[k])[:limit] for k in ("train", "val", "test")}}
 
 
+def normalization_on(device: torch.device) -> dict[str, torch.Tensor]:
+    """default_normalization() as tensors on `device`: given lists, `normalize` would copy them to the
+    GPU on every batch, and each such copy synchronises the device."""
+    return {k: torch.tensor(v, device=device) for k, v in default_normalization().items()}
+
+
 @torch.no_grad()
 def validate(model, images, masks, cfg: TrainConfig, loss_fn, device, amp) -> dict[str, float]:
     """Validation loss and the metrics at the threshold (mean over images)."""
     model.eval()
+    norm = normalization_on(device)
     losses, stats = [], []
     for i in range(0, len(images), cfg.batch_size):
-        x = normalize(images[i:i + cfg.batch_size], **default_normalization())
+        x = normalize(images[i:i + cfg.batch_size], **norm)
         y = masks[i:i + cfg.batch_size]
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
@@ -326,6 +334,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
         val_idx = torch.tensor([index[k] for k in split["val"]], device=device)
         val_x, val_y = images[val_idx], masks[val_idx].float()
         augment = Augment(cfg.augment).to(device)
+        norm = normalization_on(device)
 
         # -- model, loss, optimiser, schedule
         seed_all(cfg.seed)
@@ -340,6 +349,8 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
         loss_fn = get_loss(cfg.loss)
         opt = make_optimizer(cfg, raw_model.parameters())
         shard_len = len(train_idx) // world
+        if shard_len == 0:
+            raise ValueError(f"{len(train_idx)} training image(s) cannot be shared by {world} processes")
         rank_batch = cfg.batch_size // world
         steps = math.ceil(shard_len / rank_batch)
         sched = make_scheduler(cfg, opt, cfg.epochs * steps)
@@ -388,8 +399,8 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
             t0, seen = time.perf_counter(), 0
             for step in range(steps):
                 idx = shard[step * rank_batch:(step + 1) * rank_batch]
-                x, y = augment(images[idx].float() / 255, masks[idx].float())
-                x = normalize(x, **default_normalization())
+                x, y = augment(images[idx], masks[idx])  # uint8 in, float [0, 1] / {0, 1} out
+                x = normalize(x, **norm)
                 if cuda:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):

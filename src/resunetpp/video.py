@@ -59,6 +59,8 @@ def lag_frames(alpha: float, threshold: float = 0.5) -> int:
     """Frames after a 0 -> 1 step in probability before the smoothed value exceeds `threshold`."""
     if not 0 <= alpha < 1:
         raise ValueError(f"smoothing alpha must lie in [0, 1), got {alpha}")
+    if not 0 <= threshold < 1:  # at 1 the mask never shows: the loop below would not end
+        raise ValueError(f"threshold must lie in [0, 1), got {threshold}")
     if alpha == 0:
         return 0
     k = 0  # smallest k with 1 - alpha^(k+1) > threshold
@@ -117,16 +119,17 @@ def process_video(segmenter: Segmenter, source: str | int | os.PathLike, out: st
     if out.suffix.lower() != ".mp4":
         raise ValueError(f"{out}: the output must be an .mp4 file")
     csv_path = Path(csv_path) if csv_path else out.with_suffix(".csv")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
     cap, live = open_source(source)
     batch_size = batch_size or (1 if live else 4)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     fps = cap.get(cv2.CAP_PROP_FPS)
     fps = fps if 0 < fps < 1000 else DEFAULT_FPS
     total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if not live else 0
     total = min(total, max_frames) if (total > 0 and max_frames) else (max_frames or total or None)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.stem}.partial.mp4")  # the container is chosen from the extension
     writer: cv2.VideoWriter | None = None
     size: tuple[int, int] = (0, 0)
@@ -136,7 +139,11 @@ def process_video(segmenter: Segmenter, source: str | int | os.PathLike, out: st
     done_times: deque[float] = deque(maxlen=30)
     interrupted = False
     start = time.perf_counter()
-    fh = open(csv_path, "w", newline="")
+    try:
+        fh = open(csv_path, "w", newline="")
+    except OSError:
+        cap.release()
+        raise
     rows = csv.writer(fh)
     rows.writerow(CSV_COLUMNS)
     bar = tqdm(total=total, unit="frame", disable=not progress, desc="video")
@@ -154,9 +161,11 @@ def process_video(segmenter: Segmenter, source: str | int | os.PathLike, out: st
                     break
                 if writer is None:
                     size = (frames[0].shape[1], frames[0].shape[0])
-                    writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
-                    if not writer.isOpened():
+                    opened = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
+                    if not opened.isOpened():  # kept out of `writer`: `finally` must not rename a missing file
+                        opened.release()
                         raise OSError(f"{out}: OpenCV cannot write an mp4v video here")
+                    writer = opened
                 probs = segmenter.probabilities(frames)
                 for frame, prob, t_grab in zip(frames, probs, grabbed):
                     if smooth > 0:
@@ -189,7 +198,8 @@ def process_video(segmenter: Segmenter, source: str | int | os.PathLike, out: st
             writer.release()  # writes the MP4 index: the file is valid whatever stopped the loop
             os.replace(tmp, out)
     if written == 0:
-        raise ValueError(f"{source}: no frames could be read")
+        raise ValueError(f"{source}: interrupted before the first frame" if interrupted
+                         else f"{source}: no frames could be read")
     elapsed = time.perf_counter() - start
     return VideoStats(frames=written, source_fps=fps, size=size, mean_latency_ms=float(np.mean(latencies)),
                       processing_fps=written / elapsed if elapsed > 0 else float("nan"), interrupted=interrupted,

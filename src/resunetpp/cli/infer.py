@@ -175,6 +175,8 @@ def export(
 
     if fmt != "onnx":
         raise _fail(f"unsupported --format {fmt!r}: only onnx")
+    if out.suffix != ".onnx":  # checked here too: with --int8 only the fp32 sibling reaches export_onnx
+        raise _fail(f"{out}: the output file name must end in .onnx")
     if int8 and calib is None:
         raise _fail("--int8 needs --calib DIR: a folder of training images to calibrate on")
     if calib is not None and not calib.exists():

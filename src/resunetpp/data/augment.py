@@ -121,7 +121,7 @@ class Augment(nn.Module):
             images, masks = self.geometric(images, masks)
         for step in self.photometric:
             images = step(images)
-        return images.clamp_(0.0, 1.0), (masks > 0.5).float()
+        return images.clamp(0.0, 1.0), (masks > 0.5).float()  # not clamp_: `images` may be the caller's tensor
 
     def extra_repr(self) -> str:
         return f"preset={self.preset!r}, transforms={self.names}"

@@ -184,8 +184,8 @@ def scan(source: Source, deep: bool = True, progress: bool = False, workers: int
             return i, read(report.pairs[i]), None
         except ImageReadError as e:
             return i, None, e
-        except OSError as e:
-            return i, None, ImageReadError(report.pairs[i][0], str(e))
+        except OSError as e:  # name the file at fault, which may be the mask
+            return i, None, ImageReadError(e.filename or report.pairs[i][0], str(e))
 
     with ThreadPoolExecutor(workers) as pool:
         results = pool.map(one, todo)

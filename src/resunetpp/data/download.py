@@ -184,8 +184,9 @@ def download_dataset(name: str, to: str | os.PathLike, url: str | None = None, a
         archive = Path(archive)
         if not archive.is_file():
             raise FileNotFoundError(f"{archive}: archive not found")
-        if expected and sha256_of(archive).lower() != expected.lower():
-            raise DownloadError(f"{archive}: SHA-256 mismatch: expected {expected.lower()}, got {sha256_of(archive)}")
+        got = sha256_of(archive) if expected else None
+        if got is not None and got != expected.lower():
+            raise DownloadError(f"{archive}: SHA-256 mismatch: expected {expected.lower()}, got {got}")
     else:
         url = url or info["url"]
         if url is None:

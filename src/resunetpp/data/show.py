@@ -42,9 +42,11 @@ def draw_grid(images: torch.Tensor, masks: torch.Tensor, titles: list[str], out:
         fig.suptitle(suptitle, fontsize=9)
     fig.tight_layout()
     out = Path(out)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=110, format=out.suffix.lstrip(".") or "png")
-    plt.close(fig)
+    try:
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, dpi=110, format=out.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
     return out
 
 

@@ -44,8 +44,6 @@ def make_split(ids: Iterable[str], seed: int = 0, fractions: Sequence[float] = (
 
 def save_split(split: dict, path: str | os.PathLike, dataset: str | None = None, seed: int | None = None) -> Path:
     """Write a split (as made by make_split or read by load_split) as JSON; returns the path."""
-    if isinstance(split, (str, os.PathLike)) and isinstance(path, dict):
-        split, path = path, split  # forgive the (path, split) order
     _validate(split, str(path))
     obj = {"dataset": dataset if dataset is not None else split.get("dataset"),
            "seed": seed if seed is not None else split.get("seed")}
