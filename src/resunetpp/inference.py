@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .data.folder import resize_image
 from .io import IMAGE_EXTENSIONS, ImageReadError, read_image
 from .preprocess import default_normalization, normalize
 
@@ -44,15 +45,6 @@ BACKENDS = ("torch", "onnxruntime", "openvino")
 PRECISIONS = ("fp32", "bf16")
 ONNX_CONFIG_KEY = "resunetpp_config"  # metadata_props key holding config.json in exported models
 DEFAULT_CONFIG: dict[str, Any] = {"input_size": [256, 256], "normalization": default_normalization(), "threshold": 0.5}
-
-
-def resize_image(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """Resize (H, W, C) to `size` = (h, w): INTER_AREA when shrinking (no aliasing), LINEAR when enlarging."""
-    h, w = int(size[0]), int(size[1])
-    if image.shape[:2] == (h, w):
-        return image
-    shrink = h * w < image.shape[0] * image.shape[1]
-    return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
 def resize_prob(prob: np.ndarray, size: Sequence[int]) -> np.ndarray:
@@ -70,7 +62,8 @@ def preprocess_images(images: Sequence[np.ndarray], size: Sequence[int], mean: S
         if not isinstance(im, np.ndarray) or im.ndim != 3 or im.shape[2] != 3 or im.dtype != np.uint8:
             got = f"{im.shape} {im.dtype}" if isinstance(im, np.ndarray) else type(im).__name__
             raise ValueError(f"image {i}: expected an (H, W, 3) uint8 RGB array, got {got}")
-    batch = np.stack([resize_image(im, size) for im in images])
+    size = (int(size[0]), int(size[1]))
+    batch = np.stack([resize_image(im, size) for im in images])  # exactly as in training
     # contiguous before normalising: the permuted view would otherwise give a channels_last tensor,
     # which silently switches PyTorch to channels_last kernels and hands onnxruntime strided memory
     return normalize(torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous(), mean, std)
