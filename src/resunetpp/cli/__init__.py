@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from . import data, infer, models, train
+from . import data, infer, models, serve, train
 
 app = typer.Typer(
     name="resunetpp",
@@ -32,5 +32,5 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
     """ResUNet++ and its baselines for polyp segmentation in colonoscopy."""
 
 
-for module in (models, data, train, infer):
+for module in (models, data, train, infer, serve):
     module.register(app)

@@ -1,0 +1,111 @@
+"""`resunetpp serve`: a thin layer over `resunetpp.serve.create_app` and uvicorn.
+
+Exit codes: 0 after a clean stop (Ctrl-C); 2 when the server cannot start (no or unusable weights,
+a bad option, a missing optional package, a non-local address without a token).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from enum import Enum
+
+import typer
+
+
+class Backend(str, Enum):
+    torch = "torch"
+    onnxruntime = "onnxruntime"
+    openvino = "openvino"
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+TOKEN_ENV = "RESUNETPP_TOKEN"  # the same name as resunetpp.serve.TOKEN_ENV (not imported: fastapi is optional)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve)
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(
+    weights: str | None = typer.Option(None, "--weights", "-w", help="Checkpoint folder (config.json + "
+                                       "model.safetensors), .safetensors file, or .onnx model. Default: the bundled "
+                                       "trained weights."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind. Anything but a loopback address needs a token."),
+    port: int = typer.Option(8000, min=0, max=65535, help="TCP port."),
+    backend: Backend | None = typer.Option(None, help="Default: onnxruntime for .onnx weights, else torch."),
+    device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda."),
+    precision: Precision = typer.Option(Precision.fp32, help="bf16: torch autocast or OpenVINO bf16."),
+    threads: int | None = typer.Option(None, min=1, help="onnxruntime / OpenVINO threads."),
+    threshold: float | None = typer.Option(None, min=0.0, max=1.0, help="Default: the checkpoint's config."),
+    tta: bool = typer.Option(False, "--tta", help="Flip test-time augmentation (3x the compute)."),
+    token: str | None = typer.Option(None, envvar=TOKEN_ENV, show_envvar=True,
+                                     help="Require 'Authorization: Bearer TOKEN' on the API. Required when --host "
+                                     "is not a loopback address."),
+    max_bytes: int = typer.Option(32 * 1024 * 1024, min=1, help="Largest request body (bytes)."),
+    max_pixels: int = typer.Option(25_000_000, min=1, help="Largest image (pixels), checked before decoding."),
+    queue_size: int = typer.Option(8, min=1, help="Requests inside the server at once; one more gets 503."),
+    max_batch: int = typer.Option(16, min=1, help="Images per /v1/segment/batch request."),
+    max_streams: int = typer.Option(4, min=1, help="Concurrent WebSocket streams."),
+    log_level: str = typer.Option("info", help="uvicorn log level."),
+) -> None:
+    """Serve the browser page (/) and the HTTP API (/v1/..., OpenAPI at /docs) for polyp segmentation.
+
+    Research use only: not a medical device.
+    """
+    try:
+        import uvicorn
+
+        from ..serve import ServeSettings, create_app
+    except ImportError as e:
+        raise _fail(f"the serve command needs the optional packages fastapi, uvicorn and python-multipart "
+                    f"({e}): pip install \"resunetpp[serve]\"") from None
+    from ..inference import Segmenter
+
+    if not is_loopback(host):
+        typer.echo(f"warning: binding to {host} makes the API reachable from other machines; requests must carry "
+                   "the token, and traffic is not encrypted (put a TLS proxy in front).", err=True)
+        if not token:
+            raise _fail(f"--host {host} is not a loopback address, so a token is required: pass --token or set "
+                        f"{TOKEN_ENV}, e.g. {TOKEN_ENV}=$(python -c 'import secrets; print(secrets.token_urlsafe())')")
+    try:
+        seg = Segmenter(weights, device=device, backend=backend.value if backend else None, tta=tta,
+                        threshold=threshold, threads=threads, precision=precision.value)
+    except (FileNotFoundError, ValueError, KeyError, ImportError) as e:
+        raise _fail(str(e)) from None
+    settings = ServeSettings(max_bytes=max_bytes, max_pixels=max_pixels, queue_size=queue_size, max_batch=max_batch,
+                             max_streams=max_streams, token=token or None)
+    app = create_app(seg, settings)
+    ws = "auto"
+    try:
+        import websockets  # noqa: F401
+    except ImportError:
+        try:
+            import wsproto  # noqa: F401
+        except ImportError:
+            ws = "none"
+            typer.echo("warning: neither websockets nor wsproto is installed, so /v1/stream (video and webcam on the "
+                       "page) is off: pip install websockets", err=True)
+    shown = f"[{host}]" if ":" in host else host
+    typer.echo(f"resunetpp serve: {seg!r}\n  page http://{shown}:{port}/  API docs http://{shown}:{port}/docs"
+               f"{'  (token required)' if settings.token else ''}\n  research use only, not a medical device")
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    uvicorn.run(app, host=host, port=port, log_level=log_level, ws=ws)

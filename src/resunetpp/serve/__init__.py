@@ -1,0 +1,9 @@
+"""`resunetpp serve`: the HTTP API, WebSocket stream and browser page (needs the `serve` extra:
+fastapi, uvicorn, python-multipart). `create_app(segmenter)` builds the FastAPI app."""
+
+from __future__ import annotations
+
+from .app import DISCLAIMER, TOKEN_ENV, ServeSettings, create_app
+from .decode import ApiError, decode_image
+
+__all__ = ["DISCLAIMER", "TOKEN_ENV", "ApiError", "ServeSettings", "create_app", "decode_image"]
