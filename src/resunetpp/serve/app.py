@@ -15,7 +15,8 @@ Design
   run on a second small pool, so they overlap with the model.
 * `WS /v1/stream`: the client sends encoded frames (binary messages). A receiver task always keeps
   only the newest unprocessed frame, so when the model is slower than the camera stale frames are
-  dropped (counted in each answer's `dropped`) and the answer is always for the newest frame.
+  dropped (each answer's `dropped` counts the frames skipped so far on this stream) and the answer
+  is always for the newest frame. Frames are numbered from 1 in the order they arrive (`frame`).
 * Errors are JSON `{"error": code, "message": text, "status": http}`; bad input gets a 4xx naming
   the problem (codes: empty, not_an_image, truncated, corrupt_image, too_many_pixels, body_too_large,
   unsupported_media_type, bad_multipart, no_image, too_many_images, missing_token, invalid_token,
