@@ -121,7 +121,7 @@ def test_export_cli_errors(tmp_path, exported):
     r = runner.invoke(app, ["export", "-w", str(exported["ckpt"]), "--out", str(tmp_path / "m.onnx"), "--int8"])
     assert r.exit_code == 2 and "--calib" in r.output
     r = runner.invoke(app, ["export", "-w", str(tmp_path / "missing"), "--out", str(tmp_path / "m.onnx")])
-    assert r.exit_code == 2 and "missing" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 3 and "missing: not found" in r.output and "Traceback" not in r.output  # bad input
     r = runner.invoke(app, ["export", "-w", str(exported["ckpt"]), "--out", str(tmp_path / "m.onnx"),
                             "--format", "tflite"])
     assert r.exit_code == 2 and "only onnx" in r.output

@@ -66,7 +66,7 @@ def test_video_cli_keeps_frames_size_fps_and_writes_csv(tmp_path):
     assert len(_read_video(tmp_path / "short.mp4")[0]) == 3
     assert len((tmp_path / "short-frames.csv").read_text().splitlines()) == 4
     r = runner.invoke(app, ["video", str(tmp_path / "nope.mp4"), "-w", str(ckpt), "-o", str(tmp_path / "x.mp4")])
-    assert r.exit_code == 1 and "nope.mp4" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 3 and "nope.mp4" in r.output and "Traceback" not in r.output  # bad input
 
 
 def test_smoothing_lag_matches_the_documented_formula(tmp_path):

@@ -29,11 +29,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from .hub import load_model
 from .metrics import METRIC_NAMES, confusion, scores, summarize
 from .preprocess import normalize
+from .progress import progress_bar
 from .train import dataset_name, resolve_device
 from .utils import atomic_path, write_json
 
@@ -101,14 +101,17 @@ def evaluate(weights: str | os.PathLike, data: str | os.PathLike, split: str = "
              amp: bool = False, progress: bool = True) -> Evaluation:
     """Score the model in `weights` (run folder or .safetensors) on `data`; write reports to `out` if given."""
     from .data import SegmentationFolder, detect_layout, load_pairs
+    from .inference import check_threshold
     from .io import read_mask
 
+    if threshold is not None:
+        check_threshold(threshold)  # before loading anything: --threshold 1.5 is refused at once
     dev = resolve_device(device)
     model = load_model(weights, dev)
     cfg = model.pretrained_config
     size = tuple(cfg.get("input_size", (256, 256)))
     norm = cfg["normalization"]
-    thr = float(cfg.get("threshold", 0.5) if threshold is None else threshold)
+    thr = check_threshold(cfg.get("threshold", 0.5) if threshold is None else threshold)
     if native and detect_layout(data) == "cache":  # before the (slow) loading
         raise ValueError(f"{data}: --native needs the original dataset folder, not a prepared cache of resized masks")
     ids, source = resolve_ids(data, split, weights, limit)
@@ -118,7 +121,7 @@ def evaluate(weights: str | os.PathLike, data: str | os.PathLike, split: str = "
     native_masks = SegmentationFolder(data, ids=pairs.ids, skip_bad=skip_bad).pairs if native else None
 
     stats = []
-    for i in tqdm(range(0, len(pairs), batch_size), desc="evaluating", unit="batch", disable=not progress):
+    for i in progress_bar(range(0, len(pairs), batch_size), desc="evaluating", unit="batch", disable=not progress):
         probs = predict(model, pairs.images[i:i + batch_size], norm, dev, amp)
         if native_masks is None:
             stats.append(confusion(probs > thr, pairs.masks[i:i + batch_size].to(dev).bool()).cpu())

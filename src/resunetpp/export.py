@@ -42,6 +42,7 @@ from .inference import DEFAULT_CONFIG, ONNX_CONFIG_KEY
 from .utils import atomic_path, write_json
 
 EXPORTERS = ("dynamo", "legacy")
+CALIB_METHODS = ("minmax", "entropy", "percentile")
 PARITY_ATOL = 1e-4
 
 
@@ -238,10 +239,10 @@ def quantize_int8(fp32_onnx: str | os.PathLike, out: str | os.PathLike,
         quantize_static,
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
-    from tqdm import tqdm
 
     from .inference import onnx_config, preprocess_images
     from .io import read_image
+    from .progress import progress_bar
 
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
@@ -255,7 +256,7 @@ def quantize_int8(fp32_onnx: str | os.PathLike, out: str | os.PathLike,
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.it = iter(tqdm(files, desc="calibrate", unit="img", disable=not progress))
+            self.it = iter(progress_bar(files, desc="calibrate", unit="img", disable=not progress))
 
         def get_next(self):
             f = next(self.it, None)

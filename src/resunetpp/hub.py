@@ -32,6 +32,9 @@ BUNDLED_DIR = Path(__file__).parent / "weights" / "resunetpp-kvasir"
 
 def _files(path: str | os.PathLike) -> tuple[Path, Path]:
     p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: not found; pass a run folder (config.json + model.safetensors), "
+                                "a .safetensors file or an .onnx model")
     if p.is_dir():
         return p / WEIGHTS_NAME, p / CONFIG_NAME
     if p.suffix == ".safetensors":
@@ -90,27 +93,53 @@ def load_model(path: str | os.PathLike | None = None, device: str | torch.device
     cfg = load_config(path)
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: weights file not found")
-    model = create_model(cfg["model"], **_listify(cfg.get("model_kwargs", {})))
+    kwargs = cfg.get("model_kwargs", {})
+    try:
+        model = create_model(cfg["model"], **_listify(kwargs if isinstance(kwargs, dict) else {}))
+    except (TypeError, ValueError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        raise ValueError(f"{_files(path)[1]}: cannot build model {cfg['model']!r} with model_kwargs {kwargs} "
+                         f"({msg})") from None
     try:
         state = load_file(str(weights))
     except Exception as e:  # safetensors raises its own error types
         raise ValueError(f"{weights}: not a readable safetensors file ({e})") from None
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise ValueError(f"{weights}: weights do not match {cfg['model']} {cfg.get('model_kwargs', {})}: {e}") from None
+    problem = state_mismatch(model.state_dict(), state)
+    if problem:
+        raise ValueError(f"{weights}: weights do not match {cfg['model']} {kwargs} of its config.json: {problem}; "
+                         "use the config.json written with these weights") from None
+    model.load_state_dict(state)
     model.pretrained_config = cfg
     return model.to(device).eval()
+
+
+def state_mismatch(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], show: int = 2) -> str:
+    """"" when `got` fits `expected` (a model's state_dict), else one short line: the counts of
+    missing, unexpected and wrongly shaped tensors with the first `show` of each."""
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    shapes = [f"{k} {tuple(got[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in got and tuple(got[k].shape) != tuple(v.shape)]
+    parts = []
+    for what, items in (("of another shape (file vs model)", shapes), ("missing", missing),
+                        ("unexpected", unexpected)):
+        if items:
+            more = f", ... {len(items) - show} more" if len(items) > show else ""
+            parts.append(f"{len(items)} {what}: {', '.join(items[:show])}{more}")
+    return "; ".join(parts)
 
 
 def bundled_weights() -> Path:
     """Folder of the bundled trained ResUNet++; a clear error says how to get weights if absent."""
     if not (BUNDLED_DIR / WEIGHTS_NAME).is_file():
         raise FileNotFoundError(
-            "no bundled trained weights ship with this version of resunetpp yet. Train your own with\n"
+            "no bundled trained weights ship with this version of resunetpp yet (they come with a later release). "
+            "Try the tool in minutes on a CPU with\n"
+            "  resunetpp train --config configs/quick-cpu.yaml      # -> runs/quick-cpu, a narrow model at 64x64\n"
+            "or train the paper's model (120 epochs: hours on a GPU, days on a CPU) with\n"
             "  resunetpp train --model resunetpp --data ../shared/data/Kvasir-SEG --out runs/kvasir\n"
-            "and pass --weights runs/kvasir (or load_model('runs/kvasir'))."
+            "and pass --weights RUN_FOLDER (or load_model('RUN_FOLDER'))."
         )
     return BUNDLED_DIR
 

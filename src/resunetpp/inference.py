@@ -21,6 +21,7 @@ Conventions
 from __future__ import annotations
 
 import csv
+import errno
 import glob
 import json
 import os
@@ -88,6 +89,27 @@ def onnx_config(path: str | os.PathLike) -> dict[str, Any]:
                      "export it with `resunetpp export` or put the checkpoint's config.json next to it")
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """"auto" -> cuda when available, else cpu; anything else as torch.device (ValueError if unknown)."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+
+
+def check_threshold(threshold: float) -> float:
+    """The probability threshold as a float in [0, 1], or ValueError (shared by predict, video, evaluate)."""
+    try:
+        value = float(threshold)
+    except (TypeError, ValueError):
+        raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}") from None
+    if not 0.0 <= value <= 1.0:  # also refuses NaN
+        raise ValueError(f"threshold must lie in [0, 1], got {threshold}")
+    return value
+
+
 class _TorchRunner:
     def __init__(self, model: nn.Module, device: str | torch.device, channels_last: bool = False,
                  bf16: bool = False):
@@ -108,7 +130,7 @@ class _TorchRunner:
 
 
 class _OrtRunner:
-    def __init__(self, path: Path, device: str, threads: int | None):
+    def __init__(self, path: Path, device: str | torch.device, threads: int | None):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -172,12 +194,13 @@ class Segmenter:
     threads (default: their choice, one per physical core). channels_last: PyTorch memory format.
     """
 
-    def __init__(self, weights: str | os.PathLike | nn.Module | None = None, device: str = "cpu",
+    def __init__(self, weights: str | os.PathLike | nn.Module | None = None, device: str = "auto",
                  backend: str | None = None, tta: bool = False, crf: str | None = None,
                  threshold: float | None = None, config: dict[str, Any] | None = None,
                  threads: int | None = None, channels_last: bool = False, precision: str = "fp32"):
         from .crf import CRF_MODES, CRFUnavailableError, crf_available
 
+        device = resolve_device(device)
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         if precision not in PRECISIONS:
@@ -231,9 +254,7 @@ class Segmenter:
         self.input_size = tuple(int(v) for v in self.config["input_size"])
         norm = self.config.get("normalization") or default_normalization()
         self.mean, self.std = list(norm["mean"]), list(norm["std"])
-        self.threshold = float(self.config["threshold"] if threshold is None else threshold)
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"threshold must lie in [0, 1], got {self.threshold}")
+        self.threshold = check_threshold(self.config["threshold"] if threshold is None else threshold)
         self.tta = tta
         self.crf = crf
         self.precision = precision
@@ -349,10 +370,70 @@ class PredictSummary:
     rows: list[dict[str, Any]]
     csv_path: Path
     skipped: list[Path]
+    not_done: int = 0            # inputs never attempted (the run stopped early)
+    stopped: str = ""            # why it stopped early ("" when it ran to the end)
 
     @property
     def failed(self) -> list[dict[str, Any]]:
         return [r for r in self.rows if r["error"]]
+
+    def line(self, out: str | os.PathLike) -> str:
+        """The one-line summary `resunetpp predict` prints."""
+        ok = len(self.rows) - len(self.failed)
+        found = sum(1 for r in self.rows if r["polyp"] == 1)
+        rest = f", {self.not_done} not done" if self.not_done else ""
+        return (f"{ok} image(s) segmented, {found} with a polyp, {len(self.failed)} failed{rest}; "
+                f"results in {out} (predictions.csv)")
+
+
+class PredictOutputError(ValueError):
+    """`out_dir` cannot be used: it is a file, lies under a file, or cannot be created or written."""
+
+
+class PredictStopped(Exception):
+    """The disk filled up (or the CSV could not be written): the run stopped; `summary` says what was done."""
+
+    def __init__(self, message: str, summary: PredictSummary):
+        super().__init__(message)
+        self.summary = summary
+
+
+class PredictInterrupted(KeyboardInterrupt):
+    """Ctrl-C during `predict_files`; `summary` says what was written (the CSV is complete for it)."""
+
+    def __init__(self, summary: PredictSummary):
+        super().__init__("interrupted")
+        self.summary = summary
+
+
+_DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG)
+
+
+def prepare_out_dir(out: str | os.PathLike) -> Path:
+    """Create `out` (and its parents) or raise `PredictOutputError` with one line saying what to do.
+    An existing file is never replaced by the folder."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise PredictOutputError(f"{out}: exists and is a file, not a folder; choose a folder for --out "
+                                 "(nothing was written)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((a for a in [out, *out.parents] if a.exists() and not a.is_dir()), out.parent)
+        raise PredictOutputError(f"{out}: cannot create this folder because {blocker} is a file; "
+                                 "choose another --out") from None
+    except PermissionError:
+        raise PredictOutputError(f"{out}: cannot create this folder: permission denied; choose a folder you can "
+                                 "write to for --out") from None
+    except OSError as e:
+        raise PredictOutputError(f"{out}: cannot create this folder ({e.strerror}); choose another --out") from None
+    return out
+
+
+def _os_reason(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return f"{type(e).__name__}: {e}"
 
 
 def bounding_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
@@ -364,10 +445,28 @@ def bounding_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     return int(xs[0]), int(ys[0]), int(xs[-1]) + 1, int(ys[-1]) + 1
 
 
-def _write_png(path: Path, array: np.ndarray) -> None:
+def _write_bytes(path: Path, data: bytes, written: list[Path]) -> None:
+    """Write `data` to `path`, recording it in `written` first so that a failed row can be undone.
+    An OSError keeps its errno and reason (e.g. ENOSPC, "No space left on device")."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), array):
-        raise OSError(f"{path}: OpenCV could not write this PNG")
+    written.append(path)
+    with open(path, "wb") as fh:
+        fh.write(data)
+
+
+def _write_png(path: Path, array: np.ndarray, written: list[Path]) -> None:
+    ok, buf = cv2.imencode(".png", array)
+    if not ok:
+        raise ValueError(f"{path}: OpenCV could not encode this PNG ({array.shape} {array.dtype})")
+    _write_bytes(path, buf.tobytes(), written)
+
+
+def _remove(paths: list[Path]) -> None:
+    for p in paths:
+        try:
+            p.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def _timed_read(path: Path) -> tuple[np.ndarray | None, str, float]:
@@ -397,70 +496,104 @@ def predict_files(segmenter: Segmenter, inputs: Iterable[str | os.PathLike], out
     (the message starts with the path); every other file is still done. `time_ms` is that file's
     wall time: reading, its share of its batch's forward pass, post-processing and writing.
     """
-    from tqdm import tqdm
+    from .progress import progress_bar
 
     if save_prob is not None and save_prob not in PROB_FORMATS:
         raise ValueError(f"save_prob must be one of {', '.join(PROB_FORMATS)} or None, got {save_prob!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_out_dir(out_dir)
     listing = collect_inputs(inputs)
     names = output_names(listing.files)
     rows: list[dict[str, Any]] = []
     csv_path = out / "predictions.csv"
+    if csv_path.is_dir():
+        raise PredictOutputError(f"{csv_path}: is a folder; remove it or choose another --out")
     report = on_error or (lambda _m: None)
+    summary = PredictSummary(rows=rows, csv_path=csv_path, skipped=listing.skipped)
+    try:
+        fh = open(csv_path, "w", newline="")
+    except OSError as e:
+        raise PredictOutputError(f"{csv_path}: cannot write it ({_os_reason(e)}); choose a folder you can write "
+                                 "to for --out") from None
+    writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
 
-    def fail(src: str, message: str, seconds: float = 0.0) -> None:
+    def record(row: dict[str, Any]) -> None:
+        rows.append(row)
+        try:
+            writer.writerow(row)
+        except OSError as e:
+            raise PredictStopped(f"{csv_path}: cannot write the CSV ({_os_reason(e)})", summary) from None
+
+    def fail(src: str, message: str, seconds: float = 0.0, quiet: bool = False) -> None:
         row = dict.fromkeys(CSV_COLUMNS, "")
         row.update(input=src, time_ms=f"{seconds * 1000:.1f}", error=message)
-        rows.append(row)
-        writer.writerow(row)
-        report(message)
+        record(row)
+        if not quiet:
+            report(message)
 
-    with open(csv_path, "w", newline="") as fh, ThreadPoolExecutor(max_workers=2) as pool, \
-            tqdm(total=len(listing.files), unit="img", disable=not progress, desc="predict") as bar:
-        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        for src, reason in listing.missing:
-            fail(src, f"{src}: {reason}")
-        batches = [list(range(i, min(i + batch_size, len(listing.files))))
-                   for i in range(0, len(listing.files), batch_size)]
+    batches = [list(range(i, min(i + batch_size, len(listing.files))))
+               for i in range(0, len(listing.files), batch_size)]
+    try:
+        with fh, ThreadPoolExecutor(max_workers=2) as pool, \
+                progress_bar(total=len(listing.files), unit="img", disable=not progress, desc="predict") as bar:
+            writer.writeheader()
+            for src, reason in listing.missing:
+                fail(src, f"{src}: {reason}")
 
-        def submit(b: list[int]) -> list[Future]:
-            return [pool.submit(_timed_read, listing.files[i]) for i in b]
+            def submit(b: list[int]) -> list[Future]:
+                return [pool.submit(_timed_read, listing.files[i]) for i in b]
 
-        pending = submit(batches[0]) if batches else []
-        for k, batch in enumerate(batches):
-            reads = [f.result() for f in pending]
-            pending = submit(batches[k + 1]) if k + 1 < len(batches) else []  # read ahead while computing
-            good = []
-            for i, (image, err, secs) in zip(batch, reads):
-                if image is None:
-                    fail(str(listing.files[i]), err, secs)
-                else:
-                    good.append((i, image, secs))
-            if good:
-                t0 = time.perf_counter()
-                results = _infer(segmenter, [g[1] for g in good])
-                share = (time.perf_counter() - t0) / len(good)
-                for (i, image, secs), (prob, err) in zip(good, results):
-                    if prob is None:
-                        fail(str(listing.files[i]), f"{listing.files[i]}: inference failed ({err})", secs)
-                        continue
-                    t1 = time.perf_counter()
-                    try:
-                        row = _write_outputs(segmenter, listing.files[i], names[i], out, image, prob,
-                                             save_prob, overlay)
-                    except Exception as e:
-                        fail(str(listing.files[i]), f"{listing.files[i]}: {type(e).__name__}: {e}", secs)
-                        continue
-                    row["time_ms"] = f"{(secs + share + time.perf_counter() - t1) * 1000:.1f}"
-                    rows.append(row)
-                    writer.writerow(row)
-            fh.flush()
-            bar.update(len(batch))
-    return PredictSummary(rows=rows, csv_path=csv_path, skipped=listing.skipped)
+            pending = submit(batches[0]) if batches else []
+            for k, batch in enumerate(batches):
+                reads = [f.result() for f in pending]
+                pending = submit(batches[k + 1]) if k + 1 < len(batches) else []  # read ahead while computing
+                good = []
+                for i, (image, err, secs) in zip(batch, reads):
+                    if image is None:
+                        fail(str(listing.files[i]), err, secs)
+                    else:
+                        good.append((i, image, secs))
+                if good:
+                    t0 = time.perf_counter()
+                    results = _infer(segmenter, [g[1] for g in good])
+                    share = (time.perf_counter() - t0) / len(good)
+                    for (i, image, secs), (prob, err) in zip(good, results):
+                        src = listing.files[i]
+                        if prob is None:
+                            fail(str(src), f"{src}: inference failed ({err})", secs)
+                            continue
+                        t1 = time.perf_counter()
+                        written: list[Path] = []
+                        try:
+                            row = _write_outputs(segmenter, src, names[i], out, image, prob, save_prob, overlay,
+                                                 written)
+                        except BaseException as e:
+                            _remove(written)  # no mask left behind for a row the CSV marks as failed
+                            if not isinstance(e, Exception):
+                                raise
+                            if isinstance(e, OSError) and e.errno in _DISK_FULL:  # said once, by the caller
+                                message = f"{src}: not written: {_os_reason(e)} in {out}"
+                                fail(str(src), message, secs, quiet=True)
+                                raise PredictStopped(message, summary) from None
+                            fail(str(src), f"{src}: not written: {_os_reason(e)}", secs)
+                            continue
+                        row["time_ms"] = f"{(secs + share + time.perf_counter() - t1) * 1000:.1f}"
+                        record(row)
+                try:
+                    fh.flush()
+                except OSError as e:
+                    raise PredictStopped(f"{csv_path}: cannot write the CSV ({_os_reason(e)})", summary) from None
+                bar.update(len(batch))
+    except PredictStopped:
+        summary.not_done = len(listing.files) - len({r["input"] for r in rows} & {str(f) for f in listing.files})
+        summary.stopped = "disk full"
+        raise
+    except KeyboardInterrupt:
+        summary.not_done = len(listing.files) - len({r["input"] for r in rows} & {str(f) for f in listing.files})
+        summary.stopped = "interrupted"
+        raise PredictInterrupted(summary) from None
+    return summary
 
 
 def _infer(segmenter: Segmenter, images: list[np.ndarray]) -> list[tuple[np.ndarray | None, str]]:
@@ -475,23 +608,25 @@ def _infer(segmenter: Segmenter, images: list[np.ndarray]) -> list[tuple[np.ndar
 
 
 def _write_outputs(segmenter: Segmenter, src: Path, name: Path, out: Path, image: np.ndarray, prob: np.ndarray,
-                   save_prob: str | None, overlay: bool) -> dict[str, Any]:
+                   save_prob: str | None, overlay: bool, written: list[Path]) -> dict[str, Any]:
+    import io
+
     from .overlay import draw_overlay
 
     mask = segmenter.postprocess(image, prob)
     row = dict.fromkeys(CSV_COLUMNS, "")
-    _write_png(out / "masks" / name, mask.astype(np.uint8) * 255)
+    _write_png(out / "masks" / name, mask.astype(np.uint8) * 255, written)
     row["mask"] = str(Path("masks") / name)
     if overlay:
-        _write_png(out / "overlays" / name, cv2.cvtColor(draw_overlay(image, mask), cv2.COLOR_RGB2BGR))
+        _write_png(out / "overlays" / name, cv2.cvtColor(draw_overlay(image, mask), cv2.COLOR_RGB2BGR), written)
         row["overlay"] = str(Path("overlays") / name)
     if save_prob == "png":
-        _write_png(out / "probs" / name, np.round(prob * 255).astype(np.uint8))
+        _write_png(out / "probs" / name, np.round(prob * 255).astype(np.uint8), written)
         row["prob"] = str(Path("probs") / name)
     elif save_prob == "npy":
-        target = out / "probs" / name.with_suffix(".npy")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        np.save(target, prob.astype(np.float32))
+        buf = io.BytesIO()
+        np.save(buf, prob.astype(np.float32))
+        _write_bytes(out / "probs" / name.with_suffix(".npy"), buf.getvalue(), written)
         row["prob"] = str(Path("probs") / name.with_suffix(".npy"))
     box = bounding_box(mask)
     row.update(input=str(src), height=mask.shape[0], width=mask.shape[1],

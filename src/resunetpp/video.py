@@ -111,7 +111,7 @@ def process_video(segmenter: Segmenter, source: str | int | os.PathLike, out: st
     batch_size defaults to 1 for cameras (lowest latency) and 4 for files (throughput).
     csv_path defaults to `out` with ".csv".
     """
-    from tqdm import tqdm
+    from .progress import progress_bar
 
     if not 0 <= smooth < 1:
         raise ValueError(f"--smooth must lie in [0, 1), got {smooth}")
@@ -146,7 +146,7 @@ def process_video(segmenter: Segmenter, source: str | int | os.PathLike, out: st
         raise
     rows = csv.writer(fh)
     rows.writerow(CSV_COLUMNS)
-    bar = tqdm(total=total, unit="frame", disable=not progress, desc="video")
+    bar = progress_bar(total=total, unit="frame", disable=not progress, desc="video")
     try:
         with _Stop():
             while max_frames is None or written < max_frames:

@@ -1,55 +1,33 @@
 """`resunetpp predict`, `resunetpp video` and `resunetpp export`: thin layers over
 `resunetpp.inference`, `resunetpp.video` and `resunetpp.export`.
 
-Exit codes: 0 success; 1 some inputs failed (their errors are on stderr and in the CSV);
-2 the run could not start (no or unusable weights, a bad option, a missing optional package).
+Exit codes: the table in `resunetpp.cli.common` (0 ok, 1 partial failure, 2 usage error, 3 bad
+input, 130 interrupted), as for every command.
 """
 
 from __future__ import annotations
 
 import sys
-from enum import Enum
 from pathlib import Path
 
 import typer
 
+from ..crf import CRF_MODES
+from ..export import CALIB_METHODS, EXPORTERS
+from ..inference import BACKENDS, PRECISIONS, PROB_FORMATS
+from .common import ExitCode, choices, fail
 
-class Backend(str, Enum):
-    torch = "torch"
-    onnxruntime = "onnxruntime"
-    openvino = "openvino"
-
-
-class Precision(str, Enum):
-    fp32 = "fp32"
-    bf16 = "bf16"
-
-
-class CrfMode(str, Enum):
-    mask = "mask"
-    bilateral = "bilateral"
-
-
-class ProbFormat(str, Enum):
-    png = "png"
-    npy = "npy"
-
-
-class Exporter(str, Enum):
-    dynamo = "dynamo"
-    legacy = "legacy"
-
-
-class CalibMethod(str, Enum):
-    minmax = "minmax"
-    entropy = "entropy"
-    percentile = "percentile"
-
+# choices generated from the library's own tuples, so the CLI can never offer what the library refuses
+Backend = choices("Backend", BACKENDS)
+Precision = choices("Precision", PRECISIONS)
+CrfMode = choices("CrfMode", CRF_MODES)
+ProbFormat = choices("ProbFormat", PROB_FORMATS)
+Exporter = choices("Exporter", EXPORTERS)
+CalibMethod = choices("CalibMethod", CALIB_METHODS)
 
 WEIGHTS_HELP = ("Checkpoint folder (config.json + model.safetensors), .safetensors file, or .onnx model. "
                 "Default: the bundled trained weights.")
-
-
+DEVICE_HELP = "auto (cuda if available, else cpu) | cpu | cuda | cuda:N."
 BACKEND_HELP = "Default: onnxruntime for .onnx weights, else torch. openvino (an .onnx file) needs the openvino extra."
 PRECISION_HELP = ("bf16: torch autocast or OpenVINO bf16 (fastest accurate CPU choice with --backend openvino); "
                   "onnxruntime runs the model file's own precision.")
@@ -61,20 +39,18 @@ def register(app: typer.Typer) -> None:
     app.command("export")(export)
 
 
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code)
-
-
 def _segmenter(weights, backend, device, tta, crf, crf_mode, threshold, threads, precision):
+    from ..crf import CRFUnavailableError
     from ..inference import Segmenter
 
     try:
         return Segmenter(weights, device=device, backend=backend.value if backend else None, tta=tta,
                          crf=crf_mode.value if crf else None, threshold=threshold, threads=threads,
                          precision=precision.value)
-    except (FileNotFoundError, ValueError, KeyError, ImportError) as e:
-        raise _fail(str(e)) from None
+    except (CRFUnavailableError, ImportError) as e:  # an optional package is missing: install it
+        raise fail(str(e), ExitCode.USAGE) from None
+    except (FileNotFoundError, ValueError, KeyError, TypeError, OSError) as e:
+        raise fail(str(e), ExitCode.BAD_INPUT) from None
 
 
 def predict(
@@ -82,41 +58,48 @@ def predict(
     out: Path = typer.Option(..., "--out", "-o", help="Output folder."),
     weights: str | None = typer.Option(None, "--weights", "-w", help=WEIGHTS_HELP),
     backend: Backend | None = typer.Option(None, help=BACKEND_HELP),
-    device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
     batch_size: int = typer.Option(4, "--batch-size", "-b", min=1, help="Images per forward pass."),
     threshold: float | None = typer.Option(None, min=0.0, max=1.0, help="Default: the checkpoint's config."),
     tta: bool = typer.Option(False, "--tta", help="Average identity, horizontal- and vertical-flip predictions."),
     crf: bool = typer.Option(False, "--crf",
                              help=r"Dense-CRF post-processing (needs the crf extra: pip install 'resunetpp\[crf]')."),
-    crf_mode: CrfMode = typer.Option(CrfMode.mask, help="mask: the ResUNet++ follow-up's settings; bilateral: "
+    crf_mode: CrfMode = typer.Option(CrfMode("mask"), help="mask: the ResUNet++ follow-up's settings; bilateral: "
                                      "soft probabilities + colour term."),
     save_prob: bool = typer.Option(False, "--save-prob", help="Also write the probability maps under probs/."),
-    prob_format: ProbFormat = typer.Option(ProbFormat.png, help="png: 8-bit, round(255 p); npy: float32."),
+    prob_format: ProbFormat = typer.Option(ProbFormat("png"), help="png: 8-bit, round(255 p); npy: float32."),
     overlay: bool = typer.Option(True, "--overlay/--no-overlay", help="Write overlays/ images."),
     threads: int | None = typer.Option(None, min=1, help="onnxruntime / OpenVINO threads."),
-    precision: Precision = typer.Option(Precision.fp32, help=PRECISION_HELP),
+    precision: Precision = typer.Option(Precision("fp32"), help=PRECISION_HELP),
 ) -> None:
     """Segment polyps in images: masks/, overlays/ (and probs/) under --out, plus predictions.csv.
 
     Masks (0/255 PNG) and overlays have each input's own size; folder structure is kept.
     Inputs that fail are named on stderr and in the CSV; the others are still done (exit code 1).
+    Ctrl-C stops after the current image and prints what was written (exit code 130).
     """
-    from tqdm import tqdm
-
-    from ..inference import IMAGE_EXTENSIONS, predict_files
+    from ..inference import IMAGE_EXTENSIONS, PredictInterrupted, PredictOutputError, PredictStopped, predict_files
+    from ..progress import LogProgress
 
     seg = _segmenter(weights, backend, device, tta, crf, crf_mode, threshold, threads, precision)
-    summary = predict_files(seg, inputs, out, batch_size=batch_size,
-                            save_prob=prob_format.value if save_prob else None, overlay=overlay)
+    try:
+        summary = predict_files(seg, inputs, out, batch_size=batch_size,
+                                save_prob=prob_format.value if save_prob else None, overlay=overlay)
+    except PredictOutputError as e:
+        raise fail(str(e), ExitCode.BAD_INPUT) from None
+    except PredictStopped as e:
+        typer.echo(f"error: {e}; stopped. Free some space (or choose another --out) and run again", err=True)
+        typer.echo(e.summary.line(out))
+        raise typer.Exit(ExitCode.PARTIAL) from None
+    except PredictInterrupted as e:
+        typer.echo(f"interrupted: {e.summary.line(out)}")
+        raise typer.Exit(ExitCode.INTERRUPTED) from None
     if summary.skipped:
-        tqdm.write(f"note: skipped {len(summary.skipped)} file(s) without an image extension "
-                   f"({', '.join(IMAGE_EXTENSIONS)}), e.g. {summary.skipped[0]}", file=sys.stderr)
-    ok = len(summary.rows) - len(summary.failed)
-    found = sum(1 for r in summary.rows if r["polyp"] == 1)
-    typer.echo(f"{ok} image(s) segmented, {found} with a polyp, {len(summary.failed)} failed; "
-               f"results in {out} (predictions.csv)")
+        LogProgress.write(f"note: skipped {len(summary.skipped)} file(s) without an image extension "
+                          f"({', '.join(IMAGE_EXTENSIONS)}), e.g. {summary.skipped[0]}", file=sys.stderr)
+    typer.echo(summary.line(out))
     if summary.failed or not summary.rows:
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.PARTIAL)
 
 
 def video(
@@ -124,7 +107,7 @@ def video(
     out: Path = typer.Option(..., "--out", "-o", help="Output .mp4 (overlay video)."),
     weights: str | None = typer.Option(None, "--weights", "-w", help=WEIGHTS_HELP),
     backend: Backend | None = typer.Option(None, help=BACKEND_HELP),
-    device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
     batch_size: int | None = typer.Option(None, "--batch-size", "-b", min=1,
                                           help="Frames per forward pass. Default: 1 for cameras, 4 for files."),
     smooth: float = typer.Option(0.0, min=0.0, max=0.99, help="EMA weight of the previous frames' probabilities "
@@ -134,7 +117,7 @@ def video(
     threshold: float | None = typer.Option(None, min=0.0, max=1.0, help="Default: the checkpoint's config."),
     tta: bool = typer.Option(False, "--tta", help="Flip test-time augmentation (3x the compute)."),
     threads: int | None = typer.Option(None, min=1, help="onnxruntime / OpenVINO threads."),
-    precision: Precision = typer.Option(Precision.fp32, help=PRECISION_HELP),
+    precision: Precision = typer.Option(Precision("fp32"), help=PRECISION_HELP),
     readout: bool = typer.Option(True, "--readout/--no-readout", help="Draw fps and latency in the corner."),
 ) -> None:
     """Segment a video or camera stream into an overlay video with an fps/latency readout and a per-frame CSV.
@@ -143,16 +126,18 @@ def video(
     """
     from ..video import process_video
 
-    seg = _segmenter(weights, backend, device, tta, False, CrfMode.mask, threshold, threads, precision)
+    seg = _segmenter(weights, backend, device, tta, False, CrfMode("mask"), threshold, threads, precision)
     try:
         stats = process_video(seg, source, out, csv_path=csv_path, batch_size=batch_size, smooth=smooth,
                               max_frames=max_frames, readout=readout)
     except (FileNotFoundError, ValueError, OSError) as e:
-        raise _fail(str(e), 1) from None
+        raise fail(str(e), ExitCode.BAD_INPUT) from None
     stop = "interrupted" if stats.interrupted else "done"
     typer.echo(f"{stop}: {stats.frames} frames {stats.size[0]}x{stats.size[1]} at {stats.source_fps:g} fps -> "
                f"{stats.out_path}; processing {stats.processing_fps:.1f} frames/s, mean latency "
                f"{stats.mean_latency_ms:.0f} ms; per-frame CSV {stats.csv_path}")
+    if stats.interrupted:
+        raise typer.Exit(ExitCode.INTERRUPTED)
 
 
 def export(
@@ -161,34 +146,34 @@ def export(
                                        help="Checkpoint folder or .safetensors. Default: the bundled weights."),
     fmt: str = typer.Option("onnx", "--format", help="Export format (only onnx)."),
     opset: int = typer.Option(18, min=17, help="ONNX opset (the dynamo exporter needs >= 18)."),
-    exporter: Exporter = typer.Option(Exporter.dynamo, help="torch.onnx exporter: dynamo (torch.export) or legacy "
+    exporter: Exporter = typer.Option(Exporter("dynamo"), help="torch.onnx exporter: dynamo (torch.export) or legacy "
                                       "(TorchScript)."),
     int8: bool = typer.Option(False, "--int8", help="Static int8 quantisation (QDQ, per-channel); --out is then the "
                               "int8 model and the fp32 one is kept as OUT-fp32.onnx."),
     calib: Path | None = typer.Option(None, help="Folder of training images for int8 calibration."),
     calib_count: int = typer.Option(64, min=1, help="Calibration images (spread over the folder)."),
-    calib_method: CalibMethod = typer.Option(CalibMethod.minmax, help="Calibration method."),
+    calib_method: CalibMethod = typer.Option(CalibMethod("minmax"), help="Calibration method."),
 ) -> None:
     """Export to ONNX (dynamic batch/height/width), check parity with PyTorch, optionally quantise to int8."""
     from ..export import ParityError, export_onnx, quantize_int8
     from ..hub import bundled_weights
 
     if fmt != "onnx":
-        raise _fail(f"unsupported --format {fmt!r}: only onnx")
+        raise fail(f"unsupported --format {fmt!r}: only onnx", ExitCode.USAGE)
     if out.suffix != ".onnx":  # checked here too: with --int8 only the fp32 sibling reaches export_onnx
-        raise _fail(f"{out}: the output file name must end in .onnx")
+        raise fail(f"{out}: the output file name must end in .onnx", ExitCode.USAGE)
     if int8 and calib is None:
-        raise _fail("--int8 needs --calib DIR: a folder of training images to calibrate on")
+        raise fail("--int8 needs --calib DIR: a folder of training images to calibrate on", ExitCode.USAGE)
     if calib is not None and not calib.exists():
-        raise _fail(f"{calib}: calibration folder not found")
+        raise fail(f"{calib}: calibration folder not found", ExitCode.BAD_INPUT)
     try:
         src = weights if weights is not None else bundled_weights()
         fp32 = out.with_name(f"{out.stem}-fp32.onnx") if int8 else out
         report = export_onnx(src, fp32, opset=opset, exporter=exporter.value)
     except ParityError as e:
-        raise _fail(str(e), 1) from None
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e), ExitCode.PARTIAL) from None
+    except (FileNotFoundError, ValueError, KeyError, TypeError, OSError) as e:
+        raise fail(str(e), ExitCode.BAD_INPUT) from None
     typer.echo(f"exported {report.path} ({report.exporter} exporter, opset {report.opset}); parity vs PyTorch on "
                f"{', '.join('x'.join(map(str, s)) for s in report.checked_shapes)}: max |logit diff| "
                f"{report.max_abs_diff:.2e} (limit 1e-4)")
@@ -198,7 +183,7 @@ def export(
         try:
             quantize_int8(fp32, out, calib, count=calib_count, method=calib_method.value)
         except (FileNotFoundError, ValueError) as e:
-            raise _fail(str(e)) from None
+            raise fail(str(e), ExitCode.BAD_INPUT) from None
         except Exception as e:  # onnxruntime's quantiser raises bare Exceptions
-            raise _fail(f"int8 quantisation of {fp32} failed: {type(e).__name__}: {e}", 1) from None
+            raise fail(f"int8 quantisation of {fp32} failed: {type(e).__name__}: {e}", ExitCode.PARTIAL) from None
         typer.echo(f"int8 model {out} (calibrated on up to {calib_count} images from {calib}, {calib_method.value})")

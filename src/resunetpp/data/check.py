@@ -190,9 +190,9 @@ def scan(source: Source, deep: bool = True, progress: bool = False, workers: int
     with ThreadPoolExecutor(workers) as pool:
         results = pool.map(one, todo)
         if progress:
-            from tqdm import tqdm
+            from ..progress import progress_bar
 
-            results = tqdm(results, total=len(todo), desc=f"checking {source.name}", unit="pair")
+            results = progress_bar(results, total=len(todo), desc=f"checking {source.name}", unit="pair")
         for i, got, err in results:
             if err is not None:
                 report.add("unreadable or empty files", err.path, err.reason, bad_id=i)

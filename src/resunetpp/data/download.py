@@ -98,9 +98,9 @@ def fetch(url: str, dest: str | os.PathLike, sha256: str | None = None, progress
             total = have + int(length) if length is not None else None
             bar = None
             if progress:
-                from tqdm import tqdm
+                from ..progress import progress_bar
 
-                bar = tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
+                bar = progress_bar(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
                            desc=dest.name)
             try:
                 with open(part, mode) as f:

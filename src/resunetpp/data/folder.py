@@ -227,9 +227,9 @@ def decode_pairs(pairs: dict[str, tuple[Path, Path]], size: tuple[int, int] | No
     with ThreadPoolExecutor(workers) as pool:
         results = pool.map(one, list(pairs))
         if progress:
-            from tqdm import tqdm
+            from ..progress import progress_bar
 
-            results = tqdm(results, total=len(pairs), desc=desc, unit="pair")
+            results = progress_bar(results, total=len(pairs), desc=desc, unit="pair")
         for i, got, err in results:
             if err is not None:
                 kind = "size mismatches" if "mask is" in err.reason else "unreadable or empty files"
