@@ -117,7 +117,7 @@ def test_cli_prepare_and_show(tmp_path):
             assert im.format == "PNG" and im.width > 200 and im.height > 200
             assert np.asarray(im.convert("RGB")).std() > 10  # a picture, not a blank page
     r = runner.invoke(app, ["data", "show", str(raw), "--out", str(tmp_path / "x.png"), "--augment", "heavy"])
-    assert r.exit_code == 1 and "unknown augmentation preset 'heavy'" in r.output
+    assert r.exit_code == 2 and "'heavy' is not one of" in r.output and "paper" in r.output  # usage error
     shutil.rmtree(raw / "masks")
     r = runner.invoke(app, ["data", "prepare", str(raw), "--out", str(tmp_path / "d")])
-    assert r.exit_code == 1 and "no dataset layout found" in r.output
+    assert r.exit_code == 3 and "no dataset layout found" in r.output  # bad input

@@ -263,14 +263,14 @@ def test_cli_check(tmp_path):
     assert r.exit_code == 1
     assert "FAILED" in r.output and str(path) in r.output and what in r.output
     r = runner.invoke(app, ["data", "check", str(tmp_path / "missing")])
-    assert r.exit_code == 1 and "missing: folder not found" in r.output
+    assert r.exit_code == 3 and "missing: folder not found" in r.output  # bad input
 
 
 def test_cli_split_refuses_then_skips_bad(tmp_path):
     root, path, _, bad_id = _bad(tmp_path, "garbage")
     out = tmp_path / "split.json"
     r = runner.invoke(app, ["data", "split", str(root), "--out", str(out)])
-    assert r.exit_code == 1 and str(path) in r.output and not out.exists()
+    assert r.exit_code == 3 and str(path) in r.output and not out.exists()  # bad input: nothing written
     r = runner.invoke(app, ["data", "split", str(root), "--out", str(out), "--skip-bad", "--seed", "3"])
     assert r.exit_code == 0, r.output
     assert "warning:" in r.output and str(path) in r.output

@@ -329,7 +329,12 @@ def collect_inputs(inputs: Iterable[str | os.PathLike]) -> InputList:
         p = Path(raw)
         if p.is_dir():
             for f in sorted(p.rglob("*")):
-                if not f.is_file() or any(part.startswith(".") for part in f.relative_to(p).parts):
+                if any(part.startswith(".") for part in f.relative_to(p).parts):
+                    continue
+                if f.is_symlink() and not f.exists():  # reported, never dropped silently
+                    result.missing.append((str(f), f"broken symbolic link (points to {os.readlink(f)})"))
+                    continue
+                if not f.is_file():
                     continue
                 if f.suffix.lower() in IMAGE_EXTENSIONS:
                     found[f] = None
@@ -337,6 +342,8 @@ def collect_inputs(inputs: Iterable[str | os.PathLike]) -> InputList:
                     result.skipped.append(f)
         elif p.exists():
             found[p] = None
+        elif p.is_symlink():
+            result.missing.append((str(raw), f"broken symbolic link (points to {os.readlink(p)})"))
         elif glob.has_magic(str(raw)):
             matches = [Path(m) for m in sorted(glob.glob(str(raw), recursive=True)) if Path(m).is_file()]
             if not matches:

@@ -7,6 +7,7 @@ Every failure raises `ImageReadError`, whose message starts with the file's path
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from PIL import Image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 MAX_PIXELS = 100_000_000  # larger images are refused rather than exhausting memory
+MASK_VALUES = ("auto", "255", "01")  # how mask files encode the polyp (see read_mask)
 
 
 class ImageReadError(ValueError):
@@ -52,7 +54,8 @@ def _read_array(path: Path) -> np.ndarray:
         try:
             a = tifffile.imread(path)
         except Exception as e:
-            raise ImageReadError(path, f"unreadable TIFF ({e})") from None
+            # LZW / JPEG-compressed TIFFs need imagecodecs in tifffile; Pillow decodes them itself
+            a = _read_with_pillow(path, fallback_of=e)
         if a.ndim == 3 and a.shape[0] in (3, 4) and a.shape[-1] not in (3, 4):
             a = np.moveaxis(a, 0, -1)  # planar (C, H, W) TIFF
         if a.ndim > 3 or (a.ndim == 3 and a.shape[-1] not in (1, 3, 4)):
@@ -60,8 +63,15 @@ def _read_array(path: Path) -> np.ndarray:
         if a.size > MAX_PIXELS * 4:
             raise ImageReadError(path, f"image too large ({a.shape})")
         return a
+    return _read_with_pillow(path)
+
+
+def _read_with_pillow(path: Path, fallback_of: Exception | None = None) -> np.ndarray:
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():  # huge images get our own clean error below, not Pillow's warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
             if im.width * im.height > MAX_PIXELS:
                 raise ImageReadError(path, f"image too large ({im.width}x{im.height} pixels, limit {MAX_PIXELS:,})")
             if im.mode == "P":
@@ -74,6 +84,8 @@ def _read_array(path: Path) -> np.ndarray:
     except Image.DecompressionBombError as e:
         raise ImageReadError(path, f"image too large ({e})") from None
     except Exception as e:
+        if fallback_of is not None:
+            raise ImageReadError(path, f"unreadable TIFF ({fallback_of})") from None
         raise ImageReadError(path, f"not a readable image ({type(e).__name__}: {e})") from None
 
 
@@ -92,17 +104,33 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
-def read_mask(path: str | os.PathLike) -> np.ndarray:
-    """(H, W) bool: grey level > 127 on 0..255.
-
-    Masks come as 1- or 3-channel files, often JPEG with noise around 0 and 255; the mean of
-    the colour channels is thresholded, so JPEG ringing and faint values (1..20 in
-    CVC-ClinicDB) fall on the right side.
-    """
+def mask_grey(path: str | os.PathLike) -> np.ndarray:
+    """(H, W) grey level of a mask file on 0..255: the mean of its colour channels (float for colour files)."""
     path = Path(path)
     a = _to_uint8(_read_array(path))
     if a.ndim == 3:
         a = a[:, :, :3].mean(axis=2)
     if a.shape[0] == 0 or a.shape[1] == 0:
         raise ImageReadError(path, f"mask has no pixels ({a.shape})")
-    return a > 127
+    return a
+
+
+def mask_from_grey(grey: np.ndarray, values: str = "auto") -> np.ndarray:
+    """(H, W) bool from a mask's grey levels. values="255": foreground is grey > 127 (0/255 masks, JPEG
+    noise and CVC-ClinicDB's faint 1..20 background values fall on the right side); "01": foreground
+    is grey > 0 (0/1 label images); "auto" (default): "01" when the largest value is exactly 1, else "255"."""
+    if values not in MASK_VALUES:
+        raise ValueError(f"unknown mask values {values!r}; choose one of {', '.join(MASK_VALUES)}")
+    if values == "01" or (values == "auto" and grey.size and int(grey.max()) == 1):
+        return grey > 0
+    return grey > 127
+
+
+def read_mask(path: str | os.PathLike, values: str = "auto") -> np.ndarray:
+    """(H, W) bool: the polyp pixels of a mask file (see `mask_from_grey` for `values`).
+
+    Masks come as 1- or 3-channel files, often JPEG with noise around 0 and 255; the mean of
+    the colour channels is thresholded at 127, so JPEG ringing and faint values (1..20 in
+    CVC-ClinicDB) fall on the right side. 0/1 label images (largest value 1) are detected.
+    """
+    return mask_from_grey(mask_grey(path), values)

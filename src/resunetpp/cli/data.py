@@ -8,6 +8,15 @@ from pathlib import Path
 
 import typer
 
+from ..data.augment import PRESETS
+from ..data.layouts import LAYOUTS
+from ..io import MASK_VALUES
+from .common import ExitCode, choices
+
+Layout = choices("Layout", LAYOUTS)
+Preset = choices("Preset", PRESETS)
+MaskValues = choices("MaskValues", MASK_VALUES)
+
 data_app = typer.Typer(help="Datasets: integrity check, splits, download, prepared cache, pictures.",
                        no_args_is_help=True)
 
@@ -20,7 +29,7 @@ def register(app: typer.Typer) -> None:
 
 @contextmanager
 def _friendly_errors():
-    """Known failures become one 'error:' line (and exit 1); warnings print as 'warning:' lines."""
+    """Known failures become one 'error:' line (exit 3, bad input); warnings print as 'warning:' lines."""
     from ..data.download import DownloadError
     from ..io import ImageReadError
 
@@ -32,7 +41,7 @@ def _friendly_errors():
             _flush(caught)
             msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
             typer.echo(f"error: {msg}", err=True)
-            raise typer.Exit(1) from None
+            raise typer.Exit(ExitCode.BAD_INPUT) from None
         _flush(caught)
 
 
@@ -41,6 +50,10 @@ def _flush(caught) -> None:
         if issubclass(w.category, UserWarning):
             typer.echo(f"warning: {w.message}", err=True)
     caught.clear()
+
+
+def _v(choice):
+    return choice.value if choice is not None else None
 
 
 def _print_report(report) -> None:
@@ -61,16 +74,20 @@ def _print_report(report) -> None:
 
 @data_app.command("check")
 def check(root: Path = typer.Argument(..., help="Dataset folder (or prepared cache)."),
-          layout: str = typer.Option(None, "--layout", help=LAYOUT_HELP),
-          quick: bool = typer.Option(False, "--quick", help="Read file headers only (no decoding).")) -> None:
-    """Check a dataset's pairs; exits 1 when a pair is unusable."""
+          layout: Layout | None = typer.Option(None, "--layout", help=LAYOUT_HELP),
+          quick: bool = typer.Option(False, "--quick", help="Read file headers only (no decoding)."),
+          mask_values: MaskValues = typer.Option(MaskValues("auto"), "--mask-values",
+                                                 help="How masks mark the polyp: 255 (grey > 127), 01 (label "
+                                                 "images, value 1) or auto (01 when a mask's largest value is 1).")
+          ) -> None:
+    """Check a dataset's pairs; exits 1 when a pair is unusable (or there are none)."""
     from ..data import check_dataset
 
     with _friendly_errors():
-        report = check_dataset(root, layout=layout, deep=not quick, progress=True)
+        report = check_dataset(root, layout=_v(layout), deep=not quick, progress=True, mask_values=mask_values.value)
     _print_report(report)
     if not report.ok:
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.PARTIAL)
 
 
 @data_app.command("split")
@@ -78,7 +95,7 @@ def split(root: Path = typer.Argument(..., help="Dataset folder (or prepared cac
           out: Path = typer.Option(..., "--out", help="Split JSON to write."),
           seed: int = typer.Option(0, "--seed"),
           fractions: str = typer.Option("0.8,0.1,0.1", "--fractions", help="train,val,test fractions."),
-          layout: str = typer.Option(None, "--layout", help=LAYOUT_HELP),
+          layout: Layout | None = typer.Option(None, "--layout", help=LAYOUT_HELP),
           skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave unusable pairs out instead of failing.")
           ) -> None:
     """Write a deterministic train/val/test split of the dataset's ids (naturally sorted, then shuffled by seed)."""
@@ -89,7 +106,7 @@ def split(root: Path = typer.Argument(..., help="Dataset folder (or prepared cac
             fr = [float(x) for x in fractions.split(",")]
         except ValueError:
             raise ValueError(f"--fractions {fractions!r}: expected three numbers like 0.8,0.1,0.1") from None
-        ds = SegmentationFolder(root, layout=layout, skip_bad=skip_bad)
+        ds = SegmentationFolder(root, layout=_v(layout), skip_bad=skip_bad)
         parts = make_split(ds.ids, seed=seed, fractions=fr)
         save_split(parts, out, dataset=ds.name, seed=seed)
     typer.echo(f"{out}: {ds.name}, seed {seed}: " + ", ".join(f"{k} {len(v)}" for k, v in parts.items()))
@@ -109,14 +126,14 @@ def download(name: str = typer.Argument(..., help="kvasir-seg or cvc-clinicdb.")
     _print_report(report)
     typer.echo(f"dataset ready at {root}" if report.ok else f"{root}: unpacked, but the check failed")
     if not report.ok:
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.PARTIAL)
 
 
 @data_app.command("prepare")
 def prepare(root: Path = typer.Argument(..., help="Dataset folder."),
             out: Path = typer.Option(..., "--out", help="Cache folder to write."),
             size: str = typer.Option("256", "--size", help="Side (256) or HxW (288x384)."),
-            layout: str = typer.Option(None, "--layout", help=LAYOUT_HELP),
+            layout: Layout | None = typer.Option(None, "--layout", help=LAYOUT_HELP),
             skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave unusable pairs out instead of failing."),
             quality: int = typer.Option(95, "--quality", help="JPEG quality of the cached images.")) -> None:
     """Write a compact resized copy (JPEG images, PNG masks, manifest, split) that loads fast."""
@@ -124,7 +141,7 @@ def prepare(root: Path = typer.Argument(..., help="Dataset folder."),
     from ..data.cache import read_manifest
 
     with _friendly_errors():
-        out = prepare_cache(root, out, size=size, layout=layout, skip_bad=skip_bad, quality=quality)
+        out = prepare_cache(root, out, size=size, layout=_v(layout), skip_bad=skip_bad, quality=quality)
     manifest = read_manifest(out)
     nbytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     h, w = manifest["size"]
@@ -136,15 +153,16 @@ def prepare(root: Path = typer.Argument(..., help="Dataset folder."),
 def show(root: Path = typer.Argument(..., help="Dataset folder (or prepared cache)."),
          out: Path = typer.Option(Path("grid.png"), "--out", help="Picture to write (PNG)."),
          n: int = typer.Option(16, "--n", help="Number of pairs."),
-         augment: str = typer.Option(None, "--augment", help="Also show each pair after this preset (paper, light)."),
+         augment: Preset | None = typer.Option(None, "--augment", help="Also show each pair after this preset."),
          seed: int = typer.Option(0, "--seed", help="Picks the pairs and the augmentation."),
          size: str = typer.Option("256", "--size", help="Side (256) or HxW."),
-         layout: str = typer.Option(None, "--layout", help=LAYOUT_HELP),
+         layout: Layout | None = typer.Option(None, "--layout", help=LAYOUT_HELP),
          skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave unusable pairs out instead of failing.")
          ) -> None:
     """Draw pairs with their mask outlines (and their augmented versions)."""
     from ..data.show import show_dataset
 
     with _friendly_errors():
-        path = show_dataset(root, out, n=n, augment=augment, seed=seed, size=size, layout=layout, skip_bad=skip_bad)
+        path = show_dataset(root, out, n=n, augment=_v(augment), seed=seed, size=size, layout=_v(layout),
+                            skip_bad=skip_bad)
     typer.echo(f"wrote {path}")

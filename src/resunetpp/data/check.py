@@ -3,9 +3,13 @@
 Unusable (the check fails, `ok` is False; the pair is dropped under ``skip_bad``):
   image without mask, mask without image, duplicate id (``a.jpg`` and ``a.png`` in one folder: which one
   is meant is unknowable), empty (0-byte) or unreadable image or mask, image and mask of different sizes.
+  A dataset with no pairs at all (empty images/ and masks/) fails too, and so does a broken symbolic link.
 Warnings (reported, the data is still used):
   a non-image file (Thumbs.db, README, .DS_Store) or a subfolder inside images/ or masks/ (ignored),
-  and an all-empty mask (a frame without a polyp is legal data, but often a broken export).
+  an all-empty mask (a frame without a polyp is legal data, but often a broken export; a mask whose
+  largest grey level is 2..127 is named as such), 0/1 label masks (largest value 1: read as labels
+  under ``mask_values="auto"``, all background under "255"), and soft masks (more than
+  `SOFT_FRACTION` of the pixels neither near 0 nor near 255: thresholded at 127 all the same).
 
 The quick check (``deep=False``, used when a dataset is opened) lists the folders and reads only file
 headers; the full check (``deep=True``, `check_dataset`'s default) decodes every file, so truncated
@@ -21,12 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from ..io import IMAGE_EXTENSIONS, ImageReadError, read_image, read_mask
+from ..io import IMAGE_EXTENSIONS, MASK_VALUES, ImageReadError, mask_from_grey, mask_grey, read_image
 from .layouts import Source, locate, natural_sorted
 
 # summary rows, in print order
 COUNTS = ("pairs found", "images without masks", "masks without images", "duplicate ids", "unreadable or empty files",
-          "size mismatches", "all-empty masks", "non-image files")
+          "size mismatches", "all-empty masks", "0/1 label masks", "soft masks", "non-image files")
+WARNING_KINDS = ("all-empty masks", "0/1 label masks", "soft masks", "non-image files")
+SOFT_FRACTION = 0.05  # a mask with more pixels than this between NEAR and 255 - NEAR is "soft"
+NEAR = 32
 
 
 class Problem(NamedTuple):
@@ -77,9 +84,8 @@ class CheckReport:
         table.add_column("severity")
         for kind in COUNTS:
             n = self.counts.get(kind, 0)
-            sev = "" if kind == "pairs found" else ("warning" if kind in ("all-empty masks", "non-image files")
-                                                      else "unusable")
-            if kind == "all-empty masks" and not self.deep:
+            sev = "" if kind == "pairs found" else ("warning" if kind in WARNING_KINDS else "unusable")
+            if kind in ("all-empty masks", "0/1 label masks", "soft masks") and not self.deep:
                 table.add_row(kind, "not checked", "warning")
                 continue
             table.add_row(kind, f"{n:,}", sev if n else "")
@@ -140,7 +146,10 @@ def _list_folder(folder: Path, report: CheckReport) -> dict[str, Path]:
     """{stem: path} of the image files in `folder`; strays, subfolders and duplicate stems go to the report."""
     by_stem: dict[str, list[Path]] = {}
     for p in sorted(folder.iterdir()):
-        if p.is_dir():
+        if p.is_symlink() and not p.exists():
+            report.add("unreadable or empty files", p, f"broken symbolic link (points to {os.readlink(p)}); "
+                       "fix or remove it", bad_id=p.stem)
+        elif p.is_dir():
             report.add("non-image files", p, "subfolder ignored", warning=True)
         elif p.suffix.lower() not in IMAGE_EXTENSIONS:
             report.add("non-image files", p, "not an image file (ignored)", warning=True)
@@ -155,14 +164,22 @@ def _list_folder(folder: Path, report: CheckReport) -> dict[str, Path]:
     return files
 
 
-def _deep_read(pair: tuple[Path, Path]) -> tuple[tuple[int, int], tuple[int, int], bool]:
+def _deep_read(pair: tuple[Path, Path], mask_values: str = "auto"):
+    """(image (H, W), mask (H, W), mask not empty, (largest grey level, soft fraction))."""
+    import numpy as np
+
     image = read_image(pair[0])
-    mask = read_mask(pair[1])
-    return image.shape[:2], mask.shape, bool(mask.any())
+    grey = mask_grey(pair[1])
+    mask = mask_from_grey(grey, mask_values)
+    soft = float(np.count_nonzero((grey > NEAR) & (grey < 255 - NEAR))) / max(1, grey.size)
+    return image.shape[:2], mask.shape, bool(mask.any()), (float(grey.max()) if grey.size else 0.0, soft)
 
 
-def scan(source: Source, deep: bool = True, progress: bool = False, workers: int | None = None) -> CheckReport:
+def scan(source: Source, deep: bool = True, progress: bool = False, workers: int | None = None,
+         mask_values: str = "auto") -> CheckReport:
     """Check the dataset at `source` (see the module docstring)."""
+    if mask_values not in MASK_VALUES:
+        raise ValueError(f"unknown mask values {mask_values!r}; choose one of {', '.join(MASK_VALUES)}")
     report = CheckReport(source.root, source.name, source.layout, deep=deep)
     images = _list_folder(source.image_dir, report)
     masks = _list_folder(source.mask_dir, report)
@@ -174,9 +191,13 @@ def scan(source: Source, deep: bool = True, progress: bool = False, workers: int
         report.add("masks without images", masks[stem], f"no image {stem}.* in {image_dir}/", bad_id=stem)
     report.pairs = {i: (images[i], masks[i]) for i in natural_sorted(set(images) & set(masks))}
     report.counts["pairs found"] = len(report.pairs)
+    if not images and not masks:
+        report.problems.append(Problem(source.root, f"no images in {image_dir}/ and no masks in {mask_dir}/: "
+                                       "nothing to train or evaluate on; put the image and mask files there"))
 
     todo = [i for i in report.pairs if i not in report.bad_ids]
-    read = _deep_read if deep else (lambda pair: (header_size(pair[0]), header_size(pair[1]), True))
+    read = (lambda pair: _deep_read(pair, mask_values)) if deep else \
+        (lambda pair: (header_size(pair[0]), header_size(pair[1]), True, None))
     workers = workers or min(8, os.cpu_count() or 1)
 
     def one(i):
@@ -197,22 +218,37 @@ def scan(source: Source, deep: bool = True, progress: bool = False, workers: int
             if err is not None:
                 report.add("unreadable or empty files", err.path, err.reason, bad_id=i)
                 continue
-            (ih, iw), (mh, mw), nonempty = got
+            (ih, iw), (mh, mw), nonempty, stats = got
+            mask_path = report.pairs[i][1]
             if (ih, iw) != (mh, mw):
-                report.add("size mismatches", report.pairs[i][1],
+                report.add("size mismatches", mask_path,
                            f"mask is {mw}x{mh} but its image {report.pairs[i][0].name} is {iw}x{ih} (WxH)", bad_id=i)
+                continue
+            top, soft = stats if stats is not None else (None, 0.0)
+            if top == 1 and mask_values == "auto":
+                report.add("0/1 label masks", mask_path, "mask values are 0/1 (largest 1): read as labels, polyp = 1 "
+                           "(--mask-values 01); pass --mask-values 255 if 1 means background noise", warning=True)
             elif not nonempty:
-                report.add("all-empty masks", report.pairs[i][1], "mask is all background (no pixel > 127)",
-                           warning=True)
+                if top is not None and 0 < top <= 127:
+                    hint = ("a 0/1 label mask? use --mask-values 01 (or auto)" if top == 1 else
+                            "if it is a label image, rescale it to 0/255")
+                    what = f"mask is all background: its largest grey level is {top:g} (< 128); {hint}"
+                else:
+                    what = "mask is all background (no pixel > 127)"
+                report.add("all-empty masks", mask_path, what, warning=True)
+            if soft > SOFT_FRACTION:
+                report.add("soft masks", mask_path, f"soft mask: {100 * soft:.1f}% of its pixels are neither near 0 "
+                           f"nor near 255 (grey {NEAR + 1}..{254 - NEAR}); thresholded at 127", warning=True)
     return report
 
 
 def check_dataset(root: str | os.PathLike, layout: str | None = None, deep: bool = True,
-                  progress: bool = False) -> CheckReport:
-    """Check a raw dataset folder; see the module docstring for what counts as unusable."""
+                  progress: bool = False, mask_values: str = "auto") -> CheckReport:
+    """Check a raw dataset folder; see the module docstring for what counts as unusable.
+    `mask_values`: how masks encode the polyp, "auto" | "255" | "01" (`resunetpp.io.mask_from_grey`)."""
     source = locate(root, layout)
     if source.layout == "cache":
         from .cache import check_cache
 
         return check_cache(source, deep=deep, progress=progress)
-    return scan(source, deep=deep, progress=progress)
+    return scan(source, deep=deep, progress=progress, mask_values=mask_values)
