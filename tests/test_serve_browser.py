@@ -2,8 +2,9 @@
 
 A server started on 127.0.0.1 serves a tiny trained disc model; the test drops a synthetic image on
 the page, waits for the overlay, checks the mask the page shows against `Segmenter` on the same
-image, moves the threshold and opacity sliders (no new request), runs the camera view on
-Chromium's fake camera through the WebSocket, and saves screenshots as test artefacts in
+image, moves the threshold and opacity sliders (no new request), downloads the mask, plays a
+synthetic WebM with the overlay drawn live and runs the camera view on Chromium's fake camera (both
+through the WebSocket), and saves screenshots as test artefacts in
 $RESUNETPP_ARTIFACTS (default: build/test-artifacts). Skips, saying why, when the browser, its
 driver or the Python packages are missing (`.ci/run` installs chromium and chromium-driver).
 """
@@ -127,6 +128,24 @@ def _check_shown_mask(shown: np.ndarray, prob: np.ndarray, threshold: float) -> 
     assert np.all(np.abs(prob[differ] - threshold) < 1e-4), f"{differ.sum()} pixels differ"
 
 
+def _webm(path: Path) -> Path:
+    """A 4 s VP8 video of a disc moving across a noisy background (synthetic)."""
+    import cv2
+
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"VP80"), 10, (192, 144))
+    if not writer.isOpened():
+        pytest.skip("OpenCV cannot write a VP8 WebM video here")
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[:144, :192]
+    for i in range(40):
+        img = rng.normal(70, 12, (144, 192, 3))
+        disc = (yy - 72) ** 2 + (xx - 40 - 3 * i) ** 2 <= 30 ** 2
+        img[disc] = (200, 110, 90)
+        writer.write(cv2.cvtColor(np.clip(img, 0, 255).astype(np.uint8), cv2.COLOR_RGB2BGR))
+    writer.release()
+    return path
+
+
 def _save(driver, name: str) -> Path:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     path = ARTIFACTS / name
@@ -195,6 +214,18 @@ def test_page_drop_overlay_sliders_and_camera(server, browser):
         time.sleep(0.05)
     assert target.is_file(), f"no download in {list(driver.downloads.iterdir())}"
     _check_shown_mask(np.asarray(Image.open(target).convert("L")) > 127, prob, seg.threshold)
+
+    # a video file: played with the overlay drawn live from the WebSocket's answers
+    video = _webm(driver.downloads.parent / "discs.webm")
+    driver.find_element(By.CSS_SELECTOR, "button[data-tab=video]").click()
+    driver.execute_script("document.getElementById('video-file').hidden = false")
+    driver.find_element(By.ID, "video-file").send_keys(str(video))
+    _wait(driver, "window.resunetpp.live.video.frames >= 3", timeout=30)
+    readout = driver.find_element(By.ID, "video-readout").text
+    assert "frames/s" in readout and "latency" in readout
+    frame = _canvas(driver, "#video-canvas")
+    assert frame.shape[:2] == (144, 192) and (frame[:, :, 1] > frame[:, :, 0] + 40).any()  # green tint drawn
+    driver.find_element(By.ID, "video-stop").click()
 
     # the camera view: Chromium's fake camera, frames through the WebSocket, a live readout
     driver.find_element(By.CSS_SELECTOR, "button[data-tab=camera]").click()
