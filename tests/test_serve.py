@@ -478,3 +478,24 @@ def test_cli_without_weights_says_how_to_get_some(fake_uvicorn, monkeypatch, tmp
     assert r.exit_code == 2 and "resunetpp train" in r.output and not fake_uvicorn
     r = runner.invoke(cli_app, ["serve", "--weights", str(tmp_path / "missing")])
     assert r.exit_code == 2 and "error:" in r.output
+
+
+def test_a_model_failure_is_a_json_500_and_the_server_goes_on(ckpt):
+    seg = Segmenter(ckpt)
+    real = seg.probabilities
+    calls = []
+
+    def flaky(images):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(images)
+
+    seg.probabilities = flaky
+    app = create_app(seg)
+    good = _encode(_image())
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.post("/v1/segment", content=good, headers={"content-type": "image/png"})
+        assert r.status_code == 500 and r.json()["error"] == "internal_error" and "simulated" in r.json()["message"]
+        assert app.state.gate.pending == 0  # the slot was given back
+        assert c.post("/v1/segment", content=good, headers={"content-type": "image/png"}).status_code == 200

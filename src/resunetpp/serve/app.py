@@ -402,6 +402,11 @@ def create_app(segmenter: Segmenter | str | Path, settings: ServeSettings | None
         return JSONResponse({"error": code, "message": str(exc.detail), "status": exc.status_code},
                             status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
+    @app.exception_handler(Exception)
+    async def _internal(_request, exc: Exception):  # a bug, not bad input: still a JSON answer
+        return JSONResponse({"error": "internal_error", "message": f"{type(exc).__name__}: {exc}", "status": 500},
+                            status_code=500)
+
     async def run(pool, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
