@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from resunetpp.data import Augment
-from resunetpp.data.augment import PRESET_TRANSFORMS
+from resunetpp.data.augment import DEFAULT_P, PRESET_TRANSFORMS
 from test_data_common import blob_mask
 
 N, H, W = 24, 64, 64
@@ -73,7 +75,7 @@ def test_rotation_angles_are_drawn_from_0_to_90_degrees():
     images, masks = encoded_batch(n=64)
     torch.manual_seed(0)
     aug(images, masks)
-    degrees = aug.geometric[0]._params["degrees"]
+    degrees = aug.params()["angle"] * 180 / math.pi
     assert degrees.min() >= 0 and degrees.max() <= 90 and degrees.max() - degrees.min() > 45
 
 
@@ -140,3 +142,81 @@ def test_bad_arguments():
     images, masks = encoded_batch(n=2)
     with pytest.raises(ValueError, match=r"masks \(N, 1, H, W\)"):
         Augment("light")(images, masks[:, 0])
+
+
+def test_crops_stay_inside_the_frame():
+    images, masks = encoded_batch()
+    for name in ("centre_crop", "random_crop"):
+        torch.manual_seed(3)
+        aug = Augment("paper", p=1.0, only=[name])
+        out_images, _ = aug(images, masks)
+        assert (out_images[:, 2] > 0.45).all(), f"{name} let the zero padding in"
+        zoom = aug.params()["crop_zoom" if name == "random_crop" else "centre_zoom"]
+        lo, hi = (1.25, 1.5) if name == "random_crop" else (1.25, 1.25)
+        assert zoom.min() >= lo and zoom.max() <= hi
+
+
+def test_zooming_out_pads_and_quarter_turns_are_exact():
+    images, masks = encoded_batch()
+    torch.manual_seed(4)
+    aug = Augment("paper", p=1.0, only=["scale"])
+    out_images, _ = aug(images, masks)
+    zoom = aug.params()["zoom"]
+    assert zoom.min() >= 0.75 and zoom.max() <= 1.25
+    padded = (out_images[:, 2] < 0.25).flatten(1).any(1)  # blue is 0.5 everywhere but the padding
+    assert torch.equal(padded, zoom < 1 - 1 / W)
+    torch.manual_seed(5)
+    aug = Augment("light", p=1.0, only=["rot90"])
+    out_images, out_masks = aug(images, masks)
+    turns = aug.params()["quarter_turns"].long()
+    assert set(turns.tolist()) == {0, 1, 2, 3}
+    for k in range(4):
+        pick = turns == k
+        expected = torch.rot90(masks[pick], k, (2, 3))
+        other_way = torch.rot90(masks[pick], -k, (2, 3))
+        same = torch.equal(out_masks[pick], expected) or torch.equal(out_masks[pick], other_way)
+        assert same, f"{k} quarter turns are not an exact rotation"
+
+
+def test_probabilities_match_the_table():
+    aug = Augment("paper")
+    images, masks = encoded_batch(n=4000, h=8, w=8)
+    torch.manual_seed(6)
+    aug(images, masks)
+    p = aug.params()
+    for name in PRESET_TRANSFORMS["paper"]:
+        assert p[f"use_{name}"].float().mean().item() == pytest.approx(DEFAULT_P[name], abs=0.03), name
+    assert not p["use_rot90"].any()
+
+
+def test_one_augmented_batch_is_few_operator_calls():
+    """The whole paper preset is a fixed ~80 operator calls per batch (kernel launches on a GPU), whatever the
+    batch size: every transform is composed into one warp and the photometric steps are batched."""
+    from torch.profiler import ProfilerActivity, profile
+
+    aug = Augment("paper")
+    images = torch.randint(0, 256, (16, 3, 64, 64), dtype=torch.uint8)
+    masks = torch.randint(0, 2, (16, 1, 64, 64), dtype=torch.uint8)
+    aug(images, masks)  # first call builds the cutout coordinate grid
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        aug(images, masks)
+    ops = [e for e in prof.events() if e.name.startswith("aten::")
+           and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
+    assert 20 < len(ops) <= 80, sorted(e.name for e in ops)
+
+
+@pytest.mark.parametrize("name", ["rotate", "scale", "hflip", "vflip"])
+def test_warp_matches_kornias_transforms_on_a_non_square_image(name):
+    """An independent recomputation: Kornia's own rotate / scale / flips of the same image, with the angles
+    and zooms this batch drew, agree with the composed warp away from the border."""
+    import kornia.geometry.transform as KT
+
+    torch.manual_seed(0)
+    images = torch.rand(6, 3, 48, 80)
+    aug = Augment("paper", p=1.0, only=[name])
+    out, _ = aug(images, torch.zeros(6, 1, 48, 80))
+    p = aug.params()
+    ref = {"rotate": lambda x: KT.rotate(x, p["angle"] * 180 / math.pi, align_corners=True),
+           "scale": lambda x: KT.scale(x, p["zoom"][:, None].expand(-1, 2), align_corners=True),
+           "hflip": KT.hflip, "vflip": KT.vflip}[name](images)
+    assert (out - ref.clamp(0, 1))[:, :, 8:-8, 8:-8].abs().max() < 1e-4

@@ -322,3 +322,40 @@ def test_sgdr_never_restarts_at_the_end_when_15_does_not_divide_the_steps():
         sched.step()
     restarts = [i for i in range(1, total) if lrs[i] > lrs[i - 1] + 0.5]
     assert len(restarts) == 3 and lrs[-1] < 0.02
+
+
+def test_eval_every_and_the_last_partial_batch_is_dropped(discs, tmp_path):
+    run = train(tiny(discs, tmp_path / "r", epochs=3, eval_every=2, batch_size=8))
+    rows = read_csv(run / "metrics.csv")
+    assert [int(r["epoch"]) for r in rows] == [2, 3]  # every 2nd epoch, and always the last
+    settings = yaml.safe_load((run / "train_config.yaml").read_text())
+    n_train = len(json.loads((run / "split.json").read_text())["train"])
+    assert n_train % 8 and settings["steps_per_epoch"] == n_train // 8
+    assert float(rows[-1]["elapsed"]) >= float(rows[0]["elapsed"]) > 0
+
+
+def test_time_limit_stops_resumably_and_resume_matches_an_unbroken_run(discs, tmp_path):
+    whole = train(tiny(discs, tmp_path / "whole", epochs=3))
+    cut = train(tiny(discs, tmp_path / "cut", epochs=3, time_limit=1e-6))
+    assert torch.load(cut / "last.pt", weights_only=True)["epoch"] == 1
+    assert len(read_csv(cut / "metrics.csv")) == 1
+    train(tiny(discs, tmp_path / "cut", epochs=3), resume=cut)
+    assert_same_state(model_state(cut), model_state(whole))
+
+
+def test_weights_finite_sees_one_nan_parameter():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    assert T.weights_finite(net)
+    with torch.no_grad():
+        net[1].bias[2] = float("nan")
+    assert not T.weights_finite(net)
+    with torch.no_grad():
+        net[1].bias[2] = 0.0
+        net[0].weight[0, 0, 0, 0] = float("inf")
+    assert not T.weights_finite(net)
+
+
+def test_optimizer_is_foreach_on_cpu():
+    cfg = TrainConfig(data="x").resolved()
+    opt = T.make_optimizer(cfg, torch.nn.Linear(2, 1).parameters())
+    assert opt.defaults["foreach"] is True and not opt.defaults.get("fused")

@@ -82,14 +82,16 @@ def table_markdown(table: str, results: dict[str, dict[str, Any]], note: str = "
     lines = [f"# {t['title']}: {t['dataset']} (test split)", ""]
     if note:
         lines += [note, ""]
-    lines += ["| model | Dice | IoU (fg) | mIoU (2-class) | recall | precision || paper DSC | paper mIoU "
+    lines += ["| model | epochs | Dice | IoU (fg) | mIoU (2-class) | recall | precision | paper DSC | paper mIoU "
               "| paper recall | paper precision | paper row |",
-              "| --- | ---: | ---: | ---: | ---: | ---: || ---: | ---: | ---: | ---: | --- |"]
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for model, r in results.items():
         m = r["metrics"]["mean"]
         p = _paper_row(table, model)
-        lines.append(f"| {DISPLAY[model]} | {m['dice']:.4f} | {m['iou']:.4f} | {m['miou_2class']:.4f} | "
-                     f"{m['recall']:.4f} | {m['precision']:.4f} || {p['dice']:.4f} | {p['miou']:.4f} | "
+        done, planned = r.get("epochs_done"), r.get("settings", {}).get("epochs")
+        epochs = f"{done}" if done == planned else f"{done} of {planned} (stopped)"
+        lines.append(f"| {DISPLAY[model]} | {epochs} | {m['dice']:.4f} | {m['iou']:.4f} | {m['miou_2class']:.4f} | "
+                     f"{m['recall']:.4f} | {m['precision']:.4f} | {p['dice']:.4f} | {p['miou']:.4f} | "
                      f"{p['recall']:.4f} | {p['precision']:.4f} | {'verified' if p['verified'] else 'unverified'} |")
     lines += ["", "Ours: means over test images at threshold 0.5, computed at the training input size. The paper's "
               "mIoU is a 2-class (background + polyp) Keras MeanIoU: compare it with our mIoU (2-class) column. Rows "
@@ -100,8 +102,13 @@ def table_markdown(table: str, results: dict[str, dict[str, Any]], note: str = "
 def reproduce(table: str, data: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
               epochs: int | None = None, quick: bool = False, device: str = "auto", size: int | None = None,
               limit: int | None = None, batch_size: int | None = None, models: tuple[str, ...] = MODELS,
-              seed: int = 0, progress: bool = True, command: str | None = None) -> Path:
-    """Train and evaluate the models of `table` ("table1" or "table2"); returns the output folder."""
+              seed: int = 0, progress: bool = True, command: str | None = None, time_limit: float | None = None,
+              train_runs: bool = True, overrides: dict[str, Any] | None = None) -> Path:
+    """Train and evaluate the models of `table` ("table1" or "table2"); returns the output folder.
+
+    `time_limit` (seconds, per model) stops a training resumably; `train_runs=False` trains nothing and
+    tabulates the runs already in `out` as they are (a stopped one is marked with its epochs);
+    `overrides` are further `TrainConfig` settings (e.g. eval_every, compile)."""
     if table not in TABLES:
         raise ValueError(f"unknown table {table!r}; choose table1 (Kvasir-SEG) or table2 (CVC-ClinicDB)")
     unknown = [m for m in models if m not in MODELS]
@@ -120,25 +127,27 @@ def reproduce(table: str, data: str | os.PathLike | None = None, out: str | os.P
     results: dict[str, dict[str, Any]] = {}
     for model in models:
         cfg = TrainConfig(model=model, data=str(data), out=str(out / model), seed=seed, device=device,
-                          progress=progress, **settings)
+                          progress=progress, time_limit=time_limit, **settings, **(overrides or {}))
         run = out / model
         done = _finished_epochs(run)
-        if done is None or done < cfg.epochs:
-            t0 = time.perf_counter()
+        if train_runs and (done is None or done < cfg.epochs):
             train(cfg, resume=run if done is not None else None)
-            train_seconds = time.perf_counter() - t0
-        else:
-            train_seconds = None  # reused a finished run
+        elif done is None:
+            continue  # nothing to tabulate for this model
         ev = evaluate(run, data, split="test", out=run / "eval", device=device, limit=settings["limit"],
                       progress=progress)
         best = json.loads((run / "config.json").read_text())
         results[model] = {"metrics": {"mean": ev.summary["mean"], "pooled": ev.summary["pooled"]},
                           "test_images": ev.summary["images"], "best_epoch": best.get("best_epoch"),
-                          "val": best.get("metrics", {}).get("val"), "train_seconds": train_seconds,
+                          "val": best.get("metrics", {}).get("val"), "train_seconds": _train_seconds(run),
+                          "epochs_done": _finished_epochs(run),
                           "parameters": count_parameters(load_model(run)),
                           "settings": {k: v for k, v in asdict(cfg.resolved()).items() if k != "progress"},
                           "paper": _paper_row(table, model)}
     wall = time.perf_counter() - start
+    if not results:
+        raise FileNotFoundError(f"{out}: no runs of {', '.join(models)} to tabulate")
+    models = tuple(results)
 
     note = (f"Quick run ({settings['size']}x{settings['size']}, {settings['epochs']} epochs, first "
             f"{settings['limit']} ids of each split): a pipeline check, not a reproduction." if quick else "")
@@ -164,6 +173,18 @@ def _finished_epochs(run: Path) -> int | None:
     if not (run / "last.pt").is_file():
         return None
     return int(torch.load(run / "last.pt", map_location="cpu", weights_only=True)["epoch"])
+
+
+def _train_seconds(run: Path) -> float | None:
+    """Training wall time of the run over all its sessions (the last `elapsed` in metrics.csv)."""
+    import csv
+
+    try:
+        with open(run / "metrics.csv") as f:
+            rows = list(csv.DictReader(f))
+        return float(rows[-1]["elapsed"]) if rows and rows[-1].get("elapsed") else None
+    except OSError:
+        return None
 
 
 def plot_fig3_for(out: Path, data: Path, models: tuple[str, ...], ids: list[str], device: torch.device,

@@ -24,8 +24,15 @@ loop over epochs (shuffle, augment, step; validate; checkpoint). Conventions:
 - A non-finite loss (checked every `check_every` steps without a per-step device sync) or non-finite
   weights stop the run with `NonFiniteError`; nothing of that epoch is written, so the last good
   checkpoint stays as it was.
-- Devices: CUDA runs use bf16 autocast and channels_last; CPU runs float32 and deterministic
-  algorithms, so the same seed gives bit-identical weights, also across a kill and `--resume`.
+- Devices: CUDA runs use bf16 autocast, channels_last and the fused Adam; CPU runs float32, the foreach
+  Adam and deterministic algorithms, so the same seed gives bit-identical weights, also across a kill
+  and `--resume`.
+- Fixed shapes: each epoch drops its last partial batch (at most batch-1 images, a different few each
+  epoch), so a compiled or graph-captured step never meets a new shape. `compile` picks
+  `torch.compile` of the model ("default", or "reduce-overhead" for CUDA graphs); "off" runs eagerly.
+- Speed: validation, `last.pt` and the logs come every `eval_every` epochs (and after the last one);
+  the weights' finiteness is checked with one device sync per validation. `time_limit` (seconds) stops
+  after the epoch at which another epoch would not fit, writing a resumable `last.pt`.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ from .registry import create_model, model_info
 from .utils import atomic_path
 
 OPTIMIZERS = ("adam", "adamw", "nadam")
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 SCHEDULES = ("sgdr", "cosine", "constant", "onecycle")
 AUGMENTS = ("paper", "light", "none")
 
@@ -80,7 +88,10 @@ class TrainConfig:
     limit: int | None = None            # only the first N train / val / test ids
     skip_bad: bool = False              # train on the good pairs of a dataset that fails the check
     threshold: float = 0.5
-    check_every: int = 10               # steps between non-finite-loss checks (each one is a device sync)
+    check_every: int = 50               # steps between non-finite-loss checks (each one is a device sync)
+    eval_every: int = 1                 # epochs between validations (and last.pt); the last epoch always
+    compile: str = "off"                # off | default | reduce-overhead (CUDA graphs) | max-autotune
+    time_limit: float | None = None     # seconds: stop (resumably) before an epoch that would not fit
     progress: bool = True
 
     def resolved(self) -> TrainConfig:
@@ -88,12 +99,13 @@ class TrainConfig:
         cfg = TrainConfig(**{f.name: getattr(self, f.name) for f in fields(self)})
         cfg.loss = cfg.loss or model_info(cfg.model).default_loss  # KeyError listing the models
         for name, value, choices in (("loss", cfg.loss, tuple(LOSSES)), ("optimizer", cfg.optimizer, OPTIMIZERS),
-                                     ("schedule", cfg.schedule, SCHEDULES), ("augment", cfg.augment, AUGMENTS)):
+                                     ("schedule", cfg.schedule, SCHEDULES), ("augment", cfg.augment, AUGMENTS),
+                                     ("compile", cfg.compile, COMPILE_MODES)):
             if value not in choices:
                 raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
         if cfg.weight_decay is None:
             cfg.weight_decay = 0.01 if cfg.optimizer == "adamw" else 0.0
-        for name in ("size", "epochs", "batch_size", "check_every"):
+        for name in ("size", "epochs", "batch_size", "check_every", "eval_every"):
             if getattr(cfg, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
         if not cfg.data:
@@ -157,9 +169,11 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+def make_optimizer(cfg: TrainConfig, params, device: torch.device | str = "cpu") -> torch.optim.Optimizer:
+    """One fused kernel per step on CUDA (NAdam has no fused form: foreach), the foreach loop on CPU."""
     cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "nadam": torch.optim.NAdam}[cfg.optimizer]
-    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    impl = {"fused": True} if torch.device(device).type == "cuda" and cfg.optimizer != "nadam" else {"foreach": True}
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **impl)
 
 
 def make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, total_steps: int):
@@ -246,10 +260,31 @@ def validate(model, images, masks, cfg: TrainConfig, loss_fn, device, amp) -> di
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(x)
-        losses.append(loss_fn(logits, y).item() * len(x))
-        stats.append(confusion(torch.sigmoid(logits.float()) > cfg.threshold, y.bool()).cpu())
-    s = summarize(torch.cat(stats))["mean"]
-    return {"val_loss": sum(losses) / len(images), **{f"val_{k}": s[k] for k in METRIC_NAMES}}
+        losses.append(loss_fn(logits, y).detach() * len(x))  # stays on the device: one sync at the end
+        stats.append(confusion(torch.sigmoid(logits.float()) > cfg.threshold, y.bool()))
+    s = summarize(torch.cat(stats).cpu())["mean"]
+    return {"val_loss": torch.stack(losses).sum().item() / len(images), **{f"val_{k}": s[k] for k in METRIC_NAMES}}
+
+
+def training_step(model, opt, loss_fn, augment, norm: dict[str, torch.Tensor], amp: bool,
+                  channels_last: bool, sched=None):
+    """The one training step, for `train` and `benchmarks/train_speed.py`: uint8 batch in, loss (on the
+    device, no sync) out. Augment, normalise, forward (bf16 autocast if `amp`), loss in float32, step."""
+    def step(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        x, y = augment(images, masks)  # uint8 in, float [0, 1] / {0, 1} out
+        x = normalize(x, **norm)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x)
+        loss = loss_fn(logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        return loss.detach()
+    return step
 
 
 def epoch_shard(train_idx: torch.Tensor, seed: int, epoch: int, rank: int = 0, world: int = 1) -> torch.Tensor:
@@ -267,8 +302,14 @@ def write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> None:
         w.writerows(history)
 
 
-def _all_finite(model: torch.nn.Module) -> bool:
-    return all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point())
+def weights_finite(model: torch.nn.Module, ddp: bool = False) -> bool:
+    """All parameters finite, with one device sync (one foreach norm: NaN/inf anywhere makes it non-finite).
+    Under DDP the ranks agree on the verdict, so none of them waits on another that stopped."""
+    params = [p.detach() for p in model.parameters()]
+    ok = torch.isfinite(torch.stack(torch._foreach_norm(params)).sum()).float().reshape(1)
+    if ddp:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -346,13 +387,17 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
         raw_model = model
         if ddp:
             model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+        if cfg.compile != "off":
+            model = torch.compile(model, mode=None if cfg.compile == "default" else cfg.compile)
         loss_fn = get_loss(cfg.loss)
-        opt = make_optimizer(cfg, raw_model.parameters())
+        opt = make_optimizer(cfg, raw_model.parameters(), device)
         shard_len = len(train_idx) // world
         if shard_len == 0:
             raise ValueError(f"{len(train_idx)} training image(s) cannot be shared by {world} processes")
         rank_batch = cfg.batch_size // world
-        steps = math.ceil(shard_len / rank_batch)
+        steps = shard_len // rank_batch  # the last partial batch is dropped: fixed shapes
+        if steps == 0:
+            raise ValueError(f"batch size {cfg.batch_size} is larger than the {len(train_idx)} training images")
         sched = make_scheduler(cfg, opt, cfg.epochs * steps)
         start_epoch, history, best = 0, [], {"epoch": 0, "dice": -1.0}
         if resume:
@@ -386,10 +431,12 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
             "training": {k: getattr(cfg, k) for k in ("loss", "optimizer", "lr", "batch_size", "schedule",
                                                       "augment", "seed", "epochs")},
         }
+        step_fn = training_step(model, opt, loss_fn, augment, norm, amp, channels_last=cuda, sched=sched)
         bar = tqdm(total=cfg.epochs * steps, initial=start_epoch * steps, disable=not (master and cfg.progress),
                    unit="step", dynamic_ncols=True)
 
         # -- the loop
+        run_start, elapsed_before = time.perf_counter(), (history[-1].get("elapsed", 0.0) if history else 0.0)
         for epoch in range(start_epoch + 1, cfg.epochs + 1):
             bar.set_description(f"epoch {epoch}/{cfg.epochs}")
             shard = epoch_shard(train_idx, cfg.seed, epoch, rank, world)
@@ -399,18 +446,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
             t0, seen = time.perf_counter(), 0
             for step in range(steps):
                 idx = shard[step * rank_batch:(step + 1) * rank_batch]
-                x, y = augment(images[idx], masks[idx])  # uint8 in, float [0, 1] / {0, 1} out
-                x = normalize(x, **norm)
-                if cuda:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    logits = model(x)
-                loss = loss_fn(logits, y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                step_losses[step] = loss.detach()
+                step_losses[step] = step_fn(images[idx], masks[idx])
                 seen += len(idx) * world
                 if (step + 1) % cfg.check_every == 0 or step + 1 == steps:
                     done = step_losses[:step + 1].clone()
@@ -428,16 +464,27 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
                     bar.set_postfix(loss=f"{done.mean():.4f}", val_dice=f"{history[-1]['val_dice']:.4f}"
                                     if history else "-", img_s=f"{seen / (time.perf_counter() - t0):.1f}")
             train_seconds = time.perf_counter() - t0
-            if not _all_finite(raw_model):
+            spent = time.perf_counter() - run_start
+            next_end = spent * (epoch - start_epoch + 1) / (epoch - start_epoch)  # after one more epoch
+            out_of_time = torch.tensor([float(cfg.time_limit is not None and epoch < cfg.epochs
+                                              and next_end > cfg.time_limit)])
+            if ddp:  # rank 0's clock decides, so every rank stops after the same epoch
+                out_of_time = out_of_time.to(device)
+                dist.broadcast(out_of_time, 0)
+            out_of_time = bool(out_of_time.item())
+            if not (epoch % cfg.eval_every == 0 or epoch == cfg.epochs or out_of_time):
+                continue
+            if not weights_finite(raw_model, ddp):
                 raise NonFiniteError(f"non-finite weights after epoch {epoch}: training stopped. The last good "
-                                     f"checkpoint in {out} (epoch {epoch - 1}) is intact; try a lower --lr.")
+                                     f"checkpoint in {out} is intact; try a lower --lr.")
 
             stop = torch.zeros(1, device=device)
             if master:
                 row = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "train_loss": done.mean().item(),
                        **validate(raw_model, val_x, val_y, cfg, loss_fn, device, amp),
                        "seconds": round(time.perf_counter() - t0, 3),
-                       "img_per_s": round(shard_len * world / train_seconds, 2)}
+                       "img_per_s": round(steps * cfg.batch_size / train_seconds, 2),
+                       "elapsed": round(elapsed_before + time.perf_counter() - run_start, 3)}
                 history.append(row)
                 if row["val_dice"] > best["dice"]:
                     best = {"epoch": epoch, "dice": row["val_dice"]}
@@ -455,7 +502,11 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
                 tb.flush()
                 bar.set_postfix(loss=f"{row['train_loss']:.4f}", val_dice=f"{row['val_dice']:.4f}",
                                 img_s=f"{row['img_per_s']:.1f}")
-                if cfg.early_stop and epoch - best["epoch"] >= cfg.early_stop:
+                if out_of_time:
+                    log(f"time limit: stopped after epoch {epoch} of {cfg.epochs} ({cfg.time_limit:g} s); "
+                        f"continue with: resunetpp train --resume {out}")
+                    stop += 1
+                elif cfg.early_stop and epoch - best["epoch"] >= cfg.early_stop:
                     log(f"early stop: no better val Dice for {cfg.early_stop} epochs (best {best['dice']:.4f} "
                         f"at epoch {best['epoch']})")
                     stop += 1

@@ -50,6 +50,12 @@ def train(
     skip_bad: bool | None = typer.Option(None, "--skip-bad", help="Train on the good pairs of a failing dataset."),
     early_stop: int | None = typer.Option(None, "--early-stop", help="Patience in epochs (0: off)."),
     limit: int | None = typer.Option(None, help="Use only the first N train/val/test ids."),
+    compile: str | None = typer.Option(None, "--compile", help="off | default | reduce-overhead (CUDA graphs) | "
+                                       "max-autotune: torch.compile the model (default off)."),
+    eval_every: int | None = typer.Option(None, "--eval-every", help="Validate and write last.pt every N epochs "
+                                          "(default 1; the last epoch always)."),
+    time_limit: float | None = typer.Option(None, "--time-limit", help="Seconds: stop resumably before an epoch "
+                                            "that would not fit."),
 ) -> None:
     """Train a model (paper recipe by default). Works as is under `torchrun --nproc_per_node=N`."""
     from ..train import TrainConfig, config_from_dict, read_config_file
@@ -57,7 +63,8 @@ def train(
 
     flags = {"model": model, "data": data, "split": split, "size": size, "epochs": epochs, "batch_size": batch_size,
              "lr": lr, "optimizer": optimizer, "loss": loss, "schedule": schedule, "augment": augment, "seed": seed,
-             "device": device, "amp": amp, "out": out, "skip_bad": skip_bad, "early_stop": early_stop, "limit": limit}
+             "device": device, "amp": amp, "out": out, "skip_bad": skip_bad, "early_stop": early_stop, "limit": limit,
+             "compile": compile, "eval_every": eval_every, "time_limit": time_limit}
     try:
         values: dict = {}
         if resume is not None:

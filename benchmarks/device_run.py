@@ -1,0 +1,343 @@
+"""The GPU campaign in one command: smoke test, speed tables, the paper's Tables I and II, a recipe beyond
+the paper, packed into a few files. Started by `benchmarks/device_run.sh` (which installs what a bare
+GPU machine lacks); see the README's "Running on a GPU" for how to use it on any machine.
+
+    python benchmarks/device_run.py --data-root DATA --out OUT [--budget 540] [--dry-run]
+
+Stages, each writing its results as soon as it ends, all stopping cleanly before `--budget` seconds:
+
+0. smoke (stops everything if it fails): 20 training steps + 1 validation + test evaluation; the
+   training-speed table (`train_speed.py`: eager, batch 16 and 64, fp32 and bf16, and N processes at
+   once); a CUDA kernel profile of 5 steps; inference latency (`latency.py`: batch 1 eager and CUDA
+   graph, bulk).
+1-4. trainings, in this priority order, on a pool of worker processes sharing the GPU (the pool's size
+   comes from the measured speed-up of concurrent processes): ResUNet++ on Kvasir-SEG and on
+   CVC-ClinicDB with the paper's recipe, the "beyond the paper" ResUNet++ on Kvasir-SEG, then the
+   baselines of Table I and of Table II. Each gets the time left (`--time-limit`), stops resumably,
+   and is evaluated on its test split.
+5. tables: `reproduce(train_runs=False)` tabulates what finished (table.md, results.json, fig3.png).
+
+Outputs in `--out` (at most 8 files, 16 MiB each, at most two folders deep): `device_run.log`,
+`summary.md`, `results.tar.gz` (everything but weights and optimiser states) and the trained ResUNet++
+weights as fp16 safetensors with their config (`<run>.safetensors`, `<run>.json`).
+`--dry-run` runs every stage on the CPU at 32x32 on a few ids for 2 epochs, with the same outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+TABLE_DATA = {"table1": "kvasir-seg", "table2": "cvc-clinicdb"}
+# (job name, kind, table, model): the priority order of the trainings
+JOBS = [("table1-resunetpp", "paper", "table1", "resunetpp"), ("table2-resunetpp", "paper", "table2", "resunetpp"),
+        ("beyond-kvasir", "beyond", "table1", "resunetpp"),
+        ("table1-unet", "paper", "table1", "unet"), ("table1-resunet-mod", "paper", "table1", "resunet-mod"),
+        ("table1-resunet", "paper", "table1", "resunet"),
+        ("table2-unet", "paper", "table2", "unet"), ("table2-resunet-mod", "paper", "table2", "resunet-mod"),
+        ("table2-resunet", "paper", "table2", "resunet")]
+# "Beyond the paper": the same network from scratch, a stronger recipe (bce+dice, AdamW 1e-3 with a
+# one-cycle schedule, longer); epochs fitted to the measured speed so the schedule ends inside the slot.
+BEYOND = {"loss": "bce+dice", "optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "schedule": "onecycle",
+          "augment": "paper", "batch_size": 16, "eval_every": 2}
+DRY = {"size": 32, "epochs": 2, "limit": 8, "batch_size": 4}
+WEIGHTS = ("table1-resunetpp", "table2-resunetpp", "beyond-kvasir")  # brought back as fp16 safetensors
+
+
+class Log:
+    def __init__(self, path: Path, start: float):
+        self.f, self.start = open(path, "a", buffering=1), start
+
+    def __call__(self, msg: str) -> None:
+        line = f"[{time.perf_counter() - self.start:7.1f} s] {msg}"
+        print(line, flush=True)
+        self.f.write(line + "\n")
+
+
+def data_dir(root: Path, table: str) -> Path:
+    """The dataset folder or prepared cache for a table under `root`: <root>/<name>[-256] or the shared layout."""
+    name = TABLE_DATA[table]
+    for cand in (root / f"{name}-256", root / name, root / {"kvasir-seg": "Kvasir-SEG",
+                                                            "cvc-clinicdb": "CVC-ClinicDB"}[name]):
+        if cand.exists():
+            return cand
+    raise FileNotFoundError(f"{root}: no {name} data (expected {name}-256/ from `resunetpp data prepare`, or "
+                            f"the dataset folder)")
+
+
+# ------------------------------------------------------------------------------------------- one job
+
+
+def run_job(args: argparse.Namespace) -> None:
+    """Worker process: one training (+ evaluation) with the time it is given."""
+    import torch
+
+    from resunetpp.evaluate import evaluate
+    from resunetpp.reproduce import reproduce
+    from resunetpp.train import TrainConfig, train
+
+    name, kind, table, model = next(j for j in JOBS if j[0] == args.job)
+    if args.dry_run:
+        torch.set_num_threads(1)
+    data = data_dir(args.data_root, table)
+    work = args.work
+    common = {"device": "cpu" if args.dry_run else "cuda", "progress": False}
+    size = DRY if args.dry_run else {}
+    if kind == "paper":
+        reproduce(table, data=data, out=work / table, models=(model,), time_limit=args.time_limit,
+                  overrides={"eval_every": 1 if args.dry_run else 2}, command=f"device_run.py job {name}",
+                  **{k: v for k, v in size.items()}, **common)
+        return
+    epochs = 2 if args.dry_run else args.epochs
+    cfg = TrainConfig(model=model, data=str(data), out=str(work / name), time_limit=args.time_limit,
+                      **{**BEYOND, **size, "epochs": epochs}, **common)
+    run = work / name
+    train(cfg, resume=run if (run / "last.pt").is_file() else None)
+    evaluate(run, data, split="test", out=run / "eval", device=common["device"], limit=size.get("limit"),
+             progress=False)
+
+
+# ------------------------------------------------------------------------------------------- stages
+
+
+def smoke(args, log: Log, stage_dir: Path) -> dict:
+    """20 steps + validation + evaluation on the device; raises on any failure."""
+    from resunetpp.evaluate import evaluate
+    from resunetpp.train import TrainConfig, train
+
+    data = data_dir(args.data_root, "table1")
+    device = "cpu" if args.dry_run else "cuda"
+    # 20 steps of batch 16 = the first 320 train ids (dry: 2 of batch 4)
+    cfg = TrainConfig(data=str(data), out=str(stage_dir / "smoke-run"), device=device, progress=False,
+                      **({**DRY, "epochs": 1} if args.dry_run else {"limit": 320, "epochs": 1}))
+    t0 = time.perf_counter()
+    run = train(cfg)
+    ev = evaluate(run, data, split="test", out=run / "eval", device=device, limit=cfg.limit, progress=False)
+    took = time.perf_counter() - t0
+    log(f"smoke: trained and evaluated in {took:.1f} s; test Dice {ev.summary['mean']['dice']:.4f}")
+    return {"seconds": round(took, 1), "test_dice": ev.summary["mean"]["dice"]}
+
+
+def speed(args, log: Log, stage_dir: Path) -> int:
+    """The training-speed table; returns the worker-pool size the concurrent row supports."""
+    out = stage_dir / "train_speed.json"
+    cmd = [sys.executable, str(BENCH / "train_speed.py"), "--compile", "off", "--json", str(out), "--quiet"]
+    if args.dry_run:
+        cmd += ["--device", "cpu", "--size", "32", "--filters", "4,8,16,32,64", "--batches", "4", "--steps", "2",
+                "--warmup", "1", "--precisions", "fp32", "--procs", "2"]
+    else:
+        cmd += ["--device", "cuda", "--steps", "30", "--warmup", "5", "--procs", str(args.max_workers)]
+    table = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300).stdout
+    (stage_dir / "train_speed.md").write_text(table)
+    log("training speed:\n" + table)
+    rows = json.loads(out.read_text())["rows"]
+    single = next(r for r in rows if r["compile"] == "off" and r["batch"] == rows[-1]["batch"]
+                  and r["precision"] == rows[-1]["precision"])["img_per_s"]
+    together = rows[-1]["img_per_s"]
+    n = int(rows[-1]["compile"].split(", ")[1].split()[0])
+    # more workers only when they add throughput: each must keep at least 60% of a lone process's speed
+    workers = n if together >= 0.6 * n * single else max(1, min(n, int(together / (0.6 * single))))
+    log(f"{n} processes at once: {together:.0f} img/s against {single:.0f} alone: {workers} worker(s)")
+    args.per_worker_img_s = together / n if workers > 1 else single  # n at once is the pessimistic case
+    return workers
+
+
+def profile(args, log: Log, stage_dir: Path) -> None:
+    """Top CUDA kernels of 5 training steps (batch 16, bf16): where the time goes."""
+    if args.dry_run:
+        return
+    import torch
+    from torch.profiler import ProfilerActivity
+
+    sys.path.insert(0, str(BENCH))
+    from train_speed import measure
+
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        measure("resunetpp", None, 256, 16, True, "off", steps=5, warmup=0, device=torch.device("cuda"))
+    text = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+    (stage_dir / "profile.txt").write_text(text)
+    log("profile (top 12 by CUDA time):\n" + "\n".join(text.splitlines()[:15]))
+
+
+def latency(args, log: Log, stage_dir: Path) -> None:
+    cmd = [sys.executable, str(BENCH / "latency.py"), "--only", "torch" if args.dry_run else "cuda",
+           "--runs", "3" if args.dry_run else "200", "--size", "32" if args.dry_run else "256"]
+    if args.dry_run:
+        cmd += ["--bulk-runs", "1", "--warmup", "1"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    (stage_dir / "latency.md").write_text(res.stdout + res.stderr[-4000:])
+    log("latency:\n" + res.stdout[-3000:])
+
+
+def trainings(args, log: Log, deadline: float, workers: int) -> list[dict]:
+    """The jobs in priority order on `workers` processes, each with the time left before `deadline`."""
+    queue, running, done = list(JOBS), {}, []
+    if args.jobs:
+        queue = [j for j in JOBS if j[0] in args.jobs.split(",")]
+    while queue or running:
+        left = deadline - time.perf_counter()
+        while queue and len(running) < workers and left > args.min_job_seconds:
+            name = queue.pop(0)[0]
+            cmd = [sys.executable, __file__, "--job", name, "--data-root", str(args.data_root), "--work",
+                   str(args.work), "--time-limit", f"{left - args.eval_reserve:.0f}", "--epochs",
+                   str(beyond_epochs(args, left))]
+            if args.dry_run:
+                cmd.append("--dry-run")
+            logf = open(args.work / f"{name}.log", "w")
+            running[name] = (subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT), time.perf_counter(), logf)
+            log(f"started {name} with {left - args.eval_reserve:.0f} s of training time")
+        if not queue or left <= args.min_job_seconds:
+            queue and log(f"not started (no time left): {', '.join(j[0] for j in queue)}")
+            queue = []
+        for name, (proc, t0, logf) in list(running.items()):
+            if proc.poll() is None and time.perf_counter() > deadline:
+                proc.terminate()  # past the budget: its last checkpoint stays; it can be resumed
+                log(f"{name}: stopped at the budget")
+            if proc.poll() is not None:
+                logf.close()
+                secs = time.perf_counter() - t0
+                done.append({"job": name, "returncode": proc.returncode, "seconds": round(secs, 1)})
+                tail = (args.work / f"{name}.log").read_text().strip().splitlines()[-1:] or [""]
+                log(f"{name}: {'done' if proc.returncode == 0 else f'FAILED ({proc.returncode})'} in {secs:.0f} s: "
+                    f"{tail[0][:200]}")
+                del running[name]
+        time.sleep(0.2 if args.dry_run else 1.0)
+    return done
+
+
+def beyond_epochs(args, left: float) -> int:
+    """Epochs of the beyond recipe that fit the time left at the measured per-worker speed (its one-cycle
+    schedule must end inside the slot to pay off), between 40 and 300."""
+    per_epoch = 800 / max(getattr(args, "per_worker_img_s", 0) or 1, 1) * 1.15  # + validation and slack
+    return int(min(300, max(40, (left - args.eval_reserve) / per_epoch)))
+
+
+def tables(args, log: Log) -> None:
+    from resunetpp.reproduce import MODELS, reproduce
+
+    for table in ("table1", "table2"):
+        if not (args.work / table).is_dir():
+            continue
+        try:
+            reproduce(table, data=data_dir(args.data_root, table), out=args.work / table, models=MODELS,
+                      train_runs=False, device="cpu" if args.dry_run else "cuda", progress=False,
+                      command="bash benchmarks/device_run.sh" + (" --dry-run" if args.dry_run else ""),
+                      **(DRY if args.dry_run else {}))
+            log(f"{table}:\n" + (args.work / table / "table.md").read_text())
+        except Exception as e:  # one table's failure must not lose the other's
+            log(f"{table}: could not tabulate: {e}")
+
+
+# ------------------------------------------------------------------------------------------- packing
+
+
+def pack(args, log: Log) -> None:
+    """results.tar.gz (no weights, no optimiser states, no TensorBoard) + fp16 weights of the ResUNet++ runs."""
+    from safetensors.torch import load_file, save_file
+
+    keep = lambda p: p.is_file() and p.suffix not in (".pt", ".safetensors") and "tb" not in p.parts  # noqa: E731
+    with tarfile.open(args.out / "results.tar.gz", "w:gz") as tar:
+        for p in sorted(args.work.rglob("*")):
+            if keep(p):
+                tar.add(p, arcname=str(p.relative_to(args.work)))
+    for name in WEIGHTS:
+        kind = next(j for j in JOBS if j[0] == name)
+        run = args.work / name if kind[1] == "beyond" else args.work / kind[2] / kind[3]
+        if (run / "model.safetensors").is_file():
+            state = load_file(run / "model.safetensors")
+            tensors = {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}
+            save_file(tensors, args.out / f"{name}.safetensors")
+            shutil.copy(run / "config.json", args.out / f"{name}.json")
+    sizes = ", ".join(f"{p.name} {p.stat().st_size / 2**20:.1f} MiB" for p in sorted(args.out.iterdir()))
+    log(f"packed: {sizes}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--budget", type=float, default=540, help="seconds for everything (default 540)")
+    ap.add_argument("--out", type=Path, default=Path("device-out"))
+    ap.add_argument("--data-root", type=Path, help="prepared caches or dataset folders (default .devdata/; "
+                    "with --dry-run ../shared/data, since a 256x256 cache can't be read at 32x32)")
+    ap.add_argument("--work", type=Path, help="working folder (default: OUT/../device-work)")
+    ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--max-workers", type=int, default=3)
+    ap.add_argument("--jobs", help="comma-separated subset of the trainings")
+    ap.add_argument("--min-job-seconds", type=float, default=45)
+    ap.add_argument("--eval-reserve", type=float, default=35, help="seconds kept for evaluation and packing")
+    ap.add_argument("--job", help=argparse.SUPPRESS)
+    ap.add_argument("--time-limit", type=float, help=argparse.SUPPRESS)
+    ap.add_argument("--epochs", type=int, default=120, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    args.data_root = args.data_root or (ROOT.parent / "shared" / "data" if args.dry_run else ROOT / ".devdata")
+    if args.job:
+        run_job(args)
+        return 0
+
+    start = time.perf_counter()
+    deadline = start + args.budget
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.work = args.work or args.out.parent / "device-work"
+    args.work.mkdir(parents=True, exist_ok=True)
+    log = Log(args.out / "device_run.log", start)
+    stage_dir = args.work / "stage0"
+    stage_dir.mkdir(exist_ok=True)
+    summary = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "budget_s": args.budget, "dry_run": args.dry_run,
+               "command": " ".join(sys.argv), "stages": {}}
+    try:
+        import torch
+
+        summary["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        summary["torch"] = torch.__version__
+        log(f"device {summary['device']}, torch {torch.__version__}, budget {args.budget:.0f} s, out {args.out}")
+        if not args.dry_run and not torch.cuda.is_available():
+            raise RuntimeError("no CUDA device: run with --dry-run on a CPU")
+        t = time.perf_counter()
+        summary["stages"]["smoke"] = smoke(args, log, stage_dir)
+        workers = speed(args, log, stage_dir)
+        profile(args, log, stage_dir)
+        latency(args, log, stage_dir)
+        summary["stages"]["stage0_seconds"] = round(time.perf_counter() - t, 1)
+    except Exception:
+        log("SMOKE FAILED, nothing else runs:\n" + traceback.format_exc())
+        summary["stages"]["smoke"] = "failed"
+        _finish(args, log, summary)
+        return 1
+    t = time.perf_counter()
+    summary["workers"] = workers
+    summary["stages"]["trainings"] = trainings(args, log, deadline - args.eval_reserve / 2, workers)
+    summary["stages"]["trainings_seconds"] = round(time.perf_counter() - t, 1)
+    tables(args, log)
+    _finish(args, log, summary)
+    return 0
+
+
+def _finish(args, log: Log, summary: dict) -> None:
+    summary["wall_s"] = round(time.perf_counter() - log.start, 1)
+    (args.work / "summary.json").write_text(json.dumps(summary, indent=1))
+    lines = [f"# device run {summary['date']}", "", f"device: {summary.get('device')}, torch {summary.get('torch')}, "
+             f"wall {summary['wall_s']} s of a {summary['budget_s']:.0f} s budget", ""]
+    for table in ("table1", "table2"):
+        if (args.work / table / "table.md").is_file():
+            lines += [(args.work / table / "table.md").read_text(), ""]
+    if (args.work / "stage0" / "train_speed.md").is_file():
+        lines += [(args.work / "stage0" / "train_speed.md").read_text(), ""]
+    lines += ["```json", json.dumps(summary["stages"], indent=1), "```"]
+    (args.out / "summary.md").write_text("\n".join(lines) + "\n")
+    try:
+        pack(args, log)
+    except Exception:
+        log("packing failed:\n" + traceback.format_exc())
+    log(f"done in {summary['wall_s']} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The one command for a GPU machine: bash benchmarks/device_run.sh [--budget SECONDS] [--out DIR] [--dry-run] [...]
+#
+# Works on a bare machine that has its own CUDA PyTorch (and numpy, safetensors, opencv, matplotlib,
+# typer, rich, tqdm, pyyaml, tensorboard, torchmetrics, as the usual CUDA images do): the project runs
+# from src/ with the machine's torch; wheels found in .whl/ (or $WHEELS) for anything else it lacks are
+# installed with --no-deps into /tmp/site first. Prepared 256x256 caches of the datasets are read from
+# .devdata/ (`--fetch-data` makes them from ../shared/data, 35 MB) or --data-root. Everything else
+# (--budget, --out, --dry-run, --jobs, --max-workers) goes to benchmarks/device_run.py.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+WHEELS=${WHEELS:-.whl}
+
+if [[ "${1:-}" == "--fetch-data" ]]; then  # prepared 256x256 caches of both datasets (35 MB)
+  SRC=${2:-../shared/data}
+  resunetpp data prepare "$SRC/Kvasir-SEG" --size 256 --out .devdata/kvasir-seg-256
+  resunetpp data prepare "$SRC/CVC-ClinicDB" --size 256 --out .devdata/cvc-clinicdb-256
+  exit 0
+fi
+
+if [[ " $* " != *" --dry-run "* ]] && compgen -G "$WHEELS/*.whl" >/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+$PY -c "import resunetpp.reproduce, torch; print('resunetpp from src/, torch', torch.__version__)"
+exec $PY benchmarks/device_run.py "$@"

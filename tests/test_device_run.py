@@ -1,0 +1,65 @@
+"""The GPU campaign's one command, dry-run on the CPU: every stage runs, and what comes back fits the
+transfer limits (at most 8 files, 16 MiB each, at most two folders deep), with tables and fp16 weights."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from resunetpp import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory, kvasir_dir, clinicdb_dir) -> Path:
+    out = tmp_path_factory.mktemp("device") / "out"
+    # one job of each stage (both tables' ResUNet++, the beyond recipe, one baseline) keeps CI short;
+    # the full job list runs the same code path per job
+    cmd = ["bash", str(ROOT / "benchmarks" / "device_run.sh"), "--dry-run", "--budget", "600", "--out", str(out),
+           "--data-root", str(kvasir_dir.parent), "--max-workers", "2", "--min-job-seconds", "5",
+           "--jobs", "table1-resunetpp,table2-resunetpp,beyond-kvasir,table1-unet"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**__import__("os").environ,
+                                                                                "PYTHON": sys.executable})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return out
+
+
+def test_dry_run_outputs_fit_the_transfer_limits(dry_run):
+    files = [p for p in dry_run.rglob("*") if p.is_file()]
+    assert 4 <= len(files) <= 8
+    assert all(p.stat().st_size <= 16 * 2**20 for p in files)
+    assert all(len(p.relative_to(dry_run).parts) <= 3 for p in files)
+    names = {p.name for p in files}
+    assert {"device_run.log", "summary.md", "results.tar.gz", "table1-resunetpp.safetensors",
+            "table1-resunetpp.json", "table2-resunetpp.safetensors", "beyond-kvasir.safetensors"} <= names
+    log = (dry_run / "device_run.log").read_text()
+    assert "smoke: trained and evaluated" in log and "SMOKE FAILED" not in log and "FAILED" not in log
+
+
+def test_dry_run_tables_curves_and_weights(dry_run, tmp_path):
+    with tarfile.open(dry_run / "results.tar.gz") as tar:
+        names = set(tar.getnames())
+        tar.extractall(tmp_path, filter="data")
+    for table in ("table1", "table2"):
+        assert {f"{table}/table.md", f"{table}/results.json", f"{table}/fig3.png"} <= names
+    assert not any(n.endswith((".pt", ".safetensors")) for n in names)
+    results = json.loads((tmp_path / "table1" / "results.json").read_text())
+    assert set(results["models"]) == {"unet", "resunetpp"}
+    assert all(m["epochs_done"] == 2 for m in results["models"].values())
+    assert "| ResUNet++ | 2 |" in (tmp_path / "table1" / "table.md").read_text()
+    speed = json.loads((tmp_path / "stage0" / "train_speed.json").read_text())
+    assert speed["rows"] and all(r["loss_finite"] for r in speed["rows"])
+    assert (tmp_path / "beyond-kvasir" / "eval" / "metrics.json").is_file()
+    # the fp16 weights load back as a model with their config
+    run = tmp_path / "w"
+    run.mkdir()
+    (run / "model.safetensors").write_bytes((dry_run / "table1-resunetpp.safetensors").read_bytes())
+    (run / "config.json").write_text((dry_run / "table1-resunetpp.json").read_text())
+    model = load_model(run)
+    assert next(model.parameters()).dtype.is_floating_point
