@@ -55,6 +55,20 @@ def test_clear_errors(tmp_path):
 
 
 def test_bundled_weights_message_says_how_to_train(monkeypatch, tmp_path):
-    monkeypatch.setattr("resunetpp.hub.BUNDLED_DIR", tmp_path / "none")
+    monkeypatch.setattr("resunetpp.hub.WEIGHTS_DIR", tmp_path / "none")
     with pytest.raises(FileNotFoundError, match="resunetpp train"):
         bundled_weights()
+
+
+def test_bundled_models_load_by_name_and_by_default():
+    from resunetpp.hub import list_pretrained
+
+    assert list_pretrained() == ["resunetpp-kvasir-seg", "resunetpp-cvc-clinicdb"]
+    default = load_model()
+    assert default.pretrained_config["dataset"] == "kvasir-seg"
+    cvc = load_model("resunetpp-cvc-clinicdb")
+    assert cvc.pretrained_config["dataset"] == "cvc-clinicdb"
+    a, b = default.state_dict(), cvc.state_dict()
+    assert a.keys() == b.keys() and not all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(FileNotFoundError, match="not a bundled model"):
+        bundled_weights("resunetpp-etis")

@@ -165,15 +165,15 @@ def test_crf_missing_gives_install_hint(monkeypatch):
 
 
 def test_no_bundled_weights_message(tmp_path, monkeypatch):
-    monkeypatch.setattr(hub, "BUNDLED_DIR", tmp_path / "none")
+    monkeypatch.setattr(hub, "WEIGHTS_DIR", tmp_path / "none")
     with pytest.raises(FileNotFoundError, match="resunetpp train"):
         Segmenter()
     img = tmp_path / "a.png"
     cv2.imwrite(str(img), np.zeros((16, 16, 3), np.uint8))
     r = runner.invoke(app, ["predict", str(img), "--out", str(tmp_path / "out")])
     assert r.exit_code == 3, r.output  # bad input (the README's exit-code table)
-    assert "no bundled trained weights" in r.output and "resunetpp train" in r.output
-    assert "configs/quick-cpu.yaml" in r.output and "later release" in r.output
+    assert "bundled weights 'resunetpp-kvasir-seg' are missing" in r.output and "resunetpp train" in r.output
+    assert "configs/quick-cpu.yaml" in r.output
     assert "Traceback" not in r.output and isinstance(r.exception, SystemExit)  # a clean exit, not a crash
 
 

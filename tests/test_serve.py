@@ -468,10 +468,10 @@ def test_cli_other_hosts_need_a_token(ckpt, fake_uvicorn, monkeypatch):
 
 
 def test_cli_without_weights_says_how_to_get_some(fake_uvicorn, monkeypatch, tmp_path):
-    monkeypatch.setattr(hub, "BUNDLED_DIR", tmp_path / "none")
+    monkeypatch.setattr(hub, "WEIGHTS_DIR", tmp_path / "none")
     try:
         hub.bundled_weights()
-        pytest.skip("bundled weights resolve without BUNDLED_DIR; nothing to test here")
+        pytest.fail("bundled weights resolve without WEIGHTS_DIR")
     except FileNotFoundError:
         pass
     r = runner.invoke(cli_app, ["serve"])

@@ -95,17 +95,21 @@ def predict(model: torch.nn.Module, images: torch.Tensor, normalization: dict[st
         return torch.sigmoid(model(x).float())
 
 
-def evaluate(weights: str | os.PathLike, data: str | os.PathLike, split: str = "test",
+def evaluate(weights: str | os.PathLike | None, data: str | os.PathLike, split: str = "test",
              out: str | os.PathLike | None = None, threshold: float | None = None, device: str = "auto",
              batch_size: int = 16, limit: int | None = None, native: bool = False, skip_bad: bool = False,
              amp: bool = False, progress: bool = True) -> Evaluation:
-    """Score the model in `weights` (run folder or .safetensors) on `data`; write reports to `out` if given."""
+    """Score the model in `weights` (run folder, .safetensors, a bundled model's name, or None for the default
+    bundled model) on `data`; write reports to `out` if given."""
     from .data import SegmentationFolder, detect_layout, load_pairs
     from .inference import check_threshold
     from .io import read_mask
 
     if threshold is not None:
         check_threshold(threshold)  # before loading anything: --threshold 1.5 is refused at once
+    from .hub import bundled_weights, resolve_weights
+
+    weights = bundled_weights() if weights is None else resolve_weights(weights)
     dev = resolve_device(device)
     model = load_model(weights, dev)
     cfg = model.pretrained_config

@@ -26,12 +26,28 @@ from .utils import atomic_path, write_json
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-# Trained weights shipped inside the package (see the model card there), used when none are given.
-BUNDLED_DIR = Path(__file__).parent / "weights" / "resunetpp-kvasir"
+# Trained weights shipped inside the package (each folder has its MODEL_CARD.md), loadable by name;
+# the first is used when none are given.
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+PRETRAINED = ("resunetpp-kvasir-seg", "resunetpp-cvc-clinicdb")
+DEFAULT_PRETRAINED = PRETRAINED[0]
+
+
+def list_pretrained() -> list[str]:
+    """Names of the bundled trained models, e.g. ``load_model("resunetpp-cvc-clinicdb")``."""
+    return [n for n in PRETRAINED if (WEIGHTS_DIR / n / WEIGHTS_NAME).is_file()]
+
+
+def resolve_weights(path: str | os.PathLike) -> Path:
+    """A path as given, or the folder of a bundled model when `path` is one's name (and no such file exists)."""
+    p = Path(path)
+    if not p.exists() and str(path) in PRETRAINED:
+        return bundled_weights(str(path))
+    return p
 
 
 def _files(path: str | os.PathLike) -> tuple[Path, Path]:
-    p = Path(path)
+    p = resolve_weights(path)
     if not p.exists():
         raise FileNotFoundError(f"{p}: not found; pass a run folder (config.json + model.safetensors), "
                                 "a .safetensors file or an .onnx model")
@@ -84,8 +100,8 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_model(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a model from a run folder, a `.safetensors` file with `config.json` beside it,
-    or (path=None) the bundled weights. Returns it in eval mode, float32, with its config as
+    """Rebuild a model from a run folder, a `.safetensors` file with `config.json` beside it, the
+    name of a bundled model (`list_pretrained()`) or (path=None) the default bundled weights. Returns it in eval mode, float32, with its config as
     `model.pretrained_config`."""
     if path is None:
         path = bundled_weights()
@@ -130,18 +146,17 @@ def state_mismatch(expected: dict[str, torch.Tensor], got: dict[str, torch.Tenso
     return "; ".join(parts)
 
 
-def bundled_weights() -> Path:
-    """Folder of the bundled trained ResUNet++; a clear error says how to get weights if absent."""
-    if not (BUNDLED_DIR / WEIGHTS_NAME).is_file():
+def bundled_weights(name: str = DEFAULT_PRETRAINED) -> Path:
+    """Folder of a bundled trained model (default: ResUNet++ on Kvasir-SEG); a clear error if absent."""
+    if name not in PRETRAINED:
+        raise FileNotFoundError(f"{name}: not found, and not a bundled model ({', '.join(PRETRAINED)})")
+    folder = WEIGHTS_DIR / name
+    if not (folder / WEIGHTS_NAME).is_file():
         raise FileNotFoundError(
-            "no bundled trained weights ship with this version of resunetpp yet (they come with a later release). "
-            "Try the tool in minutes on a CPU with\n"
-            "  resunetpp train --config configs/quick-cpu.yaml      # -> runs/quick-cpu, a narrow model at 64x64\n"
-            "or train the paper's model (120 epochs: hours on a GPU, days on a CPU) with\n"
-            "  resunetpp train --model resunetpp --data ../shared/data/Kvasir-SEG --out runs/kvasir\n"
-            "and pass --weights RUN_FOLDER (or load_model('RUN_FOLDER'))."
-        )
-    return BUNDLED_DIR
+            f"{folder / WEIGHTS_NAME}: the bundled weights {name!r} are missing from this install (a source "
+            "checkout without them?). Reinstall resunetpp, or train a model: `resunetpp train --config "
+            "configs/quick-cpu.yaml` (minutes on a CPU) and pass --weights runs/quick-cpu.")
+    return folder
 
 
 def _listify(kwargs: dict[str, Any]) -> dict[str, Any]:

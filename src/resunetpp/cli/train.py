@@ -85,7 +85,8 @@ def train(
 
 
 def evaluate(
-    weights: Path = typer.Option(..., "--weights", help="Run folder (config.json + model.safetensors)."),
+    weights: Path | None = typer.Option(None, "--weights", help="Run folder (config.json + model.safetensors) or a "
+                                        "bundled model's name. Default: the bundled ResUNet++ (Kvasir-SEG)."),
     data: Path = typer.Option(..., "--data", help="Dataset folder or prepared cache (any dataset)."),
     split: str = typer.Option("test", help="test | val | train | all | a split JSON | a text file of ids."),
     out: Path | None = typer.Option(None, "--out", help="Report folder (default WEIGHTS/eval/DATASET-SPLIT)."),
@@ -105,8 +106,12 @@ def evaluate(
     from ..train import dataset_name
 
     try:
-        if out is None:
-            out = weights / "eval" / f"{dataset_name(data)}-{Path(split).stem}"
+        from ..hub import DEFAULT_PRETRAINED, PRETRAINED
+
+        if out is None:  # beside a run; bundled models' reports go under runs/eval/, not into the package
+            own = weights is not None and str(weights) not in PRETRAINED
+            base = weights / "eval" if own else Path("runs") / "eval" / str(weights or DEFAULT_PRETRAINED)
+            out = base / f"{dataset_name(data)}-{Path(split).stem}"
         result = run_evaluate(weights, data, split=split, out=out, threshold=threshold, device=device,
                               batch_size=batch_size, limit=limit, native=native, skip_bad=skip_bad)
     except _ERRORS as e:
