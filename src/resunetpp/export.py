@@ -10,8 +10,9 @@ Conventions
   several sizes with the nearest-neighbour upsampling; dynamo needs the sizes declared as
   multiples of the stride (`8 * Dim`), which is what the model accepts anyway.
 * Parity: the exported model is run with onnxruntime on random inputs (batch 2, the config's
-  input size and a second non-square size) and compared with PyTorch; a maximum absolute logit
-  difference above `atol` (1e-4) raises `ParityError`, and leaves no model file behind.
+  input size and a second non-square size) and compared with PyTorch; a maximum logit difference
+  above `atol` (1e-4) times max(1, largest |logit|), or any NaN, raises `ParityError`, and leaves no
+  model file behind.
 * The checkpoint's config.json is embedded as metadata (key "resunetpp_config") and written as
   config.json beside the .onnx when none is there, so `Segmenter("model.onnx")` knows the input
   size, normalisation and threshold.
@@ -85,7 +86,9 @@ def _session(path: str | os.PathLike, threads: int | None = None):
 
 def check_parity(onnx_path: str | os.PathLike, model: nn.Module, shapes: Sequence[Sequence[int]],
                  seed: int = 0) -> float:
-    """Largest |onnxruntime logits - PyTorch logits| over random inputs of the given shapes."""
+    """Largest |onnxruntime logits - PyTorch logits| over random inputs of the given shapes, in units of
+    max(1, largest |PyTorch logit|): float32 rounding grows with the logits' size, and a trained model's
+    logits reach tens. NaN or inf anywhere counts as an infinite difference."""
     sess = _session(onnx_path)
     name = sess.get_inputs()[0].name
     gen = torch.Generator().manual_seed(seed)
@@ -100,7 +103,8 @@ def check_parity(onnx_path: str | os.PathLike, model: nn.Module, shapes: Sequenc
         if out.shape != ref.shape:
             raise ParityError(f"{onnx_path}: output shape {out.shape} != PyTorch's {ref.shape} "
                               f"for input {tuple(shape)}")
-        worst = max(worst, float(np.abs(out - ref).max()))
+        diff = float(np.abs(out - ref).max() / max(1.0, float(np.abs(ref).max())))
+        worst = max(worst, diff if np.isfinite(diff) else float("inf"))
     return worst
 
 
@@ -186,7 +190,8 @@ def export_onnx(weights: str | os.PathLike | nn.Module, out: str | os.PathLike, 
             except ParityError as e:  # name the output, not the temporary file
                 raise ParityError(str(e).replace(str(tmp), str(out))) from None
             if not diff <= atol:
-                raise ParityError(f"{out}: max |logit difference| vs PyTorch is {diff:.3g} > {atol:g}; "
+                raise ParityError(f"{out}: max |logit difference| vs PyTorch (relative to max(1, |logit|)) is "
+                                  f"{diff:.3g} > {atol:g}; "
                                   f"the export is wrong (try exporter='legacy' or another opset)")
     config_path = None
     if not out.with_name("config.json").exists():

@@ -172,7 +172,9 @@ def _finished_epochs(run: Path) -> int | None:
     """Epochs completed by the run in `run` (from last.pt), or None when there is no run yet."""
     if not (run / "last.pt").is_file():
         return None
-    return int(torch.load(run / "last.pt", map_location="cpu", weights_only=True)["epoch"])
+    from .train import load_checkpoint
+
+    return int(load_checkpoint(run / "last.pt")["epoch"])
 
 
 def _train_seconds(run: Path) -> float | None:

@@ -29,7 +29,10 @@ loop over epochs (shuffle, augment, step; validate; checkpoint). Conventions:
   and `--resume`.
 - Fixed shapes: each epoch drops its last partial batch (at most batch-1 images, a different few each
   epoch), so a compiled or graph-captured step never meets a new shape. `compile` picks
-  `torch.compile` of the model ("default", or "reduce-overhead" for CUDA graphs); "off" runs eagerly.
+  `torch.compile` of the model ("default", or "reduce-overhead" for CUDA graphs) or eager ("off");
+  "auto" (the default) compiles on CUDA when the run is long enough to repay the compilation, as
+  measured on an H200 (benchmarks/RESULTS.md: 1.71x the eager img/s after a 47 s warm-up, which pays
+  from about `COMPILE_PAYS_FROM` training images on), and never on a CPU.
 - Speed: validation, `last.pt` and the logs come every `eval_every` epochs (and after the last one);
   the weights' finiteness is checked with one device sync per validation. `time_limit` (seconds) stops
   after the epoch at which another epoch would not fit, writing a resumable `last.pt`.
@@ -49,6 +52,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from .hub import save_pretrained
@@ -59,7 +63,8 @@ from .registry import create_model, model_info
 from .utils import atomic_path
 
 OPTIMIZERS = ("adam", "adamw", "nadam")
-COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+COMPILE_MODES = ("auto", "off", "default", "reduce-overhead", "max-autotune")
+COMPILE_PAYS_FROM = 60_000  # images: 47 s / (1/546 - 1/1084 s per image), H200, ResUNet++ at 256, rounded up
 SCHEDULES = ("sgdr", "cosine", "constant", "onecycle")
 AUGMENTS = ("paper", "light", "none")
 
@@ -90,7 +95,7 @@ class TrainConfig:
     threshold: float = 0.5
     check_every: int = 50               # steps between non-finite-loss checks (each one is a device sync)
     eval_every: int = 1                 # epochs between validations (and last.pt); the last epoch always
-    compile: str = "off"                # off | default | reduce-overhead (CUDA graphs) | max-autotune
+    compile: str = "auto"               # auto | off | default | reduce-overhead (CUDA graphs) | max-autotune
     time_limit: float | None = None     # seconds: stop (resumably) before an epoch that would not fit
     progress: bool = True
 
@@ -111,6 +116,36 @@ class TrainConfig:
         if not cfg.data:
             raise ValueError("no training data given (--data DIR_OR_CACHE)")
         return cfg
+
+
+class CheckpointError(ValueError):
+    """A `last.pt` that can't be resumed: damaged, or holding more than tensors and plain types."""
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A `last.pt` read with `torch.load(weights_only=True)`: tensors and plain types only, so a file
+    holding other Python objects is refused without running any of it."""
+    import pickle
+    import zipfile
+
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # RNG states must stay on the CPU
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path}: refused: it holds Python objects other than tensors and plain types, so it "
+                              "was not written by `resunetpp train` (loading it could run code). Nothing was loaded; "
+                              "resume a run folder of your own, or start a new run.") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"{path}: damaged or not a checkpoint ({str(e).splitlines()[0][:120]}). The best model "
+                              f"so far is still in {path.parent / 'model.safetensors'}; start a new run (another "
+                              "--out) to train again.") from None
+    if not isinstance(ckpt, dict) or not {"model", "optimizer", "scheduler", "epoch"} <= set(ckpt):
+        raise CheckpointError(f"{path}: not a resunetpp training checkpoint (no model/optimizer/scheduler/epoch)")
+    return ckpt
+
+
+class CheckpointWriteError(OSError):
+    """The run's files could not be written (disk full, ...); the previous ones are intact."""
 
 
 class NonFiniteError(RuntimeError):
@@ -347,6 +382,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
     was_deterministic = (torch.are_deterministic_algorithms_enabled(),
                          torch.is_deterministic_algorithms_warn_only_enabled())
     log = (lambda msg: tqdm.write(msg)) if master else (lambda msg: None)
+    saved_epoch = 0
 
     try:
         if cfg.batch_size % world:
@@ -379,7 +415,10 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
 
         # -- model, loss, optimiser, schedule
         seed_all(cfg.seed)
-        model = create_model(cfg.model, **cfg.model_kwargs).to(device)
+        try:
+            model = create_model(cfg.model, **cfg.model_kwargs).to(device)
+        except TypeError as e:  # a misspelt model_kwargs key
+            raise ValueError(f"model_kwargs {cfg.model_kwargs}: not options of {cfg.model} ({e})") from None
         if cfg.size % model.total_stride:
             raise ValueError(f"--size {cfg.size} is not a multiple of {cfg.model}'s total stride {model.total_stride}")
         if cuda:
@@ -387,8 +426,6 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
         raw_model = model
         if ddp:
             model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
-        if cfg.compile != "off":
-            model = torch.compile(model, mode=None if cfg.compile == "default" else cfg.compile)
         loss_fn = get_loss(cfg.loss)
         opt = make_optimizer(cfg, raw_model.parameters(), device)
         shard_len = len(train_idx) // world
@@ -398,10 +435,15 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
         steps = shard_len // rank_batch  # the last partial batch is dropped: fixed shapes
         if steps == 0:
             raise ValueError(f"batch size {cfg.batch_size} is larger than the {len(train_idx)} training images")
+        compile_mode = cfg.compile
+        if compile_mode == "auto":
+            compile_mode = "default" if cuda and cfg.epochs * steps * cfg.batch_size >= COMPILE_PAYS_FROM else "off"
+        if compile_mode != "off":
+            model = torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
         sched = make_scheduler(cfg, opt, cfg.epochs * steps)
         start_epoch, history, best = 0, [], {"epoch": 0, "dice": -1.0}
         if resume:
-            ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)  # RNG states must stay on CPU
+            ckpt = load_checkpoint(out / "last.pt")
             raw_model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])
             sched.load_state_dict(ckpt["scheduler"])
@@ -416,7 +458,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
             out.mkdir(parents=True, exist_ok=True)
             settings = {**asdict(cfg), "out": str(out), "resolved_device": str(device), "amp": amp,
                         "deterministic": deterministic, "world_size": world, "dataset": pairs.name,
-                        "steps_per_epoch": steps}
+                        "steps_per_epoch": steps, "compiled": compile_mode}
             with atomic_path(out / "train_config.yaml") as tmp:
                 tmp.write_text(yaml.safe_dump(settings, sort_keys=False))
             save_split(split, out / "split.json")
@@ -437,6 +479,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
 
         # -- the loop
         run_start, elapsed_before = time.perf_counter(), (history[-1].get("elapsed", 0.0) if history else 0.0)
+        saved_epoch = start_epoch
         for epoch in range(start_epoch + 1, cfg.epochs + 1):
             bar.set_description(f"epoch {epoch}/{cfg.epochs}")
             shard = epoch_shard(train_idx, cfg.seed, epoch, rank, world)
@@ -465,7 +508,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
                                     if history else "-", img_s=f"{seen / (time.perf_counter() - t0):.1f}")
             train_seconds = time.perf_counter() - t0
             spent = time.perf_counter() - run_start
-            next_end = spent * (epoch - start_epoch + 1) / (epoch - start_epoch)  # after one more epoch
+            next_end = spent + (time.perf_counter() - t0)  # after one more epoch like this one
             out_of_time = torch.tensor([float(cfg.time_limit is not None and epoch < cfg.epochs
                                               and next_end > cfg.time_limit)])
             if ddp:  # rank 0's clock decides, so every rank stops after the same epoch
@@ -486,16 +529,23 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
                        "img_per_s": round(steps * cfg.batch_size / train_seconds, 2),
                        "elapsed": round(elapsed_before + time.perf_counter() - run_start, 3)}
                 history.append(row)
-                if row["val_dice"] > best["dice"]:
-                    best = {"epoch": epoch, "dice": row["val_dice"]}
-                    metrics = {k[4:]: v for k, v in row.items() if k.startswith("val_")}
-                    save_pretrained(raw_model, out, {**checkpoint_config, "metrics": {"val": metrics},
-                                                     "best_epoch": epoch})
-                with atomic_path(out / "last.pt") as tmp:
-                    torch.save({"model": raw_model.state_dict(), "optimizer": opt.state_dict(),
-                                "scheduler": sched.state_dict(), "epoch": epoch, "best": best,
-                                "history": history, "rng": rng_state(), "config": asdict(cfg)}, tmp)
-                write_metrics_csv(out / "metrics.csv", history)
+                try:  # every file is written atomically: a failed write leaves the previous one whole
+                    if row["val_dice"] > best["dice"]:
+                        best = {"epoch": epoch, "dice": row["val_dice"]}
+                        metrics = {k[4:]: v for k, v in row.items() if k.startswith("val_")}
+                        save_pretrained(raw_model, out, {**checkpoint_config, "metrics": {"val": metrics},
+                                                         "best_epoch": epoch})
+                    with atomic_path(out / "last.pt") as tmp:
+                        torch.save({"model": raw_model.state_dict(), "optimizer": opt.state_dict(),
+                                    "scheduler": sched.state_dict(), "epoch": epoch, "best": best,
+                                    "history": history, "rng": rng_state(), "config": asdict(cfg)}, tmp)
+                    write_metrics_csv(out / "metrics.csv", history)
+                except (OSError, RuntimeError, SafetensorError) as e:
+                    raise CheckpointWriteError(
+                        f"{out}: could not write the checkpoint of epoch {epoch} ({str(e).splitlines()[0][:160]}). "
+                        f"The files of epoch {saved_epoch or 'none'} are intact; free some space, then continue "
+                        f"with: resunetpp train --resume {out}") from None
+                saved_epoch = epoch
                 for k, v in row.items():
                     if k != "epoch":
                         tb.add_scalar(k.replace("val_", "val/").replace("train_", "train/"), v, epoch)
@@ -523,6 +573,12 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
                 plot_curves(history, out / "curves.png")
             log(f"done: best val Dice {best['dice']:.4f} at epoch {best['epoch']}; model in {out}")
         return out
+    except KeyboardInterrupt:
+        if master:
+            where = (f"the last checkpoint is {out / 'last.pt'} (epoch {saved_epoch}); continue with: "
+                     f"resunetpp train --resume {out}") if saved_epoch else "no epoch was checkpointed yet"
+            log(f"interrupted: {where}")
+        raise
     finally:
         torch.use_deterministic_algorithms(was_deterministic[0], warn_only=was_deterministic[1])
         if ddp and dist.is_initialized():

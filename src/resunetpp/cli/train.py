@@ -14,7 +14,9 @@ from pathlib import Path
 
 import typer
 
-_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError)
+from .common import ExitCode, fail
+
+_ERRORS = (ValueError, OSError, KeyError, RuntimeError)
 
 
 def register(app: typer.Typer) -> None:
@@ -24,9 +26,21 @@ def register(app: typer.Typer) -> None:
 
 
 def _fail(e: BaseException) -> None:
+    """One line and the README's exit code: 3 what was given can't be used (data, weights, a checkpoint),
+    2 a setting is wrong, 1 the run stopped part-way (non-finite loss, disk full: its last files kept)."""
+    from ..data import DatasetCheckError
+    from ..train import CheckpointError, CheckpointWriteError, NonFiniteError
+
     msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-    typer.secho(f"error: {msg}", err=True, fg="red")
-    raise typer.Exit(1)
+    if isinstance(e, (NonFiniteError, CheckpointWriteError)):
+        code = ExitCode.PARTIAL
+    elif isinstance(e, (FileNotFoundError, FileExistsError, DatasetCheckError, CheckpointError, OSError)):
+        code = ExitCode.BAD_INPUT
+    elif isinstance(e, (ValueError, KeyError)):
+        code = ExitCode.USAGE
+    else:
+        code = ExitCode.PARTIAL
+    raise fail(msg, code) from None
 
 
 def train(
@@ -50,8 +64,8 @@ def train(
     skip_bad: bool | None = typer.Option(None, "--skip-bad", help="Train on the good pairs of a failing dataset."),
     early_stop: int | None = typer.Option(None, "--early-stop", help="Patience in epochs (0: off)."),
     limit: int | None = typer.Option(None, help="Use only the first N train/val/test ids."),
-    compile: str | None = typer.Option(None, "--compile", help="off | default | reduce-overhead (CUDA graphs) | "
-                                       "max-autotune: torch.compile the model (default off)."),
+    compile: str | None = typer.Option(None, "--compile", help="auto | off | default | reduce-overhead (CUDA graphs)"
+                                       " | max-autotune: torch.compile the model (auto: on CUDA for long runs)."),
     eval_every: int | None = typer.Option(None, "--eval-every", help="Validate and write last.pt every N epochs "
                                           "(default 1; the last epoch always)."),
     time_limit: float | None = typer.Option(None, "--time-limit", help="Seconds: stop resumably before an epoch "
@@ -80,6 +94,8 @@ def train(
         run = run_train(cfg, resume=resume)
     except _ERRORS as e:
         _fail(e)
+    except KeyboardInterrupt:  # train() has said where the last checkpoint is
+        raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
     if os.environ.get("RANK", "0") == "0":  # under torchrun, once
         typer.echo(f"run folder: {run}")
 
