@@ -101,8 +101,8 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
 
 def load_model(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a model from a run folder, a `.safetensors` file with `config.json` beside it, the
-    name of a bundled model (`list_pretrained()`) or (path=None) the default bundled weights. Returns it in eval mode, float32, with its config as
-    `model.pretrained_config`."""
+    name of a bundled model (`list_pretrained()`) or (path=None) the default bundled weights.
+    Returns it in eval mode, float32, with its config as `model.pretrained_config`."""
     if path is None:
         path = bundled_weights()
     weights, _ = _files(path)
