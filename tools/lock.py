@@ -4,7 +4,7 @@
     python tools/lock.py --check    # exit 1 if the lock differs from a fresh resolution
 
 It makes a throw-away virtual environment, asks pip to resolve (``--dry-run --report``, nothing is
-installed) the README's install, ``-e ".[dev,crf,openvino,serve]"``, with only ``torch==TORCH``
+installed) the README's install, ``-e ".[dev,crf,openvino,serve,docs]"``, with only ``torch==TORCH``
 pinned, and writes every resolved distribution as ``name==version``. The install then uses pip with
 ``-c constraints-cpu.txt``, so ``torch==2.13.0`` resolves to the CPU wheel that pip finds on local
 disk (``+cpu`` local versions match a plain ``==2.13.0``), and no ``nvidia-*`` package is pulled in.
@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 LOCK = ROOT / "constraints-cpu.txt"
 TORCH = "2.13.0"
-EXTRAS = "dev,crf,openvino,serve"
+EXTRAS = "dev,crf,openvino,serve,docs"
 
 
 def _canon(name: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from . import networks  # noqa: F401  (registers the models)
-from .hub import load_model, save_pretrained
+from .hub import list_pretrained, load_model, save_pretrained
 from .inference import Segmenter
 from .registry import count_parameters, create_model, list_models, model_info
 
@@ -14,5 +14,5 @@ try:
 except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+unknown"
 
-__all__ = ["Segmenter", "__version__", "count_parameters", "create_model", "list_models", "load_model", "model_info",
-           "save_pretrained"]
+__all__ = ["Segmenter", "__version__", "count_parameters", "create_model", "list_models", "list_pretrained",
+           "load_model", "model_info", "save_pretrained"]
