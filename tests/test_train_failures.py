@@ -114,3 +114,10 @@ def test_disk_full_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):
     r = runner.invoke(app, ["train", "--resume", str(tmp_path / "run")])
     assert r.exit_code == 0, r.output
     assert T.load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 2
+
+
+def test_sync_bn_without_several_cuda_processes_is_a_usage_error(data, tmp_path):
+    r = cli_train(data, tmp_path / "run", "--sync-bn")
+    assert r.exit_code == 2
+    assert "--sync-bn needs torchrun with several CUDA processes" in one_line_error(r)
+    assert not (tmp_path / "run" / "last.pt").exists()

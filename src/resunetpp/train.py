@@ -97,6 +97,7 @@ class TrainConfig:
     eval_every: int = 1                 # epochs between validations (and last.pt); the last epoch always
     compile: str = "auto"               # auto | off | default | reduce-overhead (CUDA graphs) | max-autotune
     time_limit: float | None = None     # seconds: stop (resumably) before an epoch that would not fit
+    sync_bn: bool = False               # SyncBatchNorm across DDP ranks (CUDA only): for small per-GPU batches
     progress: bool = True
 
     def resolved(self) -> TrainConfig:
@@ -421,6 +422,11 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
             raise ValueError(f"model_kwargs {cfg.model_kwargs}: not options of {cfg.model} ({e})") from None
         if cfg.size % model.total_stride:
             raise ValueError(f"--size {cfg.size} is not a multiple of {cfg.model}'s total stride {model.total_stride}")
+        if cfg.sync_bn:
+            if not (ddp and cuda):
+                raise ValueError("--sync-bn needs torchrun with several CUDA processes (torch's SyncBatchNorm runs "
+                                 "on GPUs only; one process has nothing to synchronise)")
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same state_dict keys as BatchNorm2d
         if cuda:
             model = model.to(memory_format=torch.channels_last)
         raw_model = model

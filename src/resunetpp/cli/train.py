@@ -70,6 +70,7 @@ def train(
                                           "(default 1; the last epoch always)."),
     time_limit: float | None = typer.Option(None, "--time-limit", help="Seconds: stop resumably before an epoch "
                                             "that would not fit."),
+    sync_bn: bool | None = typer.Option(None, "--sync-bn", help="SyncBatchNorm across torchrun's CUDA processes."),
 ) -> None:
     """Train a model (paper recipe by default). Works as is under `torchrun --nproc_per_node=N`."""
     from ..train import TrainConfig, config_from_dict, read_config_file
@@ -78,7 +79,8 @@ def train(
     flags = {"model": model, "data": data, "split": split, "size": size, "epochs": epochs, "batch_size": batch_size,
              "lr": lr, "optimizer": optimizer, "loss": loss, "schedule": schedule, "augment": augment, "seed": seed,
              "device": device, "amp": amp, "out": out, "skip_bad": skip_bad, "early_stop": early_stop, "limit": limit,
-             "compile": compile, "eval_every": eval_every, "time_limit": time_limit}
+             "compile": compile, "eval_every": eval_every, "time_limit": time_limit,
+             "sync_bn": sync_bn}
     try:
         values: dict = {}
         if resume is not None:
