@@ -89,19 +89,26 @@ def _read_with_pillow(path: Path, fallback_of: Exception | None = None) -> np.nd
         raise ImageReadError(path, f"not a readable image ({type(e).__name__}: {e})") from None
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """(H, W, 3) uint8 RGB. Grayscale is repeated, alpha dropped, 16-bit scaled to 8-bit."""
-    path = Path(path)
-    a = _to_uint8(_read_array(path))
+def to_rgb(a: np.ndarray) -> np.ndarray:
+    """Any decoded image array -> (H, W, 3) uint8 RGB: grayscale repeated, alpha dropped, 16-bit and
+    float scaled to 8-bit. The one conversion for files (`read_image`) and bytes (`resunetpp serve`)."""
+    a = _to_uint8(a)
     if a.ndim == 2:
         a = np.repeat(a[:, :, None], 3, axis=2)
     elif a.shape[-1] == 1:
         a = np.repeat(a, 3, axis=2)
     elif a.shape[-1] == 4:
         a = a[:, :, :3]
+    return np.ascontiguousarray(a)
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """(H, W, 3) uint8 RGB. Grayscale is repeated, alpha dropped, 16-bit scaled to 8-bit."""
+    path = Path(path)
+    a = to_rgb(_read_array(path))
     if a.shape[0] == 0 or a.shape[1] == 0:
         raise ImageReadError(path, f"image has no pixels ({a.shape})")
-    return np.ascontiguousarray(a)
+    return a
 
 
 def mask_grey(path: str | os.PathLike) -> np.ndarray:

@@ -13,7 +13,7 @@ import io
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..io import _to_uint8
+from ..io import to_rgb
 
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
@@ -104,13 +104,7 @@ def decode_image(data: bytes, what: str = "image", max_pixels: int = 25_000_000)
             a = _decode_tiff(data, what, max_pixels)  # e.g. CVC-ClinicDB's TIFFs, which Pillow cannot open
     else:
         a = _decode_pil(data, what, max_pixels)
-    a = _to_uint8(a)
-    if a.ndim == 2:
-        a = np.repeat(a[:, :, None], 3, axis=2)
-    elif a.shape[-1] == 1:
-        a = np.repeat(a, 3, axis=2)
-    elif a.shape[-1] == 4:
-        a = a[:, :, :3]
+    a = to_rgb(a)
     if a.ndim != 3 or a.shape[0] == 0 or a.shape[1] == 0:
         raise ApiError(400, "not_an_image", f"{what}: image has no pixels ({a.shape})")
     return np.ascontiguousarray(a)
