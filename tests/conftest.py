@@ -19,11 +19,11 @@ def _dataset(sub: str) -> Path:
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def kvasir_dir() -> Path:
     return _dataset("Kvasir-SEG")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def clinicdb_dir() -> Path:
     return _dataset("CVC-ClinicDB")

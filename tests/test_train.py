@@ -6,6 +6,7 @@ background, generated in tmp_path), a few epochs.
 
 import csv
 import json
+import math
 import os
 import random
 import signal
@@ -102,16 +103,18 @@ def test_best_on_validation_is_kept(discs, tmp_path):
     assert cfg["best_epoch"] == int(rows[best]["epoch"])
     assert cfg["metrics"]["val"]["dice"] == pytest.approx(dice[best], abs=1e-12)
     assert cfg["threshold"] == 0.5 and cfg["normalization"] == {"mean": [0.0] * 3, "std": [1.0] * 3}
-    # the saved weights are that epoch's: validating them again gives that epoch's score
+    # the saved weights are that epoch's: their val Dice, recomputed here by hand (forward, threshold, numpy
+    # counts, then the mean over images of 2tp / (|pred| + |truth|), 1 for two empty masks), is that row's
     model = load_model(run)
     split = json.loads((run / "split.json").read_text())
     from resunetpp.data import load_pairs
-    from resunetpp.losses import get_loss
 
     pairs = load_pairs(discs, ids=split["val"], size=32, progress=False)
-    again = T.validate(model, pairs.images, pairs.masks.float(), tiny(discs, "x").resolved(), get_loss("dice"),
-                       torch.device("cpu"), False)
-    assert again["val_dice"] == pytest.approx(dice[best], abs=1e-9)
+    with torch.no_grad():
+        pred = (torch.sigmoid(model(pairs.images.float() / 255)) > 0.5).numpy()[:, 0]
+    truth = pairs.masks.numpy()[:, 0].astype(bool)
+    per_image = [2 * (p & t).sum() / (p.sum() + t.sum()) if p.any() or t.any() else 1.0 for p, t in zip(pred, truth)]
+    assert np.mean(per_image) == pytest.approx(dice[best], abs=1e-9)
     if best != len(rows) - 1:  # then last.pt holds different (later) weights
         saved = load_file(run / "model.safetensors")
         assert any(not torch.equal(saved[k], v) for k, v in model_state(run).items() if v.is_floating_point())
@@ -169,10 +172,18 @@ def config_from_yaml(path: Path, out: Path) -> TrainConfig:
     return cfg
 
 
-def test_torchrun_two_gloo_processes(discs, tmp_path):
+UNET_TINY = {"filters": [4, 4, 4, 4, 4]}
+
+
+def test_torchrun_two_gloo_ranks_at_half_the_batch_match_one_process_at_the_full_batch(discs, tmp_path):
+    """Two ranks each take batch/2 images of their own shard; per step the two halves are exactly the images
+    one process takes at the full batch, and DDP averages the gradients. With no BatchNorm (U-Net), a loss
+    that is a mean over pixels (bce) and no augmentation, the weights must agree to float rounding; a
+    rank training on another rank's shard (or on all of them) would not."""
+    settings = {"model": "unet", "model_kwargs": UNET_TINY, "size": 32, "epochs": 2, "batch_size": 4, "lr": 3e-3,
+                "augment": "none", "loss": "bce", "progress": False}
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump({"model_kwargs": TINY, "size": 32, "epochs": 2, "batch_size": 4, "lr": 3e-3,
-                                   "augment": "light", "progress": False}))
+    cfg.write_text(yaml.safe_dump(settings))
     script = tmp_path / "cli.py"
     script.write_text("from resunetpp.cli import app\napp()\n")
     run = tmp_path / "ddp"
@@ -182,20 +193,43 @@ def test_torchrun_two_gloo_processes(discs, tmp_path):
          "--data", str(discs), "--config", str(cfg), "--device", "cpu", "--out", str(run)],
         capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    settings = yaml.safe_load((run / "train_config.yaml").read_text())
-    assert settings["world_size"] == 2 and settings["steps_per_epoch"] == 5  # 20 images / 2 ranks / 2 per rank
-    assert len(read_csv(run / "metrics.csv")) == 2
+    assert proc.stdout.count("run folder:") == 1  # rank 0 speaks for both
+    saved = yaml.safe_load((run / "train_config.yaml").read_text())
+    assert saved["world_size"] == 2 and saved["steps_per_epoch"] == 5  # 20 images / 2 ranks / 2 per rank
+    single = train(T.config_from_dict({**settings, "data": str(discs), "out": str(tmp_path / "one")}))
+    a, b = model_state(run), model_state(single)
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    torch.manual_seed(0)  # train() builds its model after seed_all(seed=0): the same initial weights
+    start = T.create_model("unet", **UNET_TINY).state_dict()
+    moved = max((b[k] - start[k]).abs().max().item() for k in b)
+    assert worst < 1e-5 and moved > 1000 * worst, (worst, moved)
+    ddp_rows, one_rows = read_csv(run / "metrics.csv"), read_csv(single / "metrics.csv")
+    assert len(ddp_rows) == len(one_rows) == 2
+    for r, o in zip(ddp_rows, one_rows):  # the logged loss is the mean over both ranks' halves: the full batch's
+        assert float(r["train_loss"]) == pytest.approx(float(o["train_loss"]), abs=1e-5)
+        assert float(r["val_dice"]) == pytest.approx(float(o["val_dice"]), abs=1e-3)
     assert load_model(run) is not None and torch.load(run / "last.pt", weights_only=True)["epoch"] == 2
 
 
-def test_epoch_shards_are_disjoint_and_reseeded():
-    idx = torch.arange(10, 21)
-    shards = [epoch_shard(idx, seed=0, epoch=1, rank=r, world=2) for r in range(2)]
-    assert len(shards[0]) == len(shards[1]) == 5
-    assert not set(shards[0].tolist()) & set(shards[1].tolist())
-    assert set(shards[0].tolist()) | set(shards[1].tolist()) <= set(idx.tolist())
-    assert torch.equal(epoch_shard(idx, 0, 1), epoch_shard(idx, 0, 1))
+def test_epoch_shards_are_disjoint_cover_the_epoch_and_match_the_single_process_batches():
+    idx = torch.arange(10, 31)  # 21 images
+    for world in (2, 3, 4):
+        for epoch in (1, 2):
+            whole = epoch_shard(idx, seed=5, epoch=epoch)
+            assert sorted(whole.tolist()) == idx.tolist()  # one process: a permutation of every image
+            shards = [epoch_shard(idx, 5, epoch, r, world) for r in range(world)]
+            assert len({len(s) for s in shards}) == 1 and len(shards[0]) == 21 // world
+            seen = [int(i) for s in shards for i in s]
+            assert len(seen) == len(set(seen)) == 21 // world * world  # disjoint; at most world-1 sit out
+            assert set(seen) == set(whole[:21 // world * world].tolist())
+            # step k of the ranks together (b images each) is step k of one process at batch world * b
+            b = 2
+            for k in range(len(shards[0]) // b):
+                together = {int(i) for s in shards for i in s[k * b:(k + 1) * b]}
+                assert together == set(whole[k * b * world:(k + 1) * b * world].tolist())
     assert not torch.equal(epoch_shard(idx, 0, 1), epoch_shard(idx, 0, 2))
+    assert not torch.equal(epoch_shard(idx, 0, 1), epoch_shard(idx, 1, 1))
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(discs, tmp_path, monkeypatch):
@@ -295,33 +329,61 @@ def test_optimizer_scheduler_and_rng_state_survive_weights_only(schedule, optimi
     assert torch.equal(torch.rand(3), first[0]) and np.random.rand() == first[1] and random.random() == first[2]
 
 
-def test_sgdr_restarts_at_the_documented_epochs():
-    cfg = TrainConfig(data="x", lr=1.0).resolved()
+def _lrs(schedule: str, total: int, lr: float = 1.0) -> list[float]:
+    """The learning rate used at each of `total` steps."""
+    cfg = TrainConfig(data="x", lr=lr, schedule=schedule).resolved()
     opt = T.make_optimizer(cfg, [torch.nn.Parameter(torch.zeros(1))])
-    steps_per_epoch = 50
-    sched = T.make_scheduler(cfg, opt, total_steps=120 * steps_per_epoch)
-    lrs = []
-    for _ in range(120 * steps_per_epoch):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    restarts = [i / steps_per_epoch for i in range(1, len(lrs)) if lrs[i] > lrs[i - 1] + 0.5]
-    assert restarts == [8, 24, 56]
-    assert lrs[0] == 1.0 and lrs[-1] < 0.02
-
-
-def test_sgdr_never_restarts_at_the_end_when_15_does_not_divide_the_steps():
-    cfg = TrainConfig(data="x", lr=1.0).resolved()
-    opt = T.make_optimizer(cfg, [torch.nn.Parameter(torch.zeros(1))])
-    total = 100 * 7  # 700 steps: a T_0 of 700 // 15 = 46 would restart 10 steps before the end
     sched = T.make_scheduler(cfg, opt, total_steps=total)
     lrs = []
     for _ in range(total):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
-    restarts = [i for i in range(1, total) if lrs[i] > lrs[i - 1] + 0.5]
-    assert len(restarts) == 3 and lrs[-1] < 0.02
+    return lrs
+
+
+def _sgdr_by_hand(total: int, lr: float = 1.0) -> list[float]:
+    """The documented SGDR, computed from its definition: cycles of T0, 2 T0, 4 T0, 8 T0 steps with
+    T0 = ceil(total / 15), each a half cosine from lr down to eta_min = lr / 100."""
+    t0, eta_min = -(-total // 15), lr * 0.01
+    out, start, length = [], 0, t0
+    for step in range(total):
+        while step - start >= length:
+            start, length = start + length, 2 * length
+        out.append(eta_min + (lr - eta_min) * (1 + math.cos(math.pi * (step - start) / length)) / 2)
+    return out
+
+
+def test_sgdr_restarts_at_the_documented_epochs():
+    steps_per_epoch = 50
+    lrs = _lrs("sgdr", 120 * steps_per_epoch)
+    restarts = [i / steps_per_epoch for i in range(1, len(lrs)) if lrs[i] > lrs[i - 1] + 0.5]
+    assert restarts == [8, 24, 56]
+    assert lrs == pytest.approx(_sgdr_by_hand(120 * steps_per_epoch), abs=1e-9)
+    # anneals to 1% of the lr, not to 0: the last step of every cycle sits just above 0.01
+    assert lrs[0] == 1.0 and 0.01 <= min(lrs) < 0.0101
+    assert [lrs[8 * steps_per_epoch - 1], lrs[-1]] == pytest.approx([0.01, 0.01], abs=2e-4)
+
+
+def test_sgdr_never_restarts_at_the_end_when_15_does_not_divide_the_steps():
+    total = 100 * 7  # 700 steps: a T_0 of 700 // 15 = 46 would restart 10 steps before the end
+    lrs = _lrs("sgdr", total, lr=3e-3)
+    restarts = [i for i in range(1, total) if lrs[i] > lrs[i - 1] + 1e-3]
+    assert restarts == [47, 141, 329]  # T0 = ceil(700 / 15) = 47; cycles 47, 94, 188, then 376 > the 371 left
+    assert lrs == pytest.approx(_sgdr_by_hand(total, lr=3e-3), abs=1e-12)
+    assert 3e-5 < lrs[-1] < 3e-5 * 1.1 and min(lrs) >= 3e-5 * (1 - 1e-9)
+
+
+def test_cosine_onecycle_and_constant_schedules():
+    total = 200
+    cos = _lrs("cosine", total, lr=2.0)
+    assert cos == pytest.approx([0.02 + 1.98 * (1 + math.cos(math.pi * i / total)) / 2 for i in range(total)],
+                                abs=1e-9)
+    assert _lrs("constant", 10, lr=0.5) == [0.5] * 10
+    one = _lrs("onecycle", total, lr=1.0)
+    peak = int(np.argmax(one))
+    assert one[peak] == pytest.approx(1.0) and 0.25 * total <= peak <= 0.35 * total  # warm-up: 30% of the steps
+    assert one[0] == pytest.approx(1.0 / 25) and one[-1] < 1e-4
 
 
 def test_eval_every_and_the_last_partial_batch_is_dropped(discs, tmp_path):
