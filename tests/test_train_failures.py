@@ -121,3 +121,39 @@ def test_sync_bn_without_several_cuda_processes_is_a_usage_error(data, tmp_path)
     assert r.exit_code == 2
     assert "--sync-bn needs torchrun with several CUDA processes" in one_line_error(r)
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_nan_weights_on_one_ddp_rank_stop_every_rank_with_one_clear_error(data, tmp_path):
+    """Ranks hold the same parameters but only their own state; if one rank's weights turn NaN, all ranks
+    must agree to stop (an all-reduced verdict), not leave the others waiting in a collective forever."""
+    import os
+    import subprocess
+    import sys
+
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    import torch, resunetpp.train as T\n"
+        "    real = T.weights_finite\n"
+        "    def poisoned(model, ddp=False):\n"
+        "        with torch.no_grad():\n"
+        "            next(model.parameters()).view(-1)[0] = float('nan')\n"
+        "        return real(model, ddp)\n"
+        "    T.weights_finite = poisoned\n")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"model_kwargs": TINY, "size": 32, "epochs": 2, "batch_size": 4,
+                                   "augment": "none", "progress": False}))
+    script = tmp_path / "cli.py"
+    script.write_text("from resunetpp.cli import app\napp()\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), "train",
+         "--data", str(data), "--config", str(cfg), "--device", "cpu", "--out", str(tmp_path / "ddp")],
+        capture_output=True, text=True, timeout=240, env=env)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert out.count("error: non-finite weights after epoch 1") == 2, out[-3000:]  # each rank, the same line
+    assert "Traceback" not in proc.stdout
+    assert not (tmp_path / "ddp" / "last.pt").exists()  # nothing of the bad epoch was written
