@@ -303,3 +303,108 @@ def test_signed_and_float_tiffs_do_not_wrap(tmp_path):
     tifffile.imwrite(tmp_path / "f.tif", f)
     im = read_image(tmp_path / "f.tif")
     assert im[0, 0, 0] == 0 and im[1, 1, 0] == 128
+
+
+class _MeanGrey(torch.nn.Module):
+    """logit = 20 * (mean of the channels - 0.5): the probability is known for any input."""
+
+    def forward(self, x):
+        return 20 * (x.mean(dim=1, keepdim=True) - 0.5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.uint16, np.int64, bool])
+def test_segmenter_refuses_arrays_that_are_not_uint8(dtype):
+    """A float image in [0, 1] (or a 16-bit one) read as if it were uint8 would be all but black: refused."""
+    seg = Segmenter(_MeanGrey(), config={"input_size": [8, 8]})
+    good = np.full((8, 8, 3), 200, np.uint8)
+    assert seg.segment(good)[0].all()  # 200/255 is bright: all polyp
+    bad = (good / 255).astype(dtype)
+    with pytest.raises(ValueError, match=r"image 1: expected an \(H, W, 3\) uint8 RGB array, got \(8, 8, 3\)"):
+        seg.segment_batch([good, bad])
+    with pytest.raises(ValueError, match="uint8 RGB"):
+        seg.probabilities([bad])
+    with pytest.raises(ValueError, match="got list"):
+        seg.segment(good.tolist())
+    for shape in ((8, 8), (8, 8, 4), (8, 8, 1)):
+        with pytest.raises(ValueError, match="uint8 RGB"):
+            seg.segment(np.zeros(shape, np.uint8))
+
+
+def test_segmenter_argument_checks(tmp_path, ckpt):
+    model = _MeanGrey()
+    cfg = {"input_size": [8, 8]}
+    cases = [
+        (dict(backend="tensorrt"), ValueError, "unknown backend 'tensorrt'; choose one of torch, onnxruntime, openvi"),
+        (dict(precision="int8"), ValueError, "unknown precision 'int8'"),
+        (dict(crf="heavy"), ValueError, "unknown CRF mode 'heavy'"),
+        (dict(threshold=1.5), ValueError, r"threshold must lie in \[0, 1\], got 1.5"),
+        (dict(threshold=-0.1), ValueError, r"threshold must lie in \[0, 1\]"),
+        (dict(threshold=float("nan")), ValueError, r"threshold must lie in \[0, 1\]"),
+        (dict(threshold="high"), ValueError, "threshold must be a number"),
+        (dict(device="tpu"), ValueError, "unknown device 'tpu'"),
+        (dict(backend="onnxruntime"), ValueError, "the onnxruntime backend needs an .onnx file, not an nn.Module"),
+        (dict(backend="openvino"), ValueError, "the openvino backend needs an .onnx file"),
+    ]
+    for kwargs, error, message in cases:
+        with pytest.raises(error, match=message):
+            Segmenter(model, config=cfg, **kwargs)
+    with pytest.raises(FileNotFoundError, match="missing.onnx: ONNX model not found"):
+        Segmenter(tmp_path / "missing.onnx")
+    with pytest.raises(ValueError, match="needs an .onnx file; make one with `resunetpp export"):
+        Segmenter(ckpt, backend="openvino")
+    (tmp_path / "m.onnx").write_bytes(b"not onnx")
+    with pytest.raises(ValueError, match="an .onnx model runs with backend='onnxruntime', not torch"):
+        Segmenter(tmp_path / "m.onnx", backend="torch")
+    with pytest.raises(ValueError, match="m.onnx: not a readable ONNX model"):
+        Segmenter(tmp_path / "m.onnx")
+    # the threshold: the config's unless given; 0 and 1 are allowed
+    assert Segmenter(model, config={**cfg, "threshold": 0.3}).threshold == 0.3
+    assert Segmenter(model, config={**cfg, "threshold": 0.3}, threshold=0.7).threshold == 0.7
+    assert Segmenter(model, config=cfg).threshold == 0.5
+    grey = np.full((8, 8, 3), 140, np.uint8)  # probability sigmoid(20 * (140/255 - 0.5)) = 0.72
+    assert Segmenter(model, config=cfg, threshold=0.7).segment(grey)[0].all()
+    assert not Segmenter(model, config=cfg, threshold=0.75).segment(grey)[0].any()
+    assert Segmenter(model, config=cfg, threshold=0.0).threshold == 0.0
+    assert Segmenter(model, config=cfg, threshold=1.0).threshold == 1.0
+    assert "backend='torch'" in repr(Segmenter(model, config=cfg))
+
+
+def _fake_crf(calls):
+    def crf_refine(image, prob, mode="mask", threshold=0.5, **kw):
+        calls.append((mode, threshold, image.shape, prob.shape))
+        return (1 - prob).astype(np.float32)  # an inverting "CRF": its labelling is easy to recognise
+    return crf_refine
+
+
+def test_crf_option_hands_the_mask_to_the_crf_without_the_extra(tmp_path, ckpt, monkeypatch):
+    """The `--crf` path on any machine: a stand-in for pydensecrf2's refinement, whose labelling (its posterior
+    > 0.5) must become the mask, while `prob` stays the model's own."""
+    import resunetpp.crf as C
+
+    calls = []
+    monkeypatch.setattr(C, "crf_available", lambda: True)
+    monkeypatch.setattr(C, "crf_refine", _fake_crf(calls))
+    image, _ = disc_image(np.random.default_rng(3), 40, 36)
+    plain = Segmenter(ckpt)
+    seg = Segmenter(ckpt, crf="bilateral", threshold=0.4)
+    mask, prob = seg.segment(image)
+    _, plain_prob = plain.segment(image)
+    np.testing.assert_array_equal(prob, plain_prob)
+    np.testing.assert_array_equal(mask, (1 - prob) > 0.5)
+    assert calls == [("bilateral", 0.4, (40, 36, 3), (40, 36))]
+    _write_rgb(tmp_path / "in" / "a.png", image)
+    r = runner.invoke(app, ["predict", str(tmp_path / "in"), "-w", str(ckpt), "-o", str(tmp_path / "out"), "--crf"])
+    assert r.exit_code == 0, r.output
+    written = cv2.imread(str(tmp_path / "out" / "masks" / "a.png"), cv2.IMREAD_GRAYSCALE) > 0
+    np.testing.assert_array_equal(written, (1 - plain_prob) > 0.5)
+    assert calls[-1][:2] == ("mask", 0.5)  # --crf-mode defaults to the follow-up's "mask"
+
+
+def test_crf_option_without_the_extra_is_a_usage_error(tmp_path, ckpt, monkeypatch):
+    import resunetpp.crf as C
+
+    monkeypatch.setattr(C, "crf_available", lambda: False)
+    _write_rgb(tmp_path / "in" / "a.png", np.zeros((16, 16, 3), np.uint8))
+    r = runner.invoke(app, ["predict", str(tmp_path / "in"), "-w", str(ckpt), "-o", str(tmp_path / "out"), "--crf"])
+    assert r.exit_code == 2 and "pip install" in r.output and "crf" in r.output
+    assert not (tmp_path / "out").exists()

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -70,13 +71,16 @@ def test_bad_size_names_allowed_sizes(name, stride):
 
 
 @pytest.mark.parametrize("name", ["resunetpp", "unet", "resunet"])
-def test_deterministic_in_eval_mode(name):
-    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    outs = []
-    for _ in range(2):
-        torch.manual_seed(123)
-        outs.append(tiny(name).eval()(x))
-    assert torch.equal(outs[0], outs[1])
+def test_eval_mode_uses_running_statistics_so_an_image_does_not_depend_on_its_batch(name):
+    torch.manual_seed(0)
+    model = tiny(name)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    model.eval()
+    alone = model(x[:1])
+    assert torch.allclose(model(x)[:1], alone, atol=1e-5)  # BatchNorm uses its running statistics
+    if name != "unet":  # U-Net has no BatchNorm: its output never depends on the batch
+        model.train()
+        assert not torch.allclose(model(x)[:1], model(x[:1]), atol=1e-3)  # batch statistics in training
 
 
 def test_resunetpp_structure_matches_fig2():
@@ -103,21 +107,61 @@ def test_resunetpp_structure_matches_fig2():
     assert not any(isinstance(m, nn.Sigmoid) for m in model.modules())
 
 
-def test_aspp_sums_branches():
-    torch.manual_seed(0)
-    aspp = ASPP(4, 5).eval()
-    x = torch.randn(1, 4, 16, 16)
-    expected = aspp.project(sum(b(x) for b in aspp.branches))
-    assert torch.allclose(aspp(x), expected)
+def _identity_bn(bn: nn.BatchNorm2d) -> None:
+    """Running mean 0, var 1 - eps: BN(x) = x exactly in eval mode (eps = 1e-3 as in Keras)."""
+    bn.running_mean.zero_()
+    bn.running_var.fill_(1 - bn.eps)
+    bn.weight.data.fill_(1.0)
+    bn.bias.data.zero_()
 
 
-def test_attention_gate_has_no_sigmoid():
-    torch.manual_seed(0)
-    gate = AttentionGate(4, 6).eval()
-    g, x = torch.randn(1, 4, 16, 16), torch.randn(1, 6, 8, 8)
-    attn = gate.gc_conv(gate.pool(gate.g_conv(g)) + gate.x_conv(x))
-    assert torch.allclose(gate(g, x), attn * x)
-    assert attn.min() < 0 or attn.max() > 1  # unbounded: not a sigmoid map
+@torch.no_grad()
+def test_aspp_sums_dilated_branches_with_hand_set_weights():
+    """Each branch's 3x3 kernel is 0 except its top-left tap, weight k for branch k (1..4): a unit impulse at
+    (20, 20) comes out at (20 + r, 20 + r) for each rate r, scaled by its branch, and the four are summed
+    (DeepLab would concatenate them); the 1x1 projection then doubles and shifts by 0.5."""
+    aspp = ASPP(1, 1).eval()
+    assert aspp.rates == (6, 12, 18, 1)
+    for k, branch in enumerate(aspp.branches, start=1):
+        conv, bn = branch
+        conv.weight.zero_()
+        conv.weight[0, 0, 0, 0] = k
+        conv.bias.zero_()
+        _identity_bn(bn)
+    aspp.project.weight.fill_(2.0)
+    aspp.project.bias.fill_(0.5)
+    x = torch.zeros(1, 1, 48, 48)
+    x[0, 0, 20, 20] = 1.0
+    expected = torch.full((48, 48), 0.5)
+    for k, r in enumerate((6, 12, 18, 1), start=1):
+        expected[20 + r, 20 + r] += 2.0 * k
+    assert torch.allclose(aspp(x)[0, 0], expected, atol=1e-6)
+    # a branch's bias passes through its BN and the sum: biases 1, 2, 3, 4 add 2 * 10 everywhere
+    for k, branch in enumerate(aspp.branches, start=1):
+        branch[0].bias.fill_(k)
+    assert torch.allclose(aspp(x)[0, 0], expected + 20.0, atol=1e-5)
+
+
+@torch.no_grad()
+def test_attention_gate_with_hand_set_weights_has_no_sigmoid():
+    """One channel, identity BNs, centre-tap kernels of weight 1: attention = relu(maxpool2(relu(g)) + relu(x))
+    (the last BN-ReLU-conv adds a relu), output = attention * x, computed here by hand with numpy."""
+    gate = AttentionGate(1, 1).eval()
+    for unit in (gate.g_conv, gate.x_conv, gate.gc_conv):
+        bn, _, conv = unit
+        _identity_bn(bn)
+        conv.weight.zero_()
+        conv.weight[0, 0, 1, 1] = 1.0
+        conv.bias.zero_()
+    g = torch.arange(64.0).reshape(1, 1, 8, 8) - 20  # negatives are cut by the first ReLU
+    x = torch.full((1, 1, 4, 4), 2.0)
+    x[0, 0, 0, 0] = -1.0
+    gn = np.maximum(g[0, 0].numpy(), 0)
+    pooled = gn.reshape(4, 2, 4, 2).max(axis=(1, 3))
+    attention = np.maximum(pooled + np.maximum(x[0, 0].numpy(), 0), 0)
+    expected = attention * x[0, 0].numpy()
+    assert np.allclose(gate(g, x)[0, 0].numpy(), expected, atol=1e-5)
+    assert expected.max() == (63 - 20 + 2) * 2  # 90: far beyond what a sigmoid gate (at most 1 * x) could give
 
 
 def test_version_string():
