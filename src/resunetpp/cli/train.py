@@ -14,7 +14,18 @@ from pathlib import Path
 
 import typer
 
-from .common import ExitCode, fail
+from ..losses import LOSSES
+from ..registry import list_models
+from ..train import AUGMENTS, COMPILE_MODES, OPTIMIZERS, SCHEDULES
+from .common import ExitCode, choices, fail
+
+# the choices are the library's own tuples: a model, loss or schedule added there is offered here at once
+Model = choices("Model", list_models())
+Loss = choices("Loss", tuple(LOSSES))
+Optimizer = choices("Optimizer", OPTIMIZERS)
+Schedule = choices("Schedule", SCHEDULES)
+AugmentPreset = choices("AugmentPreset", AUGMENTS)
+Compile = choices("Compile", COMPILE_MODES)
 
 _ERRORS = (ValueError, OSError, KeyError, RuntimeError)
 
@@ -44,17 +55,17 @@ def _fail(e: BaseException) -> None:
 
 
 def train(
-    model: str | None = typer.Option(None, help="Registry name: resunetpp, resunet-mod, resunet, unet."),
+    model: Model | None = typer.Option(None, help="Registry name (default resunetpp)."),
     data: str | None = typer.Option(None, "--data", help="Dataset folder or prepared cache."),
     split: str | None = typer.Option(None, help="Split JSON (default: the committed split of a known dataset)."),
     size: int | None = typer.Option(None, help="Square input size (default 256)."),
     epochs: int | None = typer.Option(None, help="Epochs (default 120)."),
     batch_size: int | None = typer.Option(None, help="Global batch size over all processes (default 16)."),
     lr: float | None = typer.Option(None, help="Learning rate (default 1e-4)."),
-    optimizer: str | None = typer.Option(None, help="adam | adamw | nadam (default adam)."),
-    loss: str | None = typer.Option(None, help="dice | bce | bce+dice | mse (default: the model's own loss)."),
-    schedule: str | None = typer.Option(None, help="sgdr | cosine | constant | onecycle (default sgdr)."),
-    augment: str | None = typer.Option(None, help="paper | light | none (default paper)."),
+    optimizer: Optimizer | None = typer.Option(None, help="Default adam."),
+    loss: Loss | None = typer.Option(None, help="Default: the model's own loss."),
+    schedule: Schedule | None = typer.Option(None, help="Default sgdr."),
+    augment: AugmentPreset | None = typer.Option(None, help="Default paper."),
     seed: int | None = typer.Option(None, help="Random seed (default 0)."),
     device: str | None = typer.Option(None, help="auto | cpu | cuda | cuda:N (default auto)."),
     amp: bool | None = typer.Option(None, "--amp/--no-amp", help="bf16 autocast (default on for CUDA, off for CPU)."),
@@ -64,8 +75,8 @@ def train(
     skip_bad: bool | None = typer.Option(None, "--skip-bad", help="Train on the good pairs of a failing dataset."),
     early_stop: int | None = typer.Option(None, "--early-stop", help="Patience in epochs (0: off)."),
     limit: int | None = typer.Option(None, help="Use only the first N train/val/test ids."),
-    compile: str | None = typer.Option(None, "--compile", help="auto | off | default | reduce-overhead (CUDA graphs)"
-                                       " | max-autotune: torch.compile the model (auto: on CUDA for long runs)."),
+    compile: Compile | None = typer.Option(None, "--compile", help="torch.compile the model (reduce-overhead: CUDA "
+                                           "graphs); default auto: on CUDA for long runs."),
     eval_every: int | None = typer.Option(None, "--eval-every", help="Validate and write last.pt every N epochs "
                                           "(default 1; the last epoch always)."),
     time_limit: float | None = typer.Option(None, "--time-limit", help="Seconds: stop resumably before an epoch "
@@ -81,6 +92,7 @@ def train(
              "device": device, "amp": amp, "out": out, "skip_bad": skip_bad, "early_stop": early_stop, "limit": limit,
              "compile": compile, "eval_every": eval_every, "time_limit": time_limit,
              "sync_bn": sync_bn}
+    flags = {k: v.value if hasattr(v, "value") else v for k, v in flags.items()}  # choices are str Enums
     try:
         values: dict = {}
         if resume is not None:
