@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -143,3 +144,161 @@ def test_openvino_backend_matches_onnxruntime(exported):
         assert dice(m_ort, m_bf) > 0.95
     with pytest.raises(ValueError, match="own precision"):
         Segmenter(exported["fp32"], precision="bf16")
+
+
+# -- check_parity against hand-built ONNX graphs (no exporter involved) -----------------------------------
+
+
+def _mean_onnx(path) -> str:
+    """An ONNX model computing the channel mean, (N, 3, H, W) -> (N, 1, H, W), written with onnx.helper."""
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("ReduceMean", ["image"], ["logits"], axes=[1], keepdims=1, name="mean")
+    graph = helper.make_graph([node], "mean",
+                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", 3, "h", "w"])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 1, "h", "w"])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return str(path)
+
+
+class _Mean(torch.nn.Module):
+    def forward(self, x):
+        return x.mean(1, keepdim=True)
+
+
+class _WrongWhenNotSquare(_Mean):
+    """Agrees with the ONNX graph on square inputs only."""
+
+    def forward(self, x):
+        y = super().forward(x)
+        return y if x.shape[2] == x.shape[3] else y + 5.0
+
+
+class _NaNAt(_Mean):
+    def __init__(self, square: bool):
+        super().__init__()
+        self.square = square
+
+    def forward(self, x):
+        y = super().forward(x).clone()
+        if (x.shape[2] == x.shape[3]) == self.square:
+            y[0, 0, 0, 0] = float("nan")
+        return y
+
+
+def test_check_parity_checks_every_shape_not_only_the_first(tmp_path):
+    path = _mean_onnx(tmp_path / "mean.onnx")
+    shapes = [(2, 3, 8, 8), (2, 3, 8, 16)]
+    assert check_parity(path, _Mean(), shapes) < 1e-6
+    assert check_parity(path, _WrongWhenNotSquare(), shapes[:1]) < 1e-6  # the square shape alone passes ...
+    assert check_parity(path, _WrongWhenNotSquare(), shapes) > 0.5  # ... the non-square one is 5 off
+    assert check_parity(path, _WrongWhenNotSquare(), shapes[::-1]) > 0.5
+
+
+def test_check_parity_counts_nan_as_a_failure_in_any_shape(tmp_path):
+    path = _mean_onnx(tmp_path / "mean.onnx")
+    shapes = [(2, 3, 8, 8), (2, 3, 8, 16)]
+    for square in (True, False):  # NaN in the first shape, then in the second
+        d = check_parity(path, _NaNAt(square), shapes)
+        assert not d <= 1e-4 and d > 1e6, (square, d)  # never a pass: |NaN - x| is no small difference
+
+
+def test_check_parity_refuses_a_shape_mismatch(tmp_path):
+    path = _mean_onnx(tmp_path / "mean.onnx")
+
+    class Bigger(_Mean):
+        def forward(self, x):
+            return torch.nn.functional.interpolate(super().forward(x), scale_factor=2)
+
+    with pytest.raises(ParityError, match=r"output shape \(2, 1, 8, 8\) != PyTorch's \(2, 1, 16, 16\)"):
+        check_parity(path, Bigger(), [(2, 3, 8, 8)])
+
+
+class _ConvThenNaN(torch.nn.Module):
+    total_stride = 8
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 1, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y + torch.log(y[:, :, :1, :1] * 0 - 1)  # log(-1): NaN in PyTorch and in onnxruntime alike
+
+
+def test_export_refuses_a_model_whose_logits_are_nan(tmp_path):
+    cfg = {"model": "resunetpp", "input_size": [16, 16]}
+    with pytest.raises(ParityError, match="nan.onnx: max \\|logit difference\\|"):
+        export_onnx(_ConvThenNaN(), tmp_path / "nan.onnx", opset=17, exporter="legacy", config=cfg)
+    assert not list(tmp_path.glob("*nan*"))
+
+
+# -- int8: calibration methods and the layers kept in float ----------------------------------------------
+
+
+def test_concat_fed_names_the_concats_and_the_convolutions_reading_them(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    from resunetpp.export import concat_fed
+
+    w = numpy_helper.from_array(np.ones((2, 2, 1, 1), np.float32), "w")
+    w4 = numpy_helper.from_array(np.ones((2, 4, 1, 1), np.float32), "w4")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["a"], name="enc"),
+             helper.make_node("Conv", ["x", "w"], ["b"], name="skip"),
+             helper.make_node("Concat", ["a", "b"], ["ab"], axis=1, name="cat"),
+             helper.make_node("Conv", ["ab", "w4"], ["c"], name="dec"),
+             helper.make_node("Relu", ["c"], ["r"], name="act"),
+             helper.make_node("Conv", ["r", "w"], ["y"], name="head")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 4, 4])],
+                              initializer=[w, w4])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "g.onnx"))
+    assert concat_fed(tmp_path / "g.onnx") == ["cat", "dec"]
+
+
+def _quantised_convs(path) -> tuple[int, int]:
+    """(convolutions with int8 weights, convolutions reading a concatenation whose weights are int8)."""
+    graph = onnx.load(str(path)).graph
+    producer = {o: n for n in graph.node for o in n.output}
+
+    def source(name):  # through a Q/DQ pair to what was quantised
+        n = producer.get(name)
+        while n is not None and n.op_type in ("DequantizeLinear", "QuantizeLinear"):
+            n = producer.get(n.input[0])
+        return n
+
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    int8 = [n for n in convs if n.input[1] in producer and producer[n.input[1]].op_type == "DequantizeLinear"]
+    after_cat = [n for n in int8 if (s := source(n.input[0])) is not None and s.op_type == "Concat"]
+    return len(int8), len(after_cat)
+
+
+def test_int8_keeps_the_concat_fed_convolutions_in_float(exported):
+    quantised, after_concat = _quantised_convs(exported["int8"])
+    assert quantised >= 10 and after_concat == 0
+
+
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_int8_calibration_methods(exported, tmp_path, method):
+    from resunetpp.export import quantize_int8
+
+    out = quantize_int8(exported["fp32"], tmp_path / f"{method}.onnx", exported["root"] / "calib", method=method,
+                        progress=False)
+    cfg = json.loads({p.key: p.value for p in onnx.load(str(out)).metadata_props}[ONNX_CONFIG_KEY])
+    assert cfg["onnx"]["calibration"] == method and cfg["onnx"]["precision"] == "int8"
+
+    def scales(path):
+        g = onnx.load(str(path)).graph
+        return {i.name: onnx.numpy_helper.to_array(i) for i in g.initializer if i.name.endswith("_scale")}
+
+    ours, minmax = scales(out), scales(exported["int8"])
+    shared = sorted(set(ours) & set(minmax))
+    assert len(shared) > 50
+    if method == "percentile":  # clips the 0.001% tails: other activation ranges than minmax's
+        assert sum(not np.array_equal(ours[k], minmax[k]) for k in shared) > 50
+    # (onnxruntime's entropy calibration lands on the min/max ranges for this small model and 8 images)
+    q, f = Segmenter(out), Segmenter(exported["fp32"])
+    image, truth = disc_image(np.random.default_rng(14), 40, 48)
+    assert dice(q.segment(image)[0], f.segment(image)[0]) > 0.9
+    with pytest.raises(ValueError, match="unknown calibration method 'kl'"):
+        quantize_int8(exported["fp32"], tmp_path / "x.onnx", exported["root"] / "calib", method="kl")
