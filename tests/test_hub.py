@@ -72,3 +72,54 @@ def test_bundled_models_load_by_name_and_by_default():
     assert a.keys() == b.keys() and not all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(FileNotFoundError, match="not a bundled model"):
         bundled_weights("resunetpp-etis")
+
+
+def test_weights_that_do_not_match_their_config_are_named(tmp_path):
+    model = create_model("unet", filters=(4, 4, 4, 4, 4))
+    save_pretrained(model, tmp_path / "run", {"model": "unet", "model_kwargs": {"filters": [4, 4, 4, 4, 4]}})
+    cfg = tmp_path / "run" / "config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "model_kwargs": {"filters": [8, 4, 4, 4, 4]}}))
+    with pytest.raises(ValueError, match=r"model.safetensors: weights do not match unet .* of its config.json: "
+                                         r"\d+ of another shape \(file vs model\): down.0.0.weight \(4, 3, 3, 3\) vs "
+                                         r"\(8, 3, 3, 3\)"):
+        load_model(tmp_path / "run")
+    cfg.write_text(json.dumps({"model": "resunetpp", "model_kwargs": {"filters": [4, 4, 4, 4, 4]}}))
+    with pytest.raises(ValueError, match=r"weights do not match resunetpp .*: \d+ missing: .*; \d+ unexpected: "):
+        load_model(tmp_path / "run")
+    cfg.write_text(json.dumps({"model": "unet", "model_kwargs": {"filterz": [4, 4, 4, 4, 4]}}))
+    with pytest.raises(ValueError, match="cannot build model 'unet' with model_kwargs"):
+        load_model(tmp_path / "run")
+
+
+def test_state_mismatch_counts_and_shows_the_first_few():
+    from resunetpp.hub import state_mismatch
+
+    expected = {f"w{i}": torch.zeros(2) for i in range(5)}
+    assert state_mismatch(expected, dict(expected)) == ""
+    got = {"w0": torch.zeros(3), **{f"x{i}": torch.zeros(1) for i in range(3)}}
+    assert state_mismatch(expected, got) == ("1 of another shape (file vs model): w0 (3,) vs (2,); "
+                                             "4 missing: w1, w2, ... 2 more; 3 unexpected: x0, x1, ... 1 more")
+    assert state_mismatch(expected, got, show=5).endswith("3 unexpected: x0, x1, x2")
+
+
+def test_not_found_errors_say_what_to_pass(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nothing: not found; pass a run folder \(config.json \+ "
+                                                r"model.safetensors\), a .safetensors file or an .onnx model"):
+        load_model(tmp_path / "nothing")
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(FileNotFoundError, match="weights.bin: expected a run folder, a .safetensors file"):
+        load_model(tmp_path / "weights.bin")
+    (tmp_path / "only").mkdir()
+    (tmp_path / "only" / "config.json").write_text('{"model": "unet"}')
+    with pytest.raises(FileNotFoundError, match="only/model.safetensors: weights file not found"):
+        load_model(tmp_path / "only")
+    (tmp_path / "cfgless").mkdir()
+    (tmp_path / "cfgless" / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(FileNotFoundError, match="no config.json beside the weights"):
+        load_model(tmp_path / "cfgless" / "model.safetensors")
+    (tmp_path / "nomodel").mkdir()
+    (tmp_path / "nomodel" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="has no 'model' key"):
+        load_model(tmp_path / "nomodel")
+    with pytest.raises(ValueError, match="must contain 'model'"):
+        save_pretrained(create_model("unet", filters=(4, 4, 4, 4, 4)), tmp_path / "x", {})
