@@ -44,9 +44,8 @@ def test_cache_round_trip(tmp_path):
     cached = load_pairs(out, size=None, progress=False)  # None: the cache's own size
     assert cached.name == folder.name == "polyps" and cached.ids == folder.ids
     assert torch.equal(cached.masks, folder.masks)  # PNG masks: lossless
-    mse = (cached.images.float() - folder.images.float()).pow(2).mean()
-    # JPEG q95 (4:2:0) on noisy synthetic texture: PSNR 34 dB (41 dB on CVC-ClinicDB)
-    assert 10 * torch.log10(255**2 / mse) > 30
+    assert torch.equal(cached.images, folder.images)  # lossless WebP: bit-identical to the source resized
+    assert manifest["image_ext"] == ".webp" and manifest["version"] == 2
     assert load_pairs(out, size=(32, 40), ids=["3", "1"], progress=False).ids == ["3", "1"]
     with pytest.raises(ValueError, match="holds 32x40 .* not 256x256"):
         load_pairs(out, size=256, progress=False)
@@ -55,10 +54,10 @@ def test_cache_round_trip(tmp_path):
     assert ds.name == "polyps" and len(ds) == 7 and ds[0][0].shape == (3, 32, 40)
     assert check_dataset(out).ok
     # a corrupt cached file is named
-    (out / "images" / "4.jpg").write_bytes(b"broken")
-    with pytest.raises(DatasetCheckError, match=r"4\.jpg: corrupt cached file"):
+    (out / "images" / "4.webp").write_bytes(b"broken")
+    with pytest.raises(DatasetCheckError, match=r"4\.webp: corrupt cached file"):
         load_pairs(out, size=None, progress=False)
-    assert [p.path.name for p in check_dataset(out).problems] == ["4.jpg"]
+    assert [p.path.name for p in check_dataset(out).problems] == ["4.webp"]
     # preparing again replaces the cache; a foreign non-empty folder is refused
     prepare_cache(raw, out, size=16, progress=False)
     assert load_pairs(out, size=None, progress=False).images.shape == (7, 3, 16, 16)
@@ -121,3 +120,32 @@ def test_cli_prepare_and_show(tmp_path):
     shutil.rmtree(raw / "masks")
     r = runner.invoke(app, ["data", "prepare", str(raw), "--out", str(tmp_path / "d")])
     assert r.exit_code == 3 and "no dataset layout found" in r.output  # bad input
+
+
+def test_lossy_jpeg_cache_still_available(tmp_path):
+    raw = make_dataset(tmp_path / "polyps", n=4, size=(50, 70), image_ext=".jpg")
+    out = prepare_cache(raw, tmp_path / "jpeg", size=(32, 40), quality=95, progress=False)
+    assert sorted(p.name for p in (out / "images").iterdir()) == [f"{i}.jpg" for i in range(1, 5)]
+    folder = load_pairs(raw, size=(32, 40), progress=False)
+    cached = load_pairs(out, size=None, progress=False)
+    mse = (cached.images.float() - folder.images.float()).pow(2).mean()
+    assert 0 < mse and 10 * torch.log10(255**2 / mse) > 30  # JPEG q95 (4:2:0): close, not exact
+    with pytest.raises(ValueError, match="JPEG quality 0: must be 1..100"):
+        prepare_cache(raw, tmp_path / "bad", quality=0, progress=False)
+
+
+def test_real_cache_is_bit_identical(clinicdb_dir, tmp_path):
+    from resunetpp.data import SegmentationFolder as Folder
+
+    ids = Folder(clinicdb_dir).ids[:6]  # a few real frames: 384x288 -> 256x256 (area), masks nearest
+    sub = tmp_path / "cvc"
+    for part in ("Original", "Ground Truth"):
+        (sub / part).mkdir(parents=True)
+    src = Folder(clinicdb_dir, ids=ids)
+    for i in ids:
+        image, mask = src.pairs[i]
+        (sub / "Original" / image.name).symlink_to(image.resolve())
+        (sub / "Ground Truth" / mask.name).symlink_to(mask.resolve())
+    out = prepare_cache(sub, tmp_path / "cache", size=256, progress=False)
+    a, b = load_pairs(sub, size=256, progress=False), load_pairs(out, size=None, progress=False)
+    assert torch.equal(a.images, b.images) and torch.equal(a.masks, b.masks)

@@ -11,7 +11,7 @@ from resunetpp import load_model
 from resunetpp.cli import app
 from resunetpp.data import load_pairs
 from resunetpp.evaluate import evaluate, predict
-from resunetpp.metrics import METRIC_NAMES, confusion, summarize
+from resunetpp.metrics import BENCHMARK_NAMES, METRIC_NAMES, confusion, miou_keras, summarize
 from resunetpp.train import TrainConfig, train
 from test_train import TINY, write_discs
 
@@ -47,7 +47,31 @@ def test_reports_and_consistency(trained, tmp_path):
     model = load_model(run)
     pairs = load_pairs(data, ids=split["test"], size=32, progress=False)
     probs = predict(model, pairs.images, model.pretrained_config["normalization"])
-    assert summarize(confusion(probs > 0.5, pairs.masks.bool())) == res.summary
+    assert summarize(confusion(probs > 0.5, pairs.masks.bool())) == {k: res.summary[k] for k in ("mean", "pooled",
+                                                                                              "images")}
+    assert res.summary["miou_keras"] == pytest.approx(miou_keras(probs, pairs.masks)) == m["miou_keras"]
+    d = m["detection"]
+    assert d["images"] == 2 and d["polyps"] == sum(r["polyps"] for r in rows_as_ints(rows, "polyps"))
+    assert sum(d["polyp_dice_histogram"]["counts"]) == d["polyps"]
+    assert "miou_keras" in md and "Per-polyp Dice histogram" in md and "sensitivity, IoU >= 0.5" in md
+
+
+def rows_as_ints(rows, key):
+    return [{key: int(r[key])} for r in rows]
+
+
+def test_polyp_benchmark_protocol(trained, tmp_path):
+    data, run = trained
+    res = evaluate(run, data, split="test", out=tmp_path / "b", progress=False, protocol="polyp-benchmark")
+    b = res.summary["benchmark"]
+    assert set(b) == set(BENCHMARK_NAMES) and all(0 <= b[k] <= 1.01 for k in b)
+    assert "Polyp benchmark" in (tmp_path / "b" / "metrics.md").read_text()
+    with pytest.raises(ValueError, match="unknown protocol 'pranet'"):
+        evaluate(run, data, protocol="pranet", progress=False)
+    r = runner.invoke(app, ["evaluate", "--weights", str(run), "--data", str(data), "--protocol", "polyp-benchmark",
+                            "--out", str(tmp_path / "cli")])
+    assert r.exit_code == 0, r.output
+    assert "maxEm" in r.output and "sensitivity" in r.output and "miou_keras" in r.output
 
 
 def test_threshold_override_and_from_config(trained, tmp_path):
@@ -105,7 +129,7 @@ def test_cli_evaluate(trained, tmp_path):
     assert r.exit_code == 0, r.output
     assert (run / "eval" / "discs-test" / "metrics.md").is_file()
     r = runner.invoke(app, ["evaluate", "--weights", str(tmp_path / "missing"), "--data", str(data)])
-    assert r.exit_code == 1 and "missing" in r.output
+    assert r.exit_code == 3 and "missing" in r.output  # bad input (README exit-code table)
 
 
 def test_real_data_and_cross_dataset(trained, kvasir_dir, clinicdb_dir, tmp_path):

@@ -14,8 +14,16 @@ Conventions:
   CVC-ClinicDB); "all" takes every pair; a path takes a split JSON's "test" ids or a text file's ids
   (one a line, e.g. Kvasir-Sessile/ids.txt). Cross-dataset evaluation is the same call with another
   `data`, resized to the model's input size.
+- `miou_keras`: the paper's "mIoU" (`resunetpp.metrics.keras_confusion`: Keras MeanIoU(2) on probabilities,
+  so only p == 1.0 is polyp), pooled over the set at the model's input size. Compare the paper's mIoU
+  column with this one, not with miou_2class (docs/evaluation.md).
+- `detection`: per-polyp figures (`resunetpp.metrics.detect_polyps`): sensitivity at IoU 0.5 and at any
+  overlap, false-positive components per image, the per-polyp Dice distribution; at the scoring size.
+- `protocol="polyp-benchmark"` adds the benchmark's columns (`resunetpp.metrics.PolypBenchmark`: mDice,
+  mIoU, wFm, Sm, meanEm, maxEm, MAE by PySODMetrics), always at each mask's original size, the probability
+  map resized bilinearly to it, as the benchmark's code does; it needs the original dataset, not a cache.
 - Outputs in `out`: `per_image.csv`, `metrics.json` ({"mean": {metric: value}, "pooled": {...},
-  "images": N, "settings": {...}}) and `metrics.md`.
+  "images": N, "miou_keras": x, "detection": {...}, ["benchmark": {...}], "settings": {...}}) and `metrics.md`.
 """
 
 from __future__ import annotations
@@ -31,13 +39,25 @@ import torch
 import torch.nn.functional as F
 
 from .hub import load_model
-from .metrics import METRIC_NAMES, confusion, scores, summarize
+from .metrics import (
+    BENCHMARK_NAMES,
+    METRIC_NAMES,
+    PolypBenchmark,
+    confusion,
+    detect_polyps,
+    keras_confusion,
+    miou_keras_from_confusion,
+    scores,
+    summarize,
+    summarize_detection,
+)
 from .preprocess import normalize
 from .progress import progress_bar
 from .train import dataset_name, resolve_device
 from .utils import atomic_path, write_json
 
 SPLIT_NAMES = ("train", "val", "test", "all")
+PROTOCOLS = ("default", "polyp-benchmark")
 
 
 @dataclass
@@ -98,13 +118,15 @@ def predict(model: torch.nn.Module, images: torch.Tensor, normalization: dict[st
 def evaluate(weights: str | os.PathLike | None, data: str | os.PathLike, split: str = "test",
              out: str | os.PathLike | None = None, threshold: float | None = None, device: str = "auto",
              batch_size: int = 16, limit: int | None = None, native: bool = False, skip_bad: bool = False,
-             amp: bool = False, progress: bool = True) -> Evaluation:
+             amp: bool = False, progress: bool = True, protocol: str = "default") -> Evaluation:
     """Score the model in `weights` (run folder, .safetensors, a bundled model's name, or None for the default
     bundled model) on `data`; write reports to `out` if given."""
     from .data import SegmentationFolder, detect_layout, load_pairs
     from .inference import check_threshold
     from .io import read_mask
 
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
     if threshold is not None:
         check_threshold(threshold)  # before loading anything: --threshold 1.5 is refused at once
     from .hub import bundled_weights, resolve_weights
@@ -116,33 +138,57 @@ def evaluate(weights: str | os.PathLike | None, data: str | os.PathLike, split: 
     size = tuple(cfg.get("input_size", (256, 256)))
     norm = cfg["normalization"]
     thr = check_threshold(cfg.get("threshold", 0.5) if threshold is None else threshold)
-    if native and detect_layout(data) == "cache":  # before the (slow) loading
-        raise ValueError(f"{data}: --native needs the original dataset folder, not a prepared cache of resized masks")
+    benchmark = protocol == "polyp-benchmark"
+    if (native or benchmark) and detect_layout(data) == "cache":  # before the (slow) loading
+        what = "--protocol polyp-benchmark" if benchmark else "--native"
+        raise ValueError(f"{data}: {what} needs the original dataset folder, not a prepared cache of resized masks")
     ids, source = resolve_ids(data, split, weights, limit)
     pairs = load_pairs(data, ids=ids, size=size, skip_bad=skip_bad, progress=progress)
     if not len(pairs):
         raise ValueError(f"{data}: no pairs to evaluate ({source})")
-    native_masks = SegmentationFolder(data, ids=pairs.ids, skip_bad=skip_bad).pairs if native else None
+    native_masks = SegmentationFolder(data, ids=pairs.ids, skip_bad=skip_bad).pairs if native or benchmark else None
 
-    stats = []
+    stats, found = [], []
+    keras_cm = torch.zeros(2, 2, dtype=torch.long)
+    bench = PolypBenchmark() if benchmark else None
     for i in progress_bar(range(0, len(pairs), batch_size), desc="evaluating", unit="batch", disable=not progress):
         probs = predict(model, pairs.images[i:i + batch_size], norm, dev, amp)
-        if native_masks is None:
-            stats.append(confusion(probs > thr, pairs.masks[i:i + batch_size].to(dev).bool()).cpu())
-            continue
+        masks = pairs.masks[i:i + batch_size].to(dev).bool()
+        keras_cm += keras_confusion(probs, masks).cpu()
         for k, p in enumerate(probs):
-            gt = torch.from_numpy(read_mask(native_masks[pairs.ids[i + k]][1]))
-            up = F.interpolate(p[None], size=gt.shape, mode="bilinear", align_corners=False)[0, 0]
-            stats.append(confusion((up > thr)[None].cpu(), gt[None]))
+            if native_masks is not None:
+                gt = torch.from_numpy(read_mask(native_masks[pairs.ids[i + k]][1]))
+                up = F.interpolate(p[None], size=gt.shape, mode="bilinear", align_corners=False)[0, 0].cpu()
+                if bench is not None:
+                    bench.step(up.numpy(), gt.numpy())
+                if native:
+                    p, gt = up[None], gt[None]
+                else:
+                    gt = masks[k]
+            else:
+                gt = masks[k]
+            hit = (p > thr).cpu()
+            gt = gt.cpu()
+            stats.append(confusion(hit[None], gt[None]))
+            found.append(detect_polyps(hit.numpy(), gt.numpy()))
     stats = torch.cat(stats)
     per = scores(stats)
     rows = [{"id": pairs.ids[n], **{k: float(per[k][n]) for k in METRIC_NAMES},
-             **dict(zip(("tp", "fp", "fn", "tn"), (int(v) for v in stats[n])))} for n in range(len(stats))]
+             **dict(zip(("tp", "fp", "fn", "tn"), (int(v) for v in stats[n]))),
+             **{k: found[n][k] for k in ("polyps", "found_iou50", "found_any", "fp_iou50", "fp_any")},
+             "polyp_dice": " ".join(f"{d:.4f}" for d in found[n]["polyp_dice"])} for n in range(len(stats))]
     settings = {"weights": str(weights), "model": cfg["model"], "trained_on": cfg.get("dataset"),
                 "data": str(data), "dataset": pairs.name, "split": source, "threshold": thr,
                 "input_size": list(size), "scored_at": "native mask size" if native else "model input size",
-                "device": str(dev)}
-    result = Evaluation(summarize(stats), rows, settings)
+                "device": str(dev), "protocol": protocol,
+                "miou_keras": "Keras MeanIoU(2) on probabilities (p == 1.0 is polyp), pooled, at the model input size",
+                "detection": "8-connected components; found at IoU >= 0.5 and at any overlap"}
+    summary = summarize(stats)
+    summary["miou_keras"] = miou_keras_from_confusion(keras_cm)
+    summary["detection"] = summarize_detection(found)
+    if bench is not None:
+        summary["benchmark"] = bench.results()
+    result = Evaluation(summary, rows, settings)
     if out is not None:
         write_reports(result, out)
     return result
@@ -156,6 +202,30 @@ def metrics_markdown(summary: dict[str, Any], settings: dict[str, Any] | None = 
                   f"{settings['scored_at']}.", ""]
     lines += ["| metric | mean over images | pooled over pixels |", "| --- | ---: | ---: |"]
     lines += [f"| {k} | {summary['mean'][k]:.4f} | {summary['pooled'][k]:.4f} |" for k in METRIC_NAMES]
+    if "miou_keras" in summary:
+        lines += [f"| miou_keras (the paper's mIoU) | | {summary['miou_keras']:.4f} |"]
+    if "benchmark" in summary:
+        b = summary["benchmark"]
+        lines += ["", "Polyp benchmark (PySODMetrics, at each mask's original size):", "",
+                  "| " + " | ".join(BENCHMARK_NAMES) + " |", "|" + " ---: |" * len(BENCHMARK_NAMES),
+                  "| " + " | ".join(f"{b[k]:.4f}" for k in BENCHMARK_NAMES) + " |"]
+    if "detection" in summary:
+        d = summary["detection"]
+        lines += ["", f"Per-polyp detection: {d['polyps']} polyps (8-connected ground-truth components) in "
+                  f"{d['images']} images.", "",
+                  "| figure | value |", "| --- | ---: |",
+                  f"| sensitivity, IoU >= 0.5 | {d['sensitivity_iou50']:.4f} |",
+                  f"| sensitivity, any overlap | {d['sensitivity_any']:.4f} |",
+                  f"| false-positive components per image, IoU < 0.5 | {d['fp_per_image_iou50']:.3f} |",
+                  f"| false-positive components per image, no overlap | {d['fp_per_image_any']:.3f} |",
+                  f"| per-polyp Dice, mean | {d['polyp_dice_mean']:.4f} |",
+                  f"| per-polyp Dice, median | {d['polyp_dice_median']:.4f} |",
+                  "", "Per-polyp Dice histogram:", "", "```"]
+        h = d["polyp_dice_histogram"]
+        top = max(h["counts"] + [1])
+        for lo, hi, c in zip(h["edges"], h["edges"][1:], h["counts"]):
+            lines.append(f"{lo:.1f}-{hi:.1f} {c:5d} {'#' * round(40 * c / top)}")
+        lines.append("```")
     return "\n".join(lines) + "\n"
 
 

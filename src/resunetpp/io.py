@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 MAX_PIXELS = 100_000_000  # larger images are refused rather than exhausting memory
 MASK_VALUES = ("auto", "255", "01")  # how mask files encode the polyp (see read_mask)
 

@@ -135,8 +135,10 @@ def prepare(root: Path = typer.Argument(..., help="Dataset folder."),
             size: str = typer.Option("256", "--size", help="Side (256) or HxW (288x384)."),
             layout: Layout | None = typer.Option(None, "--layout", help=LAYOUT_HELP),
             skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave unusable pairs out instead of failing."),
-            quality: int = typer.Option(95, "--quality", help="JPEG quality of the cached images.")) -> None:
-    """Write a compact resized copy (JPEG images, PNG masks, manifest, split) that loads fast."""
+            quality: int | None = typer.Option(None, "--quality", min=1, max=100,
+                                               help="Store JPEG images at this quality (lossy, smaller) instead of "
+                                               "the default exact lossless WebP.")) -> None:
+    """Write an exact resized copy (lossless WebP images, PNG masks, manifest, split) that loads fast."""
     from ..data import prepare_cache
     from ..data.cache import read_manifest
 

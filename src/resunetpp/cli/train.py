@@ -126,14 +126,17 @@ def evaluate(
     limit: int | None = typer.Option(None, help="Only the first N ids of the split."),
     native: bool = typer.Option(False, "--native", help="Score at each mask's original size."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave out pairs that fail the dataset check."),
+    protocol: str = typer.Option("default", "--protocol", help="default | polyp-benchmark (adds mDice, mIoU, wFm, Sm, "
+                                 "meanEm, maxEm, MAE by PySODMetrics, at each mask's original size)."),
 ) -> None:
-    """Score a trained model: Dice, IoU, recall, precision, F2, accuracy, 2-class mIoU (mean and pooled)."""
+    """Score a trained model: Dice, IoU, recall, precision, F2, accuracy, 2-class mIoU (mean and pooled), the
+    paper's Keras mIoU, per-polyp detection; `--protocol polyp-benchmark` adds the benchmark's columns."""
     from rich.console import Console
     from rich.table import Table
 
-    from ..evaluate import evaluate as run_evaluate
-    from ..metrics import METRIC_NAMES
     from ..train import dataset_name
+    from ..evaluate import evaluate as run_evaluate
+    from ..metrics import BENCHMARK_NAMES, METRIC_NAMES
 
     try:
         from ..hub import DEFAULT_PRETRAINED, PRETRAINED
@@ -143,7 +146,7 @@ def evaluate(
             base = weights / "eval" if own else Path("runs") / "eval" / str(weights or DEFAULT_PRETRAINED)
             out = base / f"{dataset_name(data)}-{Path(split).stem}"
         result = run_evaluate(weights, data, split=split, out=out, threshold=threshold, device=device,
-                              batch_size=batch_size, limit=limit, native=native, skip_bad=skip_bad)
+                              batch_size=batch_size, limit=limit, native=native, skip_bad=skip_bad, protocol=protocol)
     except _ERRORS as e:
         _fail(e)
     s = result.settings
@@ -152,7 +155,20 @@ def evaluate(
         table.add_column(col, justify="left" if col == "metric" else "right")
     for k in METRIC_NAMES:
         table.add_row(k, f"{result.summary['mean'][k]:.4f}", f"{result.summary['pooled'][k]:.4f}")
-    Console().print(table)
+    table.add_row("miou_keras (the paper's mIoU)", "", f"{result.summary['miou_keras']:.4f}")
+    console = Console(width=120)
+    console.print(table)
+    if "benchmark" in result.summary:
+        bench = Table(title="polyp benchmark (PySODMetrics, original mask size)")
+        for k in BENCHMARK_NAMES:
+            bench.add_column(k, justify="right")
+        bench.add_row(*(f"{result.summary['benchmark'][k]:.4f}" for k in BENCHMARK_NAMES))
+        console.print(bench)
+    d = result.summary["detection"]
+    typer.echo(f"detection: {d['polyps']} polyps; sensitivity {d['sensitivity_iou50']:.3f} at IoU >= 0.5, "
+               f"{d['sensitivity_any']:.3f} at any overlap; false-positive components per image "
+               f"{d['fp_per_image_iou50']:.2f} (IoU < 0.5), {d['fp_per_image_any']:.2f} (no overlap); "
+               f"per-polyp Dice median {d['polyp_dice_median']:.3f}")
     typer.echo(f"reports: {out}")
 
 

@@ -7,6 +7,11 @@ so they sort numerically), shuffles them with Python's ``random.Random(seed)`` (
 versions and platforms), takes round(0.1 n) for val and test each and the rest for train, and sorts each
 part naturally. The committed splits (`default_split`) are ``make_split(ids, seed=0)`` over the real
 datasets' ids: 800/100/100 for Kvasir-SEG and 490/61/61 for CVC-ClinicDB.
+
+Leak-free splits (`grouped_split_path`, `resunetpp.data.leaks.grouped_split`): `cvc-clinicdb-by-sequence.json`
+keeps each of the 31 video sequences (`cvc-clinicdb-sequences.json`) in one part, 490/61/61 frames;
+`kvasir-seg-by-near-duplicates.json` keeps each near-duplicate group (`kvasir-seg-near-duplicates.json`) in one
+part, 800/100/100. Both are ``grouped_split(ids, groups, seed=0)``.
 """
 
 from __future__ import annotations
@@ -89,3 +94,16 @@ def default_split(name: str) -> Path:
         raise KeyError(f"no committed split for {name!r}; known: {', '.join(KNOWN_DATASETS)} "
                        "(make one with `resunetpp data split DIR --out FILE`)")
     return Path(str(files("resunetpp") / "splits" / f"{key}.json"))
+
+
+# Leak-free splits (resunetpp.data.leaks): whole video sequences / near-duplicate groups in one part each
+GROUPED_SPLITS = {"cvc-clinicdb": "cvc-clinicdb-by-sequence", "kvasir-seg": "kvasir-seg-by-near-duplicates"}
+
+
+def grouped_split_path(name: str) -> Path:
+    """Path of the committed grouped split: CVC-ClinicDB by sequence, Kvasir-SEG by near-duplicate group."""
+    key = name.lower()
+    if key not in GROUPED_SPLITS:
+        raise KeyError(f"no committed grouped split for {name!r}; known: {', '.join(GROUPED_SPLITS)} "
+                       "(make one with `resunetpp data split DIR --group-by near-duplicates --out FILE`)")
+    return Path(str(files("resunetpp") / "splits" / f"{GROUPED_SPLITS[key]}.json"))
