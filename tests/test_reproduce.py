@@ -39,10 +39,14 @@ def test_quick_table1_writes_every_output(kvasir_dir, tmp_path):
     with Image.open(out / "fig3.png") as im:
         assert im.width > im.height > 100  # 4 rows x 6 columns
 
-    # a second call reuses the finished runs instead of training again
+    # a second call reuses the finished runs instead of training again (and reports their training time)
+    trained = res["models"]["resunetpp"]["train_seconds"]
+    stamp = (out / "resunetpp" / "last.pt").stat().st_mtime_ns
     r = runner.invoke(app, [*args, "--models", "resunetpp"])
     assert r.exit_code == 0, r.output
-    assert json.loads((out / "results.json").read_text())["models"]["resunetpp"]["train_seconds"] is None
+    again = json.loads((out / "results.json").read_text())["models"]["resunetpp"]
+    assert again["train_seconds"] == trained > 0 and again["epochs_done"] == 1
+    assert (out / "resunetpp" / "last.pt").stat().st_mtime_ns == stamp
 
 
 def test_default_data_error_says_where_to_get_it(tmp_path, monkeypatch):
@@ -50,13 +54,13 @@ def test_default_data_error_says_where_to_get_it(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="resunetpp data download cvc-clinicdb"):
         default_data("table2")
     r = runner.invoke(app, ["reproduce", "table3"])
-    assert r.exit_code == 1 and "unknown table 'table3'" in r.output
+    assert r.exit_code == 2 and "unknown table 'table3'" in r.output  # a usage error (README exit codes)
 
 
 def test_table_markdown_lists_ours_beside_the_paper():
     fake = {m: {"metrics": {"mean": {"dice": 0.5, "iou": 0.4, "miou_2class": 0.6, "recall": 0.7, "precision": 0.8}}}
             for m in MODELS}
     md = table_markdown("table2", fake)
-    assert "CVC-ClinicDB" in md and md.count("| 0.5000 | 0.4000 | 0.6000 | 0.7000 | 0.8000 |") == 4
+    assert "CVC-ClinicDB" in md and md.count("| 0.5000 | 0.4000 | 0.6000 |  | 0.7000 | 0.8000 |") == 4
     assert "| 0.7955 | 0.7962 | 0.7022 | 0.8785 | verified |" in md
     assert all(PAPER["table2"][m][4] == (m == "resunetpp") for m in MODELS)

@@ -5,8 +5,9 @@ the paper's recipe (`TrainConfig` defaults: Adam 1e-4, batch 16, 256x256, 120 ep
 augmentation; each model its registry default loss) on the committed 80/10/10 split, evaluates each
 best-on-validation model on the test split and writes, in `out`:
 
-- `table.md`: Dice, IoU (foreground), mIoU (2-class, the paper's), recall and precision per model,
-  means over test images, beside the paper's numbers;
+- `table.md`: Dice, IoU (foreground), mIoU (2-class), mIoU (Keras: the paper's), recall and precision per
+  model, means over test images, beside the paper's numbers; Table II has each model twice: on the committed
+  random split (the paper's protocol) and on the sequence-grouped split (`by-sequence/<model>/` runs);
 - `results.json`: device, torch version, date, wall time, the command, per-model metrics (mean and
   pooled) and settings;
 - `fig3.png`: test images, ground truth and the four models' masks (the paper's Fig. 3);
@@ -36,10 +37,12 @@ from typing import Any
 
 import torch
 
+from .config import TrainConfig
 from .evaluate import evaluate, predict, resolve_ids
 from .hub import load_model
 from .registry import count_parameters
-from .train import TrainConfig, resolve_device, train
+from .runtime import resolve_device
+from .train import train
 from .utils import atomic_path, write_json
 
 MODELS = ("unet", "resunet", "resunet-mod", "resunetpp")
@@ -76,26 +79,38 @@ def _paper_row(table: str, model: str) -> dict[str, Any]:
     return {"dice": dice, "miou": miou, "recall": recall, "precision": precision, "verified": verified}
 
 
-def table_markdown(table: str, results: dict[str, dict[str, Any]], note: str = "") -> str:
-    """Our test-split means beside the paper's numbers."""
+def table_markdown(table: str, results: dict[str, dict[str, Any]], note: str = "",
+                   by_sequence: dict[str, dict[str, Any]] | None = None) -> str:
+    """Our test-split means beside the paper's numbers; `by_sequence`: the same models trained and tested on the
+    sequence-grouped CVC-ClinicDB split, as extra rows."""
     t = TABLES[table]
     lines = [f"# {t['title']}: {t['dataset']} (test split)", ""]
     if note:
         lines += [note, ""]
-    lines += ["| model | epochs | Dice | IoU (fg) | mIoU (2-class) | recall | precision | paper DSC | paper mIoU "
-              "| paper recall | paper precision | paper row |",
-              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
-    for model, r in results.items():
+    lines += ["| model | split | epochs | Dice | IoU (fg) | mIoU (2-class) | mIoU (Keras) | recall | precision "
+              "| paper DSC | paper mIoU | paper recall | paper precision | paper row |",
+              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    rows = [(model, r, "random") for model, r in results.items()]
+    rows += [(model, r, "by sequence") for model, r in (by_sequence or {}).items()]
+    for model, r, split in rows:
         m = r["metrics"]["mean"]
+        keras = r["metrics"].get("miou_keras")
         p = _paper_row(table, model)
         done, planned = r.get("epochs_done"), r.get("settings", {}).get("epochs")
         epochs = f"{done}" if done == planned else f"{done} of {planned} (stopped)"
-        lines.append(f"| {DISPLAY[model]} | {epochs} | {m['dice']:.4f} | {m['iou']:.4f} | {m['miou_2class']:.4f} | "
+        lines.append(f"| {DISPLAY[model]} | {split} | {epochs} | {m['dice']:.4f} | {m['iou']:.4f} | "
+                     f"{m['miou_2class']:.4f} | {'' if keras is None else f'{keras:.4f}'} | "
                      f"{m['recall']:.4f} | {m['precision']:.4f} | {p['dice']:.4f} | {p['miou']:.4f} | "
                      f"{p['recall']:.4f} | {p['precision']:.4f} | {'verified' if p['verified'] else 'unverified'} |")
-    lines += ["", "Ours: means over test images at threshold 0.5, computed at the training input size. The paper's "
-              "mIoU is a 2-class (background + polyp) Keras MeanIoU: compare it with our mIoU (2-class) column. Rows "
-              "marked unverified are as remembered from the paper's table, not checked against a copy of it."]
+    lines += ["", "Ours: means over test images at threshold 0.5, computed at the training input size; mIoU (Keras) "
+              "is pooled over the test set. The paper's mIoU is a 2-class Keras MeanIoU fed with probabilities, "
+              "so only p == 1.0 counts as polyp: compare it with our mIoU (Keras) column, not with mIoU (2-class) "
+              "(docs/evaluation.md). Rows marked unverified are as remembered from the paper's table, not "
+              "checked against a copy of it."]
+    if by_sequence:
+        lines += ["", "Split `random`: the committed 80/10/10 split, as the paper's (every test frame has a frame of "
+                  "its video in training). Split `by sequence`: `cvc-clinicdb-by-sequence.json`, whole videos in "
+                  "each part; its scores are the honest ones."]
     return "\n".join(lines) + "\n"
 
 
@@ -125,25 +140,38 @@ def reproduce(table: str, data: str | os.PathLike | None = None, out: str | os.P
     dev = resolve_device(device)
     start = time.perf_counter()
     results: dict[str, dict[str, Any]] = {}
-    for model in models:
-        cfg = TrainConfig(model=model, data=str(data), out=str(out / model), seed=seed, device=device,
-                          progress=progress, time_limit=time_limit, **settings, **(overrides or {}))
-        run = out / model
-        done = _finished_epochs(run)
-        if train_runs and (done is None or done < cfg.epochs):
-            train(cfg, resume=run if done is not None else None)
-        elif done is None:
-            continue  # nothing to tabulate for this model
-        ev = evaluate(run, data, split="test", out=run / "eval", device=device, limit=settings["limit"],
-                      progress=progress)
-        best = json.loads((run / "config.json").read_text())
-        results[model] = {"metrics": {"mean": ev.summary["mean"], "pooled": ev.summary["pooled"]},
-                          "test_images": ev.summary["images"], "best_epoch": best.get("best_epoch"),
-                          "val": best.get("metrics", {}).get("val"), "train_seconds": _train_seconds(run),
-                          "epochs_done": _finished_epochs(run),
-                          "parameters": count_parameters(load_model(run)),
-                          "settings": {k: v for k, v in asdict(cfg.resolved()).items() if k != "progress"},
-                          "paper": _paper_row(table, model)}
+    def run_models(base: Path, split_file: str | None) -> dict[str, dict[str, Any]]:
+        found: dict[str, dict[str, Any]] = {}
+        for model in models:
+            extra = {"split": split_file} if split_file else {}
+            cfg = TrainConfig(model=model, data=str(data), out=str(base / model), seed=seed, device=device,
+                              progress=progress, time_limit=time_limit, **settings, **extra, **(overrides or {}))
+            run = base / model
+            done = _finished_epochs(run)
+            if train_runs and (done is None or done < cfg.epochs):
+                train(cfg, resume=run if done is not None else None)
+            elif done is None:
+                continue  # nothing to tabulate for this model
+            ev = evaluate(run, data, split="test", out=run / "eval", device=device, limit=settings["limit"],
+                          progress=progress)
+            best = json.loads((run / "config.json").read_text())
+            found[model] = {"metrics": {"mean": ev.summary["mean"], "pooled": ev.summary["pooled"],
+                                        "miou_keras": ev.summary["miou_keras"],
+                                        "detection": ev.summary["detection"]},
+                            "test_images": ev.summary["images"], "best_epoch": best.get("best_epoch"),
+                            "val": best.get("metrics", {}).get("val"), "train_seconds": _train_seconds(run),
+                            "epochs_done": _finished_epochs(run),
+                            "parameters": count_parameters(load_model(run)),
+                            "settings": {k: v for k, v in asdict(cfg.resolved()).items() if k != "progress"},
+                            "paper": _paper_row(table, model)}
+        return found
+
+    from .data.splits import grouped_split_path
+
+    results = run_models(out, None)
+    # Table II also on the sequence-grouped split: no test frame has a sibling frame of its video in training
+    by_sequence = run_models(out / "by-sequence", str(grouped_split_path("cvc-clinicdb"))) \
+        if table == "table2" else {}
     wall = time.perf_counter() - start
     if not results:
         raise FileNotFoundError(f"{out}: no runs of {', '.join(models)} to tabulate")
@@ -152,7 +180,7 @@ def reproduce(table: str, data: str | os.PathLike | None = None, out: str | os.P
     note = (f"Quick run ({settings['size']}x{settings['size']}, {settings['epochs']} epochs, first "
             f"{settings['limit']} ids of each split): a pipeline check, not a reproduction." if quick else "")
     with atomic_path(out / "table.md") as tmp:
-        tmp.write_text(table_markdown(table, results, note))
+        tmp.write_text(table_markdown(table, results, note, by_sequence))
     ids, _ = resolve_ids(data, "test", out / models[0], settings["limit"])
     plot_fig3_for(out, data, models, ids[:FIG3_ROWS], dev, TABLES[table]["dataset"])
     if dev.type == "cuda":
@@ -164,7 +192,7 @@ def reproduce(table: str, data: str | os.PathLike | None = None, out: str | os.P
         "device": str(dev), "device_name": device_name, "torch": torch.__version__, "python": platform.python_version(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "wall_seconds": round(wall, 1),
         "command": command or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "settings": settings, "models": results})
+        "settings": settings, "models": results, **({"models_by_sequence": by_sequence} if by_sequence else {})})
     return out
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import typer
 
+from ..config import AUGMENTS, COMPILE_MODES, OPTIMIZERS, SCHEDULES
 from ..losses import LOSSES
 from ..registry import list_models
-from ..train import AUGMENTS, COMPILE_MODES, OPTIMIZERS, SCHEDULES
 from .common import ExitCode, choices, fail
 
 # the choices are the library's own tuples: a model, loss or schedule added there is offered here at once
@@ -134,7 +134,7 @@ def evaluate(
     from rich.console import Console
     from rich.table import Table
 
-    from ..train import dataset_name
+    from ..config import dataset_name
     from ..evaluate import evaluate as run_evaluate
     from ..metrics import BENCHMARK_NAMES, METRIC_NAMES
 

@@ -1,0 +1,137 @@
+"""Training configuration: every setting in one dataclass, read from flags, YAML, TOML or JSON.
+
+`TrainConfig` holds the paper's recipe as its defaults; `resolved()` fills the model-dependent
+defaults and checks every choice against the tuples below (the command line offers the same tuples).
+The split of a run comes from `--split FILE`, else the committed split of a known dataset.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .losses import LOSSES
+from .registry import model_info
+
+OPTIMIZERS = ("adam", "adamw", "nadam")
+SCHEDULES = ("sgdr", "cosine", "constant", "onecycle")
+AUGMENTS = ("paper", "light", "none")
+COMPILE_MODES = ("auto", "off", "default", "reduce-overhead", "max-autotune")
+COMPILE_PAYS_FROM = 60_000  # images: 47 s / (1/546 - 1/1084 s per image), H200, ResUNet++ at 256, rounded up
+
+
+@dataclass
+class TrainConfig:
+    model: str = "resunetpp"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    data: str = ""                      # dataset folder or prepared cache
+    split: str | None = None            # split JSON; None: the committed split of a known dataset, else a new one
+    out: str = "runs/resunetpp"
+    size: int = 256
+    epochs: int = 120
+    batch_size: int = 16                # global, over all ranks
+    lr: float = 1e-4
+    weight_decay: float | None = None   # None: 0.01 for adamw, 0 otherwise
+    optimizer: str = "adam"
+    loss: str | None = None             # None: the model's default loss
+    schedule: str = "sgdr"
+    augment: str = "paper"
+    seed: int = 0
+    device: str = "auto"                # auto | cpu | cuda | cuda:N
+    amp: bool | None = None             # None: bf16 autocast on CUDA, off on CPU
+    deterministic: bool | None = None   # None: on for CPU, off (cudnn.benchmark) for CUDA
+    early_stop: int = 0                 # patience in epochs without a better val Dice; 0: off
+    limit: int | None = None            # only the first N train / val / test ids
+    skip_bad: bool = False              # train on the good pairs of a dataset that fails the check
+    threshold: float = 0.5
+    check_every: int = 50               # steps between non-finite-loss checks (each one is a device sync)
+    eval_every: int = 1                 # epochs between validations (and last.pt); the last epoch always
+    compile: str = "auto"               # auto | off | default | reduce-overhead (CUDA graphs) | max-autotune
+    time_limit: float | None = None     # seconds: stop (resumably) before an epoch that would not fit
+    sync_bn: bool = False               # SyncBatchNorm across DDP ranks (CUDA only): for small per-GPU batches
+    progress: bool = True
+
+    def resolved(self) -> TrainConfig:
+        """A copy with the None defaults filled in and every choice checked."""
+        cfg = TrainConfig(**{f.name: getattr(self, f.name) for f in fields(self)})
+        cfg.loss = cfg.loss or model_info(cfg.model).default_loss  # KeyError listing the models
+        for name, value, choices in (("loss", cfg.loss, tuple(LOSSES)), ("optimizer", cfg.optimizer, OPTIMIZERS),
+                                     ("schedule", cfg.schedule, SCHEDULES), ("augment", cfg.augment, AUGMENTS),
+                                     ("compile", cfg.compile, COMPILE_MODES)):
+            if value not in choices:
+                raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+        if cfg.weight_decay is None:
+            cfg.weight_decay = 0.01 if cfg.optimizer == "adamw" else 0.0
+        for name in ("size", "epochs", "batch_size", "check_every", "eval_every"):
+            if getattr(cfg, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+        if not cfg.data:
+            raise ValueError("no training data given (--data DIR_OR_CACHE)")
+        return cfg
+
+
+def config_from_dict(values: dict[str, Any], source: str = "config") -> TrainConfig:
+    """TrainConfig from a mapping (a YAML/TOML file's content), refusing unknown keys by name."""
+    known = {f.name for f in fields(TrainConfig)}
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{source}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return TrainConfig(**values)
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Settings from a .yaml/.yml, .toml or .json file, as a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: config file not found")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                raise ValueError(f"{path}: TOML configs need Python 3.11+ (tomllib); use YAML instead") from None
+            values = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml", ".json"):
+            import yaml  # JSON is YAML
+
+            values = yaml.safe_load(text) or {}
+        else:
+            raise ValueError(f"{path}: unknown config format {path.suffix!r}; use .yaml, .toml or .json")
+    except (ValueError, TypeError) as e:
+        if str(e).startswith(str(path)):
+            raise
+        raise ValueError(f"{path}: not a valid config file ({e})") from None
+    except Exception as e:  # yaml.YAMLError and friends
+        raise ValueError(f"{path}: not a valid config file ({e})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of settings at the top level")
+    return values
+
+
+def dataset_name(data: str | os.PathLike) -> str:
+    """"kvasir-seg", "cvc-clinicdb" (also for a prepared cache of them) or the folder's own name."""
+    from .data.layouts import locate
+
+    return locate(data).name
+
+
+def resolve_split(cfg: TrainConfig, name: str) -> tuple[dict[str, Any] | None, str]:
+    """(split, where it came from): --split FILE, else the committed split of a known dataset, else
+    (None, "made"): the caller makes a seeded 80/10/10 split of the ids it finds."""
+    from .data import default_split, load_split
+
+    if cfg.split:
+        return load_split(cfg.split), str(cfg.split)
+    if name in ("kvasir-seg", "cvc-clinicdb"):
+        return load_split(default_split(name)), f"committed {name} split"
+    return None, f"made by make_split(seed={cfg.seed})"
+
+
+def limit_split(split: dict[str, Any], limit: int | None) -> dict[str, Any]:
+    if not limit:
+        return dict(split)
+    return {**split, **{k: list(split[k])[:limit] for k in ("train", "val", "test")}}
