@@ -16,6 +16,7 @@ from .common import ExitCode, choices
 Layout = choices("Layout", LAYOUTS)
 Preset = choices("Preset", PRESETS)
 MaskValues = choices("MaskValues", MASK_VALUES)
+GroupBy = choices("GroupBy", ("sequences", "near-duplicates"))
 
 data_app = typer.Typer(help="Datasets: integrity check, splits, download, prepared cache, pictures.",
                        no_args_is_help=True)
@@ -79,12 +80,16 @@ def check(root: Path = typer.Argument(..., help="Dataset folder (or prepared cac
           mask_values: MaskValues = typer.Option(MaskValues("auto"), "--mask-values",
                                                  help="How masks mark the polyp: 255 (grey > 127), 01 (label "
                                                  "images, value 1) or auto (01 when a mask's largest value is 1).")
+          , split: Path | None = typer.Option(None, "--split", help="Split JSON to audit for leaks (default: the "
+                                              "committed split of a known dataset). Needs the full check.")
           ) -> None:
-    """Check a dataset's pairs; exits 1 when a pair is unusable (or there are none)."""
+    """Check a dataset's pairs; exits 1 when a pair is unusable (or there are none). The full check also warns
+    when the split leaks: near-duplicate images, or frames of one video sequence, in different parts."""
     from ..data import check_dataset
 
     with _friendly_errors():
-        report = check_dataset(root, layout=_v(layout), deep=not quick, progress=True, mask_values=mask_values.value)
+        report = check_dataset(root, layout=_v(layout), deep=not quick, progress=True, mask_values=mask_values.value,
+                               split=split if split is not None else "auto")
     _print_report(report)
     if not report.ok:
         raise typer.Exit(ExitCode.PARTIAL)
@@ -96,10 +101,16 @@ def split(root: Path = typer.Argument(..., help="Dataset folder (or prepared cac
           seed: int = typer.Option(0, "--seed"),
           fractions: str = typer.Option("0.8,0.1,0.1", "--fractions", help="train,val,test fractions."),
           layout: Layout | None = typer.Option(None, "--layout", help=LAYOUT_HELP),
-          skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave unusable pairs out instead of failing.")
+          skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave unusable pairs out instead of failing."),
+          group_by: GroupBy | None = typer.Option(None, "--group-by", help="Keep groups whole in one part: "
+                                                  "sequences (the committed video sequences; CVC-ClinicDB) or "
+                                                  "near-duplicates (perceptual hash of every image)."),
+          sequences: Path | None = typer.Option(None, "--sequences", help="Sequence JSON for --group-by sequences "
+                                                "(default: the committed file of a known dataset).")
           ) -> None:
-    """Write a deterministic train/val/test split of the dataset's ids (naturally sorted, then shuffled by seed)."""
-    from ..data import SegmentationFolder, make_split, save_split
+    """Write a deterministic train/val/test split of the dataset's ids (naturally sorted, then shuffled by seed);
+    with --group-by, no video sequence or near-duplicate group is split across parts."""
+    from ..data import SegmentationFolder, leaks, make_split, save_split
 
     with _friendly_errors():
         try:
@@ -107,9 +118,27 @@ def split(root: Path = typer.Argument(..., help="Dataset folder (or prepared cac
         except ValueError:
             raise ValueError(f"--fractions {fractions!r}: expected three numbers like 0.8,0.1,0.1") from None
         ds = SegmentationFolder(root, layout=_v(layout), skip_bad=skip_bad)
-        parts = make_split(ds.ids, seed=seed, fractions=fr)
+        how = ""
+        if group_by is None:
+            if sequences is not None:
+                raise ValueError("--sequences needs --group-by sequences")
+            parts = make_split(ds.ids, seed=seed, fractions=fr)
+        else:
+            make_split(ds.ids, seed=seed, fractions=fr)  # validates the fractions
+            if group_by.value == "sequences":
+                groups = leaks.load_sequences(sequences) if sequences is not None else leaks.sequences(ds.name)
+                missing = sorted(set(ds.ids) - {i for g in groups for i in g})
+                if missing:
+                    raise ValueError(f"{sequences or leaks.sequences_path(ds.name)}: {len(missing)} id(s) of {ds.root} "
+                                     f"in no sequence, e.g. {', '.join(missing[:5])}")
+            else:
+                groups = leaks.near_duplicate_groups(leaks.hash_folder(ds.root, ids=ds.ids, layout=_v(layout),
+                                                                       progress=True))
+            parts = leaks.grouped_split(ds.ids, groups, seed=seed, fractions=fr)
+            multi = [g for g in groups if len(g) > 1]
+            how = f", grouped by {group_by.value} ({len(multi)} groups of 2+ images kept whole)"
         save_split(parts, out, dataset=ds.name, seed=seed)
-    typer.echo(f"{out}: {ds.name}, seed {seed}: " + ", ".join(f"{k} {len(v)}" for k, v in parts.items()))
+    typer.echo(f"{out}: {ds.name}, seed {seed}{how}: " + ", ".join(f"{k} {len(v)}" for k, v in parts.items()))
 
 
 @data_app.command("download")

@@ -14,6 +14,11 @@ Warnings (reported, the data is still used):
 The quick check (``deep=False``, used when a dataset is opened) lists the folders and reads only file
 headers; the full check (``deep=True``, `check_dataset`'s default) decodes every file, so truncated
 files and all-empty masks are found too. Every problem names its file.
+
+Split leaks (warnings, full check only; ``split=`` a split file, or "auto" for the committed split of a
+known dataset whose ids are the dataset's): a near-duplicate group (`resunetpp.data.leaks`, perceptual hash of
+every image, computed while decoding) with images in two parts, and, for a dataset with committed video
+sequences (CVC-ClinicDB), sequences with frames in two parts.
 """
 
 from __future__ import annotations
@@ -30,8 +35,8 @@ from .layouts import Source, locate, natural_sorted
 
 # summary rows, in print order
 COUNTS = ("pairs found", "images without masks", "masks without images", "duplicate ids", "unreadable or empty files",
-          "size mismatches", "all-empty masks", "0/1 label masks", "soft masks", "non-image files")
-WARNING_KINDS = ("all-empty masks", "0/1 label masks", "soft masks", "non-image files")
+          "size mismatches", "all-empty masks", "0/1 label masks", "soft masks", "non-image files", "split leaks")
+WARNING_KINDS = ("all-empty masks", "0/1 label masks", "soft masks", "non-image files", "split leaks")
 SOFT_FRACTION = 0.05  # a mask with more pixels than this between NEAR and 255 - NEAR is "soft"
 NEAR = 32
 
@@ -54,6 +59,7 @@ class CheckReport:
     bad_ids: set[str] = field(default_factory=set)
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTS, 0))
     deep: bool = False
+    hashes: dict[str, int] = field(default_factory=dict)  # perceptual hash of each image (full check)
 
     @property
     def ok(self) -> bool:
@@ -85,7 +91,7 @@ class CheckReport:
         for kind in COUNTS:
             n = self.counts.get(kind, 0)
             sev = "" if kind == "pairs found" else ("warning" if kind in WARNING_KINDS else "unusable")
-            if kind in ("all-empty masks", "0/1 label masks", "soft masks") and not self.deep:
+            if kind in ("all-empty masks", "0/1 label masks", "soft masks", "split leaks") and not self.deep:
                 table.add_row(kind, "not checked", "warning")
                 continue
             table.add_row(kind, f"{n:,}", sev if n else "")
@@ -165,14 +171,17 @@ def _list_folder(folder: Path, report: CheckReport) -> dict[str, Path]:
 
 
 def _deep_read(pair: tuple[Path, Path], mask_values: str = "auto"):
-    """(image (H, W), mask (H, W), mask not empty, (largest grey level, soft fraction))."""
+    """(image (H, W), mask (H, W), mask not empty, (largest grey level, soft fraction, perceptual hash))."""
     import numpy as np
+
+    from .leaks import phash
 
     image = read_image(pair[0])
     grey = mask_grey(pair[1])
     mask = mask_from_grey(grey, mask_values)
     soft = float(np.count_nonzero((grey > NEAR) & (grey < 255 - NEAR))) / max(1, grey.size)
-    return image.shape[:2], mask.shape, bool(mask.any()), (float(grey.max()) if grey.size else 0.0, soft)
+    return image.shape[:2], mask.shape, bool(mask.any()), (float(grey.max()) if grey.size else 0.0, soft,
+                                                           phash(image))
 
 
 def scan(source: Source, deep: bool = True, progress: bool = False, workers: int | None = None,
@@ -224,7 +233,9 @@ def scan(source: Source, deep: bool = True, progress: bool = False, workers: int
                 report.add("size mismatches", mask_path,
                            f"mask is {mw}x{mh} but its image {report.pairs[i][0].name} is {iw}x{ih} (WxH)", bad_id=i)
                 continue
-            top, soft = stats if stats is not None else (None, 0.0)
+            top, soft, report.hashes[i] = stats if stats is not None else (None, 0.0, None)
+            if report.hashes[i] is None:
+                del report.hashes[i]
             if top == 1 and mask_values == "auto":
                 report.add("0/1 label masks", mask_path, "mask values are 0/1 (largest 1): read as labels, polyp = 1 "
                            "(--mask-values 01); pass --mask-values 255 if 1 means background noise", warning=True)
@@ -243,12 +254,51 @@ def scan(source: Source, deep: bool = True, progress: bool = False, workers: int
 
 
 def check_dataset(root: str | os.PathLike, layout: str | None = None, deep: bool = True,
-                  progress: bool = False, mask_values: str = "auto") -> CheckReport:
+                  progress: bool = False, mask_values: str = "auto",
+                  split: str | os.PathLike | None = None) -> CheckReport:
     """Check a raw dataset folder; see the module docstring for what counts as unusable.
-    `mask_values`: how masks encode the polyp, "auto" | "255" | "01" (`resunetpp.io.mask_from_grey`)."""
+    `mask_values`: how masks encode the polyp, "auto" | "255" | "01" (`resunetpp.io.mask_from_grey`).
+    `split`: a split file to audit for leaks, "auto" (the committed split of a known dataset) or None."""
     source = locate(root, layout)
     if source.layout == "cache":
         from .cache import check_cache
 
         return check_cache(source, deep=deep, progress=progress)
-    return scan(source, deep=deep, progress=progress, mask_values=mask_values)
+    report = scan(source, deep=deep, progress=progress, mask_values=mask_values)
+    if deep and split is not None:
+        audit_split(report, split)
+    return report
+
+
+def audit_split(report: CheckReport, split: str | os.PathLike) -> None:
+    """Add "split leaks" warnings to a full check's report (module docstring)."""
+    from . import leaks
+    from .layouts import KNOWN_DATASETS
+    from .splits import default_split, load_split
+
+    if str(split) == "auto":
+        if report.name not in KNOWN_DATASETS:
+            return
+        split = default_split(report.name)
+        parts = load_split(split)
+        if {i for p in leaks.PARTS for i in parts[p]} != set(report.good_ids):
+            return  # a subset or another version of the dataset: the committed split does not describe it
+    else:
+        parts = load_split(split)
+    where = {i: p for p in leaks.PARTS for i in parts[p]}
+    for group in leaks.near_duplicate_groups(report.hashes):
+        inside = [i for i in group if i in where]
+        if len({where[i] for i in inside}) > 1:
+            names = ", ".join(f"{report.pairs[i][0].name} ({where[i]})" for i in inside)
+            report.add("split leaks", report.pairs[inside[0]][0], f"near-duplicate images in different parts of "
+                       f"{split}: {names}", warning=True)
+    path = leaks.sequences_path(report.name)
+    if path.is_file():
+        seqs = leaks.load_sequences(path)
+        cut = leaks.split_leaks(parts, seqs)
+        if cut:
+            one, both = leaks.neighbour_leaks(parts, seqs)
+            report.add("split leaks", Path(split), f"{len(cut)} of {len(seqs)} video sequences ({path.name}) have "
+                       f"frames in more than one part; {one} of {len(parts['test'])} test frames have a "
+                       f"neighbouring frame in train ({both} both neighbours). For leak-free scores use a split "
+                       "grouped by sequence (resunetpp data split --group-by sequences)", warning=True)
