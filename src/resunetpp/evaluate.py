@@ -38,6 +38,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .config import dataset_name
 from .hub import load_model
 from .metrics import (
     BENCHMARK_NAMES,
@@ -53,7 +54,7 @@ from .metrics import (
 )
 from .preprocess import normalize
 from .progress import progress_bar
-from .train import dataset_name, resolve_device
+from .runtime import resolve_device
 from .utils import atomic_path, write_json
 
 SPLIT_NAMES = ("train", "val", "test", "all")
