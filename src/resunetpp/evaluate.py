@@ -52,7 +52,7 @@ from .metrics import (
     summarize,
     summarize_detection,
 )
-from .preprocess import normalize
+from .preprocess import predict_probs
 from .progress import progress_bar
 from .runtime import resolve_device
 from .utils import atomic_path, write_json
@@ -103,17 +103,7 @@ def resolve_ids(data: str | os.PathLike, split: str, weights: str | os.PathLike 
     return ids, source
 
 
-@torch.no_grad()
-def predict(model: torch.nn.Module, images: torch.Tensor, normalization: dict[str, Any],
-            device: torch.device | str = "cpu", amp: bool = False) -> torch.Tensor:
-    """Sigmoid probabilities (N, 1, H, W) float32 for one batch of uint8 images (N, 3, H, W)."""
-    device = torch.device(device)
-    model.eval()
-    x = normalize(images.to(device), normalization["mean"], normalization["std"])
-    if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        return torch.sigmoid(model(x).float())
+predict = predict_probs  # sigmoid probabilities of a uint8 batch: the one definition is in preprocess
 
 
 def evaluate(weights: str | os.PathLike | None, data: str | os.PathLike, split: str = "test",

@@ -40,7 +40,7 @@ from torch import nn
 
 from .data.folder import resize_image
 from .io import IMAGE_EXTENSIONS, ImageReadError, read_image
-from .preprocess import default_normalization, normalize
+from .preprocess import default_normalization, forward, normalize
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
 PRECISIONS = ("fp32", "bf16")
@@ -122,11 +122,7 @@ class _TorchRunner:
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.device)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            return self.model(x).float().cpu()
+        return forward(self.model, x.to(self.device), amp=self.bf16, channels_last=self.channels_last).cpu()
 
 
 class _OrtRunner:

@@ -71,7 +71,7 @@ from .config import (  # noqa: F401  (re-exported: the training API in one impor
 from .hub import save_pretrained
 from .losses import get_loss
 from .metrics import METRIC_NAMES, confusion, summarize
-from .preprocess import default_normalization, normalize
+from .preprocess import default_normalization, forward, normalize
 from .registry import create_model
 from .runtime import (  # noqa: F401
     normalization_on,
@@ -166,19 +166,16 @@ def epoch_shard(train_idx: torch.Tensor, seed: int, epoch: int, rank: int = 0, w
 
 
 @torch.no_grad()
-def validate(model, images, masks, cfg: TrainConfig, loss_fn, device, amp) -> dict[str, float]:
-    """Validation loss and the metrics at the threshold (mean over images)."""
+def validate(model, images, masks, cfg: TrainConfig, loss_fn, device, amp: bool = False) -> dict[str, float]:
+    """Validation loss and the metrics at the threshold (mean over images). fp32 by default, as
+    `evaluate` scores: the val Dice that picks the checkpoint is computed like the test Dice."""
     model.eval()
     norm = normalization_on(device)
     losses, stats = [], []
     for i in range(0, len(images), cfg.batch_size):
-        x = normalize(images[i:i + cfg.batch_size], **norm)
         y = masks[i:i + cfg.batch_size]
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(x)
-        losses.append(loss_fn(logits, y).detach() * len(x))  # stays on the device: one sync at the end
+        logits = forward(model, normalize(images[i:i + cfg.batch_size], **norm), amp)
+        losses.append(loss_fn(logits, y).detach() * len(y))  # stays on the device: one sync at the end
         stats.append(confusion(torch.sigmoid(logits.float()) > cfg.threshold, y.bool()))
     s = summarize(torch.cat(stats).cpu())["mean"]
     return {"val_loss": torch.stack(losses).sum().item() / len(images), **{f"val_{k}": s[k] for k in METRIC_NAMES}}
@@ -253,7 +250,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
             stop = out_of_time
             if rt.master:
                 row = {"epoch": epoch, "lr": run.opt.param_groups[0]["lr"], "train_loss": train_loss,
-                       **validate(run.raw_model, run.val_x, run.val_y, cfg, run.loss_fn, rt.device, rt.amp),
+                       **validate(run.raw_model, run.val_x, run.val_y, cfg, run.loss_fn, rt.device),
                        "seconds": round(time.perf_counter() - t0, 3),
                        "img_per_s": round(run.steps * cfg.batch_size / seconds, 2),
                        "elapsed": round(before + time.perf_counter() - clock, 3)}  # over all sessions
