@@ -1,8 +1,9 @@
 """Loader + augmentation throughput: augmented pairs/s per preset on one device.
 
 The data path under test is the one training uses: the prepared dataset held as uint8 tensors on the
-device (`load_pairs(...).to(device)`), batches indexed and augmented there (`Pairs.batches`). On the
-CPU the table also times one ResUNet++ forward+backward step on a batch of the same size, so the
+device (`load_pairs(...).to(device)`), each batch an index into those tensors and one `Augment`
+call, as training does. On the CPU the table also times one ResUNet++ forward+backward step on a
+batch of the same size, so the
 ratio says how much of a training step the data path costs.
 
     python benchmarks/loader.py                                # synthetic 256x256 pairs, CPU
@@ -18,7 +19,7 @@ import time
 import torch
 
 from resunetpp.data import Augment, load_pairs
-from resunetpp.data.folder import Pairs
+from resunetpp.data.pairs import Pairs
 
 
 def sync(device: torch.device) -> None:
@@ -36,17 +37,15 @@ def synthetic(n: int, size: int) -> Pairs:
 
 
 def time_preset(pairs: Pairs, preset: str, batch: int, batches: int, device: torch.device) -> float:
-    """Seconds per batch (after one warm-up batch)."""
-    aug = Augment(preset)
-    it = pairs.batches(batch, shuffle=True, augment=aug)
-    next(it)
+    """Seconds per batch (after one warm-up batch): what training does, an index into the uint8 tensors on
+    the device and one `Augment` call."""
+    aug = Augment(preset).to(device)
+    order = torch.randint(0, len(pairs), (batches + 1, batch), device=device)
+    aug(pairs.images[order[0]], pairs.masks[order[0]])
     sync(device)
-    done, t0 = 0, time.perf_counter()
-    while done < batches:
-        for _ in pairs.batches(batch, shuffle=True, augment=aug, drop_last=True):
-            done += 1
-            if done >= batches:
-                break
+    t0 = time.perf_counter()
+    for idx in order[1:]:
+        aug(pairs.images[idx], pairs.masks[idx])
     sync(device)
     return (time.perf_counter() - t0) / batches
 

@@ -13,7 +13,6 @@ from typer.testing import CliRunner
 
 from resunetpp.cli import app
 from resunetpp.data import (
-    Augment,
     DatasetCheckError,
     SegmentationFolder,
     check_dataset,
@@ -87,20 +86,6 @@ def test_known_dataset_gets_the_committed_split(tmp_path):
         default_split("cvc-clinicdb").read_bytes()
     note = _write_split(tmp_path / "sub.json", "cvc-clinicdb", ids[:8])  # e.g. only the TIF subset
     assert note == "make_split(ids, seed=0)" and len(load_split(tmp_path / "sub.json")["test"]) == 1
-
-
-def test_pairs_batches_with_augmentation(tmp_path):
-    raw = make_dataset(tmp_path / "ds", n=10, size=(32, 32))
-    pairs = load_pairs(raw, size=32, progress=False)
-    seen = []
-    for images, masks in pairs.batches(4, shuffle=True, augment=Augment("light"),
-                                       generator=torch.Generator().manual_seed(0)):
-        assert images.dtype == torch.float32 and images.shape[1:] == (3, 32, 32) and masks.shape[1] == 1
-        seen.append(len(images))
-    assert seen == [4, 4, 2]
-    assert [len(b[0]) for b in pairs.batches(4, drop_last=True)] == [4, 4]
-    first = next(pairs.batches(10, shuffle=False))
-    assert torch.equal(first[0], pairs.images.float() / 255) and torch.equal(first[1], pairs.masks.float())
 
 
 def test_cli_prepare_and_show(tmp_path):

@@ -1,7 +1,8 @@
 """The data layer: readers, integrity check, splits, prepared cache, augmentation and downloads.
 
-Modules: `layouts` (which dataset, where its files are), `check` (integrity), `folder` (SegmentationFolder,
-load_pairs), `splits`, `cache` (prepare_cache), `augment` (Augment, Kornia), `download`, `show` (pictures).
+Modules: `layouts` (which dataset, where its files are), `check` (integrity), `pairs` (a dataset in memory),
+`folder` (raw folders: SegmentationFolder), `cache` (prepared caches), `load` (load_pairs and check_dataset
+for either), `splits`, `leaks`, `augment` (Augment: one warp per batch), `download`, `show` (pictures).
 Each module's docstring states its conventions.
 """
 
@@ -9,10 +10,12 @@ from __future__ import annotations
 
 from .augment import Augment
 from .cache import prepare_cache
-from .check import CheckReport, DatasetCheckError, Problem, check_dataset
+from .check import CheckReport, DatasetCheckError, Problem
 from .download import download_dataset
-from .folder import Pairs, SegmentationFolder, load_pairs, parse_size
+from .folder import SegmentationFolder
 from .layouts import detect_layout, natural_sorted
+from .load import check_dataset, load_pairs
+from .pairs import Pairs, parse_size
 from .splits import default_split, load_split, make_split, save_split
 
 __all__ = [

@@ -32,9 +32,10 @@ import numpy as np
 
 from ..io import ImageReadError
 from ..utils import write_json
-from .check import CheckReport, scan
-from .folder import Pairs, Size, _choose_ids, _fail_or_warn, _stack, decode_pairs, parse_size
+from .check import CheckReport, choose_ids, fail_or_warn, scan
+from .folder import decode_pairs
 from .layouts import CACHE_FORMAT, CACHE_MANIFEST, KNOWN_DATASETS, Source, locate
+from .pairs import Pairs, Size, parse_size, stack_pairs
 from .splits import default_split, load_split, make_split, save_split
 
 CACHE_VERSION = 2
@@ -73,7 +74,7 @@ def prepare_cache(root: str | os.PathLike, out: str | os.PathLike, size: Size = 
     todo = {i: report.pairs[i] for i in report.good_ids}
     decoded = decode_pairs(todo, hw, report, progress, desc=f"preparing {source.name} at {hw[0]}x{hw[1]}")
     report.deep = True
-    _fail_or_warn(report, skip_bad)
+    fail_or_warn(report, skip_bad)
     ids = [i for i in report.good_ids if i in decoded]
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -192,12 +193,12 @@ def load_cache(source: Source, ids: Sequence[str] | None = None, size: tuple[int
         raise ValueError(f"{source.root}: the cache holds {cached[0]}x{cached[1]} (HxW) pairs, not "
                          f"{size[0]}x{size[1]}; pass size=None (or the cache's size) or prepare another cache")
     report = _cache_report(source, manifest)
-    chosen = _choose_ids(report, ids, skip_bad=True)
+    chosen = choose_ids(report, ids, skip_bad=True)
     todo = {i: report.pairs[i] for i in chosen if i not in report.bad_ids}
     decoded = decode_pairs(todo, cached, report, progress, desc=f"loading {source.name} cache", reader=_read_cached)
-    _fail_or_warn(report, skip_bad)
+    fail_or_warn(report, skip_bad)
     keep = [i for i in chosen if i in decoded]
-    return _stack([decoded[i] for i in keep], keep, source.name)
+    return stack_pairs([decoded[i] for i in keep], keep, source.name)
 
 
 def cache_split(folder: str | os.PathLike) -> Path:

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -253,17 +255,15 @@ def scan(source: Source, deep: bool = True, progress: bool = False, workers: int
     return report
 
 
-def check_dataset(root: str | os.PathLike, layout: str | None = None, deep: bool = True,
+def check_folder(root: str | os.PathLike, layout: str | None = None, deep: bool = True,
                   progress: bool = False, mask_values: str = "auto",
                   split: str | os.PathLike | None = None) -> CheckReport:
-    """Check a raw dataset folder; see the module docstring for what counts as unusable.
+    """Check a raw dataset folder (`check_dataset` dispatches caches elsewhere); see the module docstring.
     `mask_values`: how masks encode the polyp, "auto" | "255" | "01" (`resunetpp.io.mask_from_grey`).
     `split`: a split file to audit for leaks, "auto" (the committed split of a known dataset) or None."""
     source = locate(root, layout)
     if source.layout == "cache":
-        from .cache import check_cache
-
-        return check_cache(source, deep=deep, progress=progress)
+        raise ValueError(f"{source.root}: a prepared cache; check it with resunetpp.data.check_dataset")
     report = scan(source, deep=deep, progress=progress, mask_values=mask_values)
     if deep and split is not None:
         audit_split(report, split)
@@ -302,3 +302,33 @@ def audit_split(report: CheckReport, split: str | os.PathLike) -> None:
                        f"frames in more than one part; {one} of {len(parts['test'])} test frames have a "
                        f"neighbouring frame in train ({both} both neighbours). For leak-free scores use a split "
                        "grouped by sequence (resunetpp data split --group-by sequences)", warning=True)
+
+
+def choose_ids(report: CheckReport, ids: Sequence[str] | None, skip_bad: bool) -> list[str]:
+    """The ids to use: all good ones, or `ids` (in the order given) minus skipped bad ones."""
+    if ids is None:
+        return report.good_ids
+    ids = [str(i) for i in ids]
+    missing = [i for i in ids if i not in report.pairs and i not in report.bad_ids]
+    if missing:
+        shown = ", ".join(missing[:10]) + (", ..." if len(missing) > 10 else "")
+        raise KeyError(f"{report.root}: {len(missing)} requested id(s) not in the dataset: {shown}")
+    if skip_bad:
+        return [i for i in ids if i not in report.bad_ids]
+    return ids
+
+
+def fail_or_warn(report: CheckReport, skip_bad: bool) -> None:
+    if report.ok:
+        return
+    if not skip_bad:
+        raise DatasetCheckError(report)
+    _skip_warning(report, sorted(report.bad_ids))
+
+
+def _skip_warning(report: CheckReport, skipped: Sequence[str]) -> None:
+    lines = [f"  {p.path}: {p.what}" for p in report.problems[:50]]
+    more = f"\n  ... and {len(report.problems) - 50} more" if len(report.problems) > 50 else ""
+    warnings.warn(f"{report.root}: skipping {len(skipped)} unusable pair(s) "
+                  f"({', '.join(skipped[:20])}{', ...' if len(skipped) > 20 else ''}):\n" + "\n".join(lines) + more,
+                  UserWarning, stacklevel=4)

@@ -27,7 +27,8 @@ import urllib.request
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from .check import CheckReport, check_dataset
+from .check import CheckReport
+from .load import check_dataset
 
 # sha256 None: not published by the dataset authors and not verified here; pass --sha256 to pin one
 DATASETS = {

@@ -13,10 +13,8 @@ Conventions:
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -25,33 +23,9 @@ import torch
 from torch.utils.data import Dataset
 
 from ..io import ImageReadError, read_image, read_mask
-from .check import CheckReport, DatasetCheckError, scan
-from .layouts import locate
-
-Size = int | tuple[int, int] | Sequence[int] | str | None
-
-
-def parse_size(size: Size) -> tuple[int, int] | None:
-    """None, 256, "256", (288, 384) or "288x384" (HxW) -> (h, w) or None."""
-    if size is None:
-        return None
-    if isinstance(size, str):
-        parts = size.lower().replace("*", "x").split("x")
-        try:
-            vals = [int(p) for p in parts]
-        except ValueError:
-            raise ValueError(f"size {size!r}: expected an integer or HxW such as 288x384") from None
-        size = vals[0] if len(vals) == 1 else vals
-    if isinstance(size, (int, np.integer)):
-        h = w = int(size)
-    else:
-        vals = list(size)
-        if len(vals) != 2:
-            raise ValueError(f"size {size!r}: expected an integer or (height, width)")
-        h, w = (int(v) for v in vals)
-    if h < 1 or w < 1:
-        raise ValueError(f"size {size!r}: must be positive")
-    return h, w
+from .check import CheckReport, choose_ids, fail_or_warn, scan
+from .layouts import Source, locate
+from .pairs import Pairs, Size, parse_size, stack_pairs
 
 
 def resize_image(image: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
@@ -84,36 +58,6 @@ def read_pair(image_path: Path, mask_path: Path, size: tuple[int, int] | None = 
     return (image if image.flags.writeable else image.copy()), (mask if mask.flags.writeable else mask.copy())
 
 
-def _skip_warning(report: CheckReport, skipped: Sequence[str]) -> None:
-    lines = [f"  {p.path}: {p.what}" for p in report.problems[:50]]
-    more = f"\n  ... and {len(report.problems) - 50} more" if len(report.problems) > 50 else ""
-    warnings.warn(f"{report.root}: skipping {len(skipped)} unusable pair(s) "
-                  f"({', '.join(skipped[:20])}{', ...' if len(skipped) > 20 else ''}):\n" + "\n".join(lines) + more,
-                  UserWarning, stacklevel=4)
-
-
-def _choose_ids(report: CheckReport, ids: Sequence[str] | None, skip_bad: bool) -> list[str]:
-    """The ids to use: all good ones, or `ids` (in the order given) minus skipped bad ones."""
-    if ids is None:
-        return report.good_ids
-    ids = [str(i) for i in ids]
-    missing = [i for i in ids if i not in report.pairs and i not in report.bad_ids]
-    if missing:
-        shown = ", ".join(missing[:10]) + (", ..." if len(missing) > 10 else "")
-        raise KeyError(f"{report.root}: {len(missing)} requested id(s) not in the dataset: {shown}")
-    if skip_bad:
-        return [i for i in ids if i not in report.bad_ids]
-    return ids
-
-
-def _fail_or_warn(report: CheckReport, skip_bad: bool) -> None:
-    if report.ok:
-        return
-    if not skip_bad:
-        raise DatasetCheckError(report)
-    _skip_warning(report, sorted(report.bad_ids))
-
-
 class SegmentationFolder(Dataset):
     """A torch Dataset over a folder of image/mask pairs matched by file stem.
 
@@ -131,8 +75,8 @@ class SegmentationFolder(Dataset):
         self.name = self.source.name
         self.size = parse_size(size)
         self.report = scan(self.source, deep=False)
-        _fail_or_warn(self.report, skip_bad)
-        chosen = _choose_ids(self.report, ids, skip_bad)
+        fail_or_warn(self.report, skip_bad)
+        chosen = choose_ids(self.report, ids, skip_bad)
         self.pairs: dict[str, tuple[Path, Path]] = {i: self.report.pairs[i] for i in chosen}
         self.ids: list[str] = list(self.pairs)
 
@@ -146,35 +90,6 @@ class SegmentationFolder(Dataset):
     def __repr__(self) -> str:
         return f"SegmentationFolder({str(self.root)!r}, name={self.name!r}, pairs={len(self)}, size={self.size})"
 
-
-@dataclass
-class Pairs:
-    """A whole dataset in memory: images uint8 (N, 3, H, W), masks uint8 (N, 1, H, W) in {0, 1}."""
-
-    images: torch.Tensor
-    masks: torch.Tensor
-    ids: list[str]
-    name: str
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return int(self.images.shape[2]), int(self.images.shape[3])
-
-    def select(self, ids: Sequence[str]) -> Pairs:
-        """The pairs with these ids, in this order (e.g. a split's "train" list)."""
-        index = {i: k for k, i in enumerate(self.ids)}
-        missing = [i for i in ids if i not in index]
-        if missing:
-            shown = ", ".join(missing[:10]) + (", ..." if len(missing) > 10 else "")
-            raise KeyError(f"{self.name}: {len(missing)} id(s) not loaded: {shown}")
-        k = torch.as_tensor([index[i] for i in ids], dtype=torch.long, device=self.images.device)
-        return Pairs(self.images.index_select(0, k), self.masks.index_select(0, k), list(ids), self.name)
-
-    def to(self, device: str | torch.device) -> Pairs:
-        return Pairs(self.images.to(device), self.masks.to(device), self.ids, self.name)
 
     def batches(self, batch_size: int, shuffle: bool = True, augment: torch.nn.Module | None = None,
                 drop_last: bool = False, generator: torch.Generator | None = None
@@ -195,19 +110,6 @@ class Pairs:
             if augment is not None:
                 images, masks = augment(images, masks)
             yield images, masks
-
-
-def _stack(items: list[tuple[np.ndarray, np.ndarray]], ids: list[str], name: str) -> Pairs:
-    n = len(items)
-    if n == 0:
-        return Pairs(torch.zeros(0, 3, 0, 0, dtype=torch.uint8), torch.zeros(0, 1, 0, 0, dtype=torch.uint8), ids, name)
-    h, w = items[0][1].shape
-    images = np.empty((n, 3, h, w), dtype=np.uint8)  # numpy's strided copy is much faster than torch's here
-    masks = np.empty((n, 1, h, w), dtype=np.uint8)
-    for k, (image, mask) in enumerate(items):
-        images[k] = image.transpose(2, 0, 1)
-        masks[k, 0] = mask
-    return Pairs(torch.from_numpy(images), torch.from_numpy(masks), ids, name)
 
 
 def decode_pairs(pairs: dict[str, tuple[Path, Path]], size: tuple[int, int] | None, report: CheckReport | None,
@@ -242,27 +144,18 @@ def decode_pairs(pairs: dict[str, tuple[Path, Path]], size: tuple[int, int] | No
     return out
 
 
-def load_pairs(data: str | os.PathLike, ids: Sequence[str] | None = None, size: Size = 256, skip_bad: bool = False,
-               progress: bool = True, layout: str | None = None) -> Pairs:
-    """Load a whole dataset (or the given ids) as uint8 tensors resized to `size`.
-
-    `data` is a raw dataset folder or a cache made by `prepare_cache` (the fast path: no resizing,
-    only JPEG/PNG decoding). Every file is decoded, so the check is the full one: a failing dataset
-    raises DatasetCheckError (its message is the `resunetpp data check` report) unless ``skip_bad``.
-    ``size=None`` keeps the native size, which must then be the same for every pair.
-    """
-    source = locate(data, layout)
-    size = parse_size(size)
-    if source.layout == "cache":
-        from .cache import load_cache
-
-        return load_cache(source, ids=ids, size=size, skip_bad=skip_bad, progress=progress)
+def load_folder(source: Source, ids: Sequence[str] | None = None, size: tuple[int, int] | None = (256, 256),
+                skip_bad: bool = False, progress: bool = True) -> Pairs:
+    """A raw dataset folder (or the given ids) as uint8 tensors resized to `size`; `load_pairs` in
+    `resunetpp.data.load` dispatches here or to the cache reader. Every file is decoded, so the check is
+    the full one: a failing dataset raises DatasetCheckError unless ``skip_bad``. ``size=None`` keeps
+    the native size, which must then be the same for every pair."""
     report = scan(source, deep=False)
-    chosen = _choose_ids(report, ids, skip_bad=True)  # bad ones are reported below, after decoding
+    chosen = choose_ids(report, ids, skip_bad=True)  # bad ones are reported below, after decoding
     todo = {i: report.pairs[i] for i in chosen if i not in report.bad_ids}
     decoded = decode_pairs(todo, size, report, progress, desc=f"loading {source.name}")
     report.deep = ids is None
-    _fail_or_warn(report, skip_bad)
+    fail_or_warn(report, skip_bad)
     keep = [i for i in chosen if i in decoded]
     if size is None and keep:
         shapes = {decoded[i][1].shape for i in keep}
@@ -270,4 +163,4 @@ def load_pairs(data: str | os.PathLike, ids: Sequence[str] | None = None, size: 
             a, b = sorted(shapes)[:2]
             raise ValueError(f"{source.root}: images have different sizes (e.g. {a[1]}x{a[0]} and {b[1]}x{b[0]}); "
                              "pass size= to resize them")
-    return _stack([decoded[i] for i in keep], keep, source.name)
+    return stack_pairs([decoded[i] for i in keep], keep, source.name)

@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 
 from .check import scan
-from .folder import Size, load_pairs
 from .layouts import locate
+from .load import load_pairs
+from .pairs import Size
 
 
 def draw_grid(images: torch.Tensor, masks: torch.Tensor, titles: list[str], out: str | os.PathLike,
