@@ -38,9 +38,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data.folder import resize_image
 from .io import IMAGE_EXTENSIONS, ImageReadError, read_image
-from .preprocess import default_normalization, forward, normalize
+from .preprocess import default_normalization, forward, normalize, resize_image
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
 PRECISIONS = ("fp32", "bf16")

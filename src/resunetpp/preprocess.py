@@ -1,4 +1,6 @@
-"""Input normalisation: one definition, recorded in every checkpoint's config.json.
+"""Model input, in one home: resizing of image and mask, normalisation (recorded in every checkpoint's
+config.json) and the batch forward pass that every path (training's validation, evaluation, the
+`Segmenter`) runs.
 
 Images enter the models as float32 in [0, 1] (uint8 / 255), then (x - mean) / std. The default
 mean 0 and std 1 reproduce the authors' code, which only divides by 255.
@@ -8,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import cv2
+import numpy as np
 import torch
 
 DEFAULT_MEAN = (0.0, 0.0, 0.0)
@@ -47,3 +51,21 @@ def predict_probs(model: torch.nn.Module, images: torch.Tensor, normalization: d
     model.eval()
     x = normalize(images.to(device), norm["mean"], norm["std"])
     return torch.sigmoid(forward(model, x, amp))
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+    """(H, W, 3) uint8 -> (h, w, 3): area when shrinking (no aliasing), bilinear when enlarging."""
+    if size is None or image.shape[:2] == tuple(size):
+        return image
+    h, w = size
+    shrink = h <= image.shape[0] and w <= image.shape[1]
+    return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+    """(H, W) bool/uint8 -> (h, w) uint8 {0, 1} by nearest neighbour."""
+    mask = mask.astype(np.uint8)
+    if size is None or mask.shape == tuple(size):
+        return mask
+    h, w = size
+    return cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST_EXACT)

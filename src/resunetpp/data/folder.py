@@ -17,33 +17,15 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from ..io import ImageReadError, read_image, read_mask
+from ..preprocess import resize_image, resize_mask  # noqa: F401  (also the data layer's names)
 from .check import CheckReport, choose_ids, fail_or_warn, scan
 from .layouts import Source, locate
 from .pairs import Pairs, Size, parse_size, stack_pairs
-
-
-def resize_image(image: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
-    """(H, W, 3) uint8 -> (h, w, 3): area when shrinking (no aliasing), bilinear when enlarging."""
-    if size is None or image.shape[:2] == tuple(size):
-        return image
-    h, w = size
-    shrink = h <= image.shape[0] and w <= image.shape[1]
-    return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-
-
-def resize_mask(mask: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
-    """(H, W) bool/uint8 -> (h, w) uint8 {0, 1} by nearest neighbour."""
-    mask = mask.astype(np.uint8)
-    if size is None or mask.shape == tuple(size):
-        return mask
-    h, w = size
-    return cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST_EXACT)
 
 
 def read_pair(image_path: Path, mask_path: Path, size: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
