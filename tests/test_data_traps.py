@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from resunetpp import io as rio
 from resunetpp.cli import app
 from resunetpp.data import check_dataset
-from resunetpp.inference import collect_inputs
+from resunetpp.predict import collect_inputs
 
 runner = CliRunner()
 

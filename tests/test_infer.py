@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -13,11 +14,10 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-import resunetpp
 from resunetpp import Segmenter, hub
 from resunetpp.cli import app
-from resunetpp.inference import bounding_box, collect_inputs, output_names, predict_files
 from resunetpp.io import read_image
+from resunetpp.predict import bounding_box, collect_inputs, output_names, predict_files
 from test_infer_common import SIZE, dice, disc_image, disc_model, save_disc_checkpoint  # noqa: F401
 
 runner = CliRunner()
@@ -269,7 +269,7 @@ def test_inputs_and_output_names(tmp_path):
     assert [p.relative_to(tmp_path).as_posix() for p in listing.skipped] == ["x/readme.md"]
     names = [n.as_posix() for n in output_names(listing.files)]
     assert names == ["x/a.jpg.png", "x/a.png.png", "x/deep/b.png", "y/a.png"]
-    assert output_names([tmp_path / "x" / "a.png"]) == [resunetpp.inference.Path("a.png")]
+    assert output_names([tmp_path / "x" / "a.png"]) == [Path("a.png")]
 
 
 def test_failed_batch_is_retried_image_by_image(tmp_path, ckpt):

@@ -203,7 +203,7 @@ def export_onnx(weights: str | os.PathLike | nn.Module, out: str | os.PathLike, 
 
 def calibration_images(source: str | os.PathLike | Sequence[str | os.PathLike], count: int = 64) -> list[Path]:
     """Up to `count` image files from a folder (recursive) or list, spread evenly over the sorted list."""
-    from .inference import collect_inputs
+    from .predict import collect_inputs
 
     listing = collect_inputs([source] if isinstance(source, (str, os.PathLike)) else list(source))
     files = listing.files

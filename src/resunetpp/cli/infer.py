@@ -14,7 +14,8 @@ import typer
 
 from ..crf import CRF_MODES
 from ..export import CALIB_METHODS, EXPORTERS
-from ..inference import BACKENDS, PRECISIONS, PROB_FORMATS
+from ..inference import BACKENDS, PRECISIONS
+from ..predict import PROB_FORMATS
 from .common import ExitCode, choices, fail
 
 # choices generated from the library's own tuples, so the CLI can never offer what the library refuses
@@ -78,7 +79,7 @@ def predict(
     Inputs that fail are named on stderr and in the CSV; the others are still done (exit code 1).
     Ctrl-C stops after the current image and prints what was written (exit code 130).
     """
-    from ..inference import IMAGE_EXTENSIONS, PredictInterrupted, PredictOutputError, PredictStopped, predict_files
+    from ..predict import IMAGE_EXTENSIONS, PredictInterrupted, PredictOutputError, PredictStopped, predict_files
     from ..progress import LogProgress
 
     seg = _segmenter(weights, backend, device, tta, crf, crf_mode, threshold, threads, precision)
