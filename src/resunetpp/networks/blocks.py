@@ -4,8 +4,13 @@ Each block mirrors a unit of the authors' Keras code (DebeshJha/ResUNetPlusPlus)
 parameter tensors line up one to one:
 
 * convolutions keep their bias (Keras' default), even before BatchNorm;
-* BatchNorm uses eps=1e-3, Keras' default, so converted weights give the same outputs;
+* BatchNorm uses eps=1e-3, Keras' default;
 * BatchNorm momentum is PyTorch's 0.1 (Keras' 0.99 is the same rule with a slower rate).
+
+Converted Keras weights would still not give the same outputs: TensorFlow's "same" padding of a
+stride-2 convolution pads 0 before and 1 after, where PyTorch's `padding=1` pads 1 on both sides, and
+the authors' data generator feeds BGR images where ours are RGB. Nobody has converted their weights
+(they were never released); the layout matches so that it could be done with those two changes.
 """
 
 from __future__ import annotations
@@ -116,7 +121,7 @@ class AttentionGate(nn.Module):
 
     g -> BN-ReLU-conv3x3 -> maxpool2, plus x -> BN-ReLU-conv3x3; the sum -> BN-ReLU-conv3x3,
     which multiplies x. The published code applies no sigmoid to the attention map, and neither
-    do we (the paper's text implies one; the code wins).
+    do we. (The paper's text does not describe the gate's activation at all.)
     """
 
     def __init__(self, g_channels: int, x_channels: int):

@@ -8,8 +8,8 @@ Published choices kept as defaults (where the paper's text and the code disagree
 * stem: conv3x3 -> BN -> ReLU -> conv3x3 plus a conv1x1/BN shortcut, then SE.
 * three encoder residual units with stride 2, full pre-activation, each followed by SE (r = 8).
 * bridge and head: ASPP with four *summed* branches at dilations 6, 12, 18, 1, then conv1x1.
-* attention: the gate's output multiplies the decoder features directly, with no sigmoid
-  (the paper's text suggests a sigmoid; the code has none).
+* attention: the gate's output multiplies the decoder features directly, with no sigmoid, as in
+  the code (the paper's text does not say which activation the gate ends with).
 * upsampling: nearest neighbour x2, then concatenation with the encoder skip.
 * the output is logits; the code's final sigmoid lives in the losses and in inference.
 * convolutions keep their bias and BatchNorm uses eps=1e-3, as in Keras (see `blocks`).
