@@ -1,0 +1,41 @@
+"""One forward path: validation (which picks the checkpoint), `evaluate` and the `Segmenter` turn the same
+weights and images into the same probabilities (fp32, to 1e-6), so the val Dice, the test Dice and what a
+user sees are computed the same way."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from resunetpp import Segmenter, create_model
+from resunetpp.config import TrainConfig
+from resunetpp.evaluate import predict
+from resunetpp.losses import get_loss
+from resunetpp.metrics import confusion, summarize
+from resunetpp.preprocess import default_normalization
+from resunetpp.train import validate
+
+
+def test_validation_evaluation_and_segmenter_agree():
+    torch.manual_seed(0)
+    model = create_model("resunetpp", filters=(4, 8, 16, 32, 64)).eval()
+    with torch.no_grad():  # untrained BatchNorm statistics would make every map the same
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=g)
+    masks = (torch.rand(6, 1, 32, 32, generator=g) > 0.5).float()
+    norm = default_normalization()
+
+    probs = predict(model, images, norm)  # what `evaluate` scores
+    seg = Segmenter(model, config={"input_size": [32, 32], "normalization": norm, "threshold": 0.5})
+    seen = np.stack(seg.probabilities([im.permute(1, 2, 0).numpy() for im in images]))
+    assert probs.std() > 1e-3  # not a constant map
+    np.testing.assert_allclose(seen, probs[:, 0].numpy(), atol=1e-6)
+
+    cfg = TrainConfig(data="x", batch_size=4, threshold=0.5).resolved()
+    val = validate(model, images, masks, cfg, get_loss("dice"), torch.device("cpu"))
+    expected = summarize(confusion(probs > 0.5, masks.bool()))["mean"]
+    assert val["val_dice"] == expected["dice"] and val["val_iou"] == expected["iou"]
