@@ -442,6 +442,21 @@ def test_optimizer_is_foreach_on_cpu():
     assert opt.defaults["foreach"] is True and not opt.defaults.get("fused")
 
 
+@pytest.mark.parametrize("name,cls,decay", [("adam", torch.optim.Adam, 0.0), ("adamw", torch.optim.AdamW, 0.01),
+                                            ("nadam", torch.optim.NAdam, 0.0)])
+def test_optimizer_class_weight_decay_and_the_fused_kernel_for_cuda(name, cls, decay):
+    cfg = TrainConfig(data="x", optimizer=name, lr=0.02).resolved()
+    assert cfg.weight_decay == decay  # 0.01 for AdamW, 0 otherwise
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    for device in ("cpu", "cuda", torch.device("cuda", 0)):  # only the device's type is read: no GPU needed
+        opt = T.make_optimizer(cfg, params, device)
+        assert type(opt) is cls and opt.defaults["lr"] == 0.02 and opt.defaults["weight_decay"] == decay
+        fused = str(device).startswith("cuda") and name != "nadam"  # NAdam has no fused kernel
+        assert bool(opt.defaults.get("fused")) is fused and bool(opt.defaults.get("foreach")) is not fused
+    custom = T.make_optimizer(TrainConfig(data="x", optimizer=name, weight_decay=0.5).resolved(), params)
+    assert custom.defaults["weight_decay"] == 0.5
+
+
 class _RedIsPolyp(torch.nn.Module):
     """A hand-set "model": logit 100 * (red - 0.5), so a pixel is predicted polyp exactly where red > 0.5."""
 
