@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ..io import IMAGE_EXTENSIONS, MASK_VALUES, ImageReadError, mask_from_grey, mask_grey, read_image
-from .layouts import Source, locate, natural_sorted
+from .layouts import Source, natural_sorted
 
 # summary rows, in print order
 COUNTS = ("pairs found", "images without masks", "masks without images", "duplicate ids", "unreadable or empty files",
@@ -255,15 +255,10 @@ def scan(source: Source, deep: bool = True, progress: bool = False, workers: int
     return report
 
 
-def check_folder(root: str | os.PathLike, layout: str | None = None, deep: bool = True,
-                  progress: bool = False, mask_values: str = "auto",
-                  split: str | os.PathLike | None = None) -> CheckReport:
-    """Check a raw dataset folder (`check_dataset` dispatches caches elsewhere); see the module docstring.
-    `mask_values`: how masks encode the polyp, "auto" | "255" | "01" (`resunetpp.io.mask_from_grey`).
-    `split`: a split file to audit for leaks, "auto" (the committed split of a known dataset) or None."""
-    source = locate(root, layout)
-    if source.layout == "cache":
-        raise ValueError(f"{source.root}: a prepared cache; check it with resunetpp.data.check_dataset")
+def check_folder(source: Source, deep: bool = True, progress: bool = False, mask_values: str = "auto",
+                 split: str | os.PathLike | None = None) -> CheckReport:
+    """Check a located raw dataset folder (`resunetpp.data.check_dataset` is the entry point for any
+    dataset); `scan` plus, with `split`, the leak audit."""
     report = scan(source, deep=deep, progress=progress, mask_values=mask_values)
     if deep and split is not None:
         audit_split(report, split)

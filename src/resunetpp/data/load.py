@@ -41,4 +41,4 @@ def check_dataset(root: str | os.PathLike, layout: str | None = None, deep: bool
     source = locate(root, layout)
     if source.layout == "cache":
         return check_cache(source, deep=deep, progress=progress)
-    return check_folder(root, layout, deep=deep, progress=progress, mask_values=mask_values, split=split)
+    return check_folder(source, deep=deep, progress=progress, mask_values=mask_values, split=split)

@@ -89,11 +89,7 @@ def load_split(path: str | os.PathLike) -> dict:
 
 def default_split(name: str) -> Path:
     """Path of the committed split for "kvasir-seg" or "cvc-clinicdb"."""
-    key = name.lower()
-    if key not in KNOWN_DATASETS:
-        raise KeyError(f"no committed split for {name!r}; known: {', '.join(KNOWN_DATASETS)} "
-                       "(make one with `resunetpp data split DIR --out FILE`)")
-    return Path(str(files("resunetpp") / "splits" / f"{key}.json"))
+    return _committed(name, {k: k for k in KNOWN_DATASETS}, "split", "resunetpp data split DIR --out FILE")
 
 
 # Leak-free splits (resunetpp.data.leaks): whole video sequences / near-duplicate groups in one part each
@@ -102,8 +98,12 @@ GROUPED_SPLITS = {"cvc-clinicdb": "cvc-clinicdb-by-sequence", "kvasir-seg": "kva
 
 def grouped_split_path(name: str) -> Path:
     """Path of the committed grouped split: CVC-ClinicDB by sequence, Kvasir-SEG by near-duplicate group."""
+    return _committed(name, GROUPED_SPLITS, "grouped split",
+                      "resunetpp data split DIR --group-by near-duplicates --out FILE")
+
+
+def _committed(name: str, files_by_name: dict[str, str], what: str, how: str) -> Path:
     key = name.lower()
-    if key not in GROUPED_SPLITS:
-        raise KeyError(f"no committed grouped split for {name!r}; known: {', '.join(GROUPED_SPLITS)} "
-                       "(make one with `resunetpp data split DIR --group-by near-duplicates --out FILE`)")
-    return Path(str(files("resunetpp") / "splits" / f"{GROUPED_SPLITS[key]}.json"))
+    if key not in files_by_name:
+        raise KeyError(f"no committed {what} for {name!r}; known: {', '.join(files_by_name)} (make one with `{how}`)")
+    return Path(str(files("resunetpp") / "splits" / f"{files_by_name[key]}.json"))
