@@ -18,8 +18,8 @@ Stages, each writing its results as soon as it ends, all stopping cleanly before
 5. tables: `reproduce(train_runs=False)` tabulates what finished (table.md, results.json, fig3.png).
 
 Outputs in `--out` (at most 8 files, 16 MiB each, at most two folders deep): `device_run.log`,
-`summary.md`, `results.tar.gz` (everything but weights and optimiser states) and the trained ResUNet++
-weights as fp16 safetensors with their config (`<run>.safetensors`, `<run>.json`).
+`summary.md`, `results.tar.gz` (everything but weights and optimiser states, so each run's
+`config.json` too) and the trained ResUNet++ weights as fp16 safetensors (`<run>.safetensors`).
 `--dry-run` runs every stage on the CPU at 32x32 on a few ids for 2 epochs, with the same outputs.
 """
 
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -255,8 +254,7 @@ def pack(args, log: Log) -> None:
         if (run / "model.safetensors").is_file():
             state = load_file(run / "model.safetensors")
             tensors = {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}
-            save_file(tensors, args.out / f"{name}.safetensors")
-            shutil.copy(run / "config.json", args.out / f"{name}.json")
+            save_file(tensors, args.out / f"{name}.safetensors")  # its config.json is in results.tar.gz
     sizes = ", ".join(f"{p.name} {p.stat().st_size / 2**20:.1f} MiB" for p in sorted(args.out.iterdir()))
     log(f"packed: {sizes}")
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from resunetpp import inference
+from resunetpp import inference, predict
 from resunetpp.cli import app
 from resunetpp.cli.common import ExitCode
 from test_infer_common import disc_image, save_disc_checkpoint
@@ -56,9 +56,9 @@ def _rows(out):
 
 def test_exit_code_table_is_the_readme_one():
     assert [int(c) for c in ExitCode] == [0, 1, 2, 3, 130]
-    readme = (__import__("pathlib").Path(__file__).parents[1] / "README.md").read_text()
+    table = (__import__("pathlib").Path(__file__).parents[1] / "docs" / "cli.md").read_text()  # the docs' table
     for code in ("| 0 |", "| 1 |", "| 2 |", "| 3 |", "| 130 |"):
-        assert code in readme
+        assert code in table
 
 
 def test_predict_out_is_an_existing_file(tmp_path, images, ckpt):
@@ -89,15 +89,15 @@ def test_predict_out_not_writable(tmp_path, images, ckpt, monkeypatch):
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
             return real_open(path, *args, **kwargs)
 
-        real_mkdir = inference.Path.mkdir
+        real_mkdir = predict.Path.mkdir
 
         def fake_mkdir(self, *args, **kwargs):
             if str(self).startswith(str(locked)) and self != locked:
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
             return real_mkdir(self, *args, **kwargs)
 
-        monkeypatch.setattr(inference, "open", fake_open, raising=False)
-        monkeypatch.setattr(inference.Path, "mkdir", fake_mkdir)
+        monkeypatch.setattr(predict, "open", fake_open, raising=False)
+        monkeypatch.setattr(predict.Path, "mkdir", fake_mkdir)
     else:
         locked.chmod(0o500)
     r = runner.invoke(app, ["predict", str(images), "-w", str(ckpt), "--out", str(locked)])
@@ -109,7 +109,7 @@ def test_predict_out_not_writable(tmp_path, images, ckpt, monkeypatch):
 
 
 def test_predict_disk_full_stops_with_reason_and_leaves_no_mask_for_failed_rows(tmp_path, images, ckpt, monkeypatch):
-    real = inference._write_bytes
+    real = predict._write_bytes
 
     def write(path, data, written):
         if path.parts[-2] == "overlays" and path.name == "2.png":  # the mask of 2.png is written, then ENOSPC
@@ -119,7 +119,7 @@ def test_predict_disk_full_stops_with_reason_and_leaves_no_mask_for_failed_rows(
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return real(path, data, written)
 
-    monkeypatch.setattr(inference, "_write_bytes", write)
+    monkeypatch.setattr(predict, "_write_bytes", write)
     out = tmp_path / "out"
     r = runner.invoke(app, ["predict", str(images), "-w", str(ckpt), "--out", str(out), "-b", "1"])
     assert r.exit_code == ExitCode.PARTIAL, r.output
@@ -134,7 +134,7 @@ def test_predict_disk_full_stops_with_reason_and_leaves_no_mask_for_failed_rows(
 
 
 def test_write_error_reason_is_shown_and_row_files_removed(tmp_path, images, ckpt, monkeypatch):
-    real = inference._write_bytes
+    real = predict._write_bytes
 
     def write(path, data, written):
         if path.parts[-2] == "overlays" and path.name == "1.png":
@@ -142,7 +142,7 @@ def test_write_error_reason_is_shown_and_row_files_removed(tmp_path, images, ckp
             raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
         return real(path, data, written)
 
-    monkeypatch.setattr(inference, "_write_bytes", write)
+    monkeypatch.setattr(predict, "_write_bytes", write)
     out = tmp_path / "out"
     r = runner.invoke(app, ["predict", str(images), "-w", str(ckpt), "--out", str(out)])
     assert r.exit_code == ExitCode.PARTIAL, r.output
@@ -234,7 +234,7 @@ def test_choices_come_from_the_library_tuples_and_device_defaults_to_auto(ckpt):
     from resunetpp.export import CALIB_METHODS, EXPORTERS
 
     for enum, values in ((cli_infer.Backend, inference.BACKENDS), (cli_infer.Precision, inference.PRECISIONS),
-                         (cli_infer.CrfMode, CRF_MODES), (cli_infer.ProbFormat, inference.PROB_FORMATS),
+                         (cli_infer.CrfMode, CRF_MODES), (cli_infer.ProbFormat, predict.PROB_FORMATS),
                          (cli_infer.Exporter, EXPORTERS), (cli_infer.CalibMethod, CALIB_METHODS)):
         assert tuple(m.value for m in enum) == tuple(values)
     for fn in (cli_infer.predict, cli_infer.video):

@@ -268,6 +268,8 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
                 break
         bar.close()
         finish(run)
+        if rt.ddp:
+            dist.barrier()  # leave together: a rank tearing down while another still works can abort gloo
         return out
     except KeyboardInterrupt:
         if rt.master:
