@@ -123,3 +123,39 @@ def test_not_found_errors_say_what_to_pass(tmp_path):
         load_model(tmp_path / "nomodel")
     with pytest.raises(ValueError, match="must contain 'model'"):
         save_pretrained(create_model("unet", filters=(4, 4, 4, 4, 4)), tmp_path / "x", {})
+
+
+def _tiny_unet_run(tmp_path, config):
+    save_pretrained(create_model("unet", filters=(4, 4, 4, 4, 4)), tmp_path / "run",
+                    {"model": "unet", "model_kwargs": {"filters": [4, 4, 4, 4, 4]}})
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config))
+    return tmp_path / "run"
+
+
+def test_load_model_edge_cases_of_config_and_device(tmp_path):
+    run = _tiny_unet_run(tmp_path, {"model": "unet", "model_kwargs": {"filters": [4, 4, 4, 4, 4]}})
+    assert load_model(run / "config.json").pretrained_config["model"] == "unet"  # the config file names the run
+    assert next(load_model(run, device="meta").parameters()).device.type == "meta"  # the device is honoured
+    # no model_kwargs: the registry defaults, and the message shows {} (a full-width U-Net does not fit)
+    (run / "config.json").write_text(json.dumps({"model": "unet"}))
+    with pytest.raises(ValueError, match=r"weights do not match unet \{\} of its config.json: .*; use the "
+                                         r"config.json written with these weights$"):
+        load_model(run)
+    # model_kwargs that are not a mapping are ignored the same way (not a crash)
+    (run / "config.json").write_text(json.dumps({"model": "unet", "model_kwargs": "filters=4"}))
+    with pytest.raises(ValueError, match="weights do not match unet filters=4"):
+        load_model(run)
+    # an unknown model: the registry's own words, not a repr of the KeyError
+    (run / "config.json").write_text(json.dumps({"model": "deeplab"}))
+    with pytest.raises(ValueError) as info:
+        load_model(run)
+    assert str(info.value).endswith("cannot build model 'deeplab' with model_kwargs {} (unknown model 'deeplab'; "
+                                    "available: resunet, resunet-mod, resunetpp, unet)")
+
+
+def test_state_mismatch_adds_more_only_past_the_limit():
+    from resunetpp.hub import state_mismatch
+
+    expected = {"a": torch.zeros(1), "b": torch.zeros(1)}
+    assert state_mismatch(expected, {}) == "2 missing: a, b"
+    assert state_mismatch(expected, {}, show=1) == "2 missing: a, ... 1 more"

@@ -556,3 +556,30 @@ def test_batch_size_and_process_count_errors(discs, tmp_path, monkeypatch):
     r = runner.invoke(app, ["train", "--data", str(discs), "--config", str(_tiny_yaml(tmp_path)), "--batch-size", "5",
                             "--out", str(tmp_path / "d")])
     assert r.exit_code == 2 and "not divisible by the 2 processes" in r.output  # a usage error
+
+
+class _NotATensor:
+    pass
+
+
+def test_load_checkpoint_messages_in_full(tmp_path):
+    import pickle
+
+    path = tmp_path / "last.pt"
+    torch.save({"model": {}, "optimizer": {}, "scheduler": {}, "epoch": 3, "extra": torch.ones(2)}, path)
+    assert T.load_checkpoint(path)["epoch"] == 3
+    with open(path, "wb") as f:
+        pickle.dump({"model": _NotATensor()}, f)
+    with pytest.raises(T.CheckpointError) as info:
+        T.load_checkpoint(path)
+    assert str(info.value) == (f"{path}: refused: it holds Python objects other than tensors and plain types, so it "
+                               "was not written by `resunetpp train` (loading it could run code). Nothing was "
+                               "loaded; resume a run folder of your own, or start a new run.")
+    torch.save({"model": {}, "optimizer": {}, "scheduler": {}, "epoch": 1}, path)
+    path.write_bytes(path.read_bytes()[:40])  # truncated: the zip's directory is gone
+    with pytest.raises(T.CheckpointError, match=r"last.pt: damaged or not a checkpoint \(PytorchStreamReader .*\)\. "
+                                                r"The best model so far is still in .*model.safetensors"):
+        T.load_checkpoint(path)
+    torch.save({"model": {}, "epoch": 1}, path)
+    with pytest.raises(T.CheckpointError, match="not a resunetpp training checkpoint"):
+        T.load_checkpoint(path)
