@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from resunetpp import create_model, load_model, save_pretrained
 from resunetpp.hub import bundled_weights
@@ -159,3 +160,22 @@ def test_state_mismatch_adds_more_only_past_the_limit():
     expected = {"a": torch.zeros(1), "b": torch.zeros(1)}
     assert state_mismatch(expected, {}) == "2 missing: a, b"
     assert state_mismatch(expected, {}, show=1) == "2 missing: a, ... 1 more"
+
+
+def test_saved_file_dtypes_defaults_and_version(tmp_path):
+    import resunetpp
+
+    model = create_model("resunetpp", filters=(8, 8, 8, 8, 8))
+    save_pretrained(model, tmp_path / "half", {"model": "resunetpp"}, dtype=torch.float16)
+    state = load_file(tmp_path / "half" / "model.safetensors")
+    ints = [k for k, v in model.state_dict().items() if not v.is_floating_point()]
+    assert ints and all(state[k].dtype == torch.int64 for k in ints)  # BN's num_batches_tracked stays an int
+    assert all(v.dtype == torch.float16 for k, v in state.items() if k not in ints)
+    save_pretrained(model, tmp_path / "full", {"model": "resunetpp"})
+    assert all(v.dtype == model.state_dict()[k].dtype for k, v in load_file(tmp_path / "full" /
+                                                                            "model.safetensors").items())
+    cfg = json.loads((tmp_path / "full" / "config.json").read_text())
+    assert cfg["model_kwargs"] == {} and cfg["version"] == resunetpp.__version__  # defaults filled in
+    assert cfg["normalization"] == {"mean": [0.0] * 3, "std": [1.0] * 3}
+    with pytest.raises(ValueError, match=r"^config must contain 'model', the registry name$"):
+        save_pretrained(model, tmp_path / "x", {"model_kwargs": {}})
