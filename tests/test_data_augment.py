@@ -220,3 +220,94 @@ def test_warp_matches_kornias_transforms_on_a_non_square_image(name):
            "scale": lambda x: KT.scale(x, p["zoom"][:, None].expand(-1, 2), align_corners=True),
            "hflip": KT.hflip, "vflip": KT.vflip}[name](images)
     assert (out - ref.clamp(0, 1))[:, :, 8:-8, 8:-8].abs().max() < 1e-4
+
+
+def test_cutout_rectangle_has_the_drawn_area_ratio_and_place():
+    """The erased box, measured on the output, against the documented definition: area a * H * W, height
+    sqrt(area / ratio), width sqrt(area * ratio), its top-left at (cutout_y, cutout_x) of the free play."""
+    h, w = 48, 80
+    images = torch.full((64, 3, h, w), 0.5)
+    torch.manual_seed(11)
+    aug = Augment("paper", p=1.0, only=["cutout"])
+    out, _ = aug(images, torch.zeros(64, 1, h, w))
+    p = aug.params()
+    for i in range(64):
+        ys, xs = torch.nonzero((out[i] == 0).all(0), as_tuple=True)
+        area = p["cutout_area"][i].item() * h * w
+        ratio = math.exp(p["cutout_log_ratio"][i].item())
+        bh, bw = min(h, math.sqrt(area / ratio)), min(w, math.sqrt(area * ratio))
+        top, left = p["cutout_y"][i].item() * (h - bh), p["cutout_x"][i].item() * (w - bw)
+        # pixel centres (y + 0.5) strictly inside [top, top + bh): at most one pixel of rounding per edge
+        assert abs(ys.min().item() - top) <= 1 and abs(ys.max().item() + 1 - (top + bh)) <= 1, i
+        assert abs(xs.min().item() - left) <= 1 and abs(xs.max().item() + 1 - (left + bw)) <= 1, i
+        assert abs(len(ys) - bh * bw) <= bh + bw + 1, i
+        assert len(ys) == (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)  # a full rectangle
+    # the cached pixel grid is per size: another size right after gets its own
+    out2, _ = aug(torch.full((4, 3, 16, 24), 0.5), torch.zeros(4, 1, 16, 24))
+    frac = (out2 == 0).all(1).flatten(1).float().mean(1)
+    assert ((frac > 0.01) & (frac < 0.15)).all()
+
+
+def test_crops_compose_as_documented_on_a_coordinate_ramp():
+    """Images whose red/green channels are the x/y pixel coordinate (bilinear sampling is exact on them):
+    after both crops, x_in = x_out / (zc zr) + shift, shift = crop_x (1 - 1/zr) / zc in half-sides."""
+    n, h, w = 32, 64, 96
+    xs = (torch.arange(w) + 0.5) / w * 2 - 1  # normalised pixel centres
+    ys = (torch.arange(h) + 0.5) / h * 2 - 1
+    images = torch.zeros(n, 3, h, w)
+    images[:, 0] = (xs[None, None, :] + 1) / 4 + 0.25  # in [0.25, 0.75]: never clamped
+    images[:, 1] = (ys[None, :, None] + 1) / 4 + 0.25
+    torch.manual_seed(12)
+    aug = Augment("paper", p=1.0, only=["centre_crop", "random_crop"])
+    out, _ = aug(images, torch.zeros(n, 1, h, w))
+    p = aug.params()
+    zoom = p["centre_zoom"] * p["crop_zoom"]
+    x_in = (out[:, 0, h // 2, 8:-8] - 0.25) * 4 - 1
+    y_in = (out[:, 1, 8:-8, w // 2] - 0.25) * 4 - 1
+    x_expected = xs[None, 8:-8] / zoom[:, None] + (p["crop_x"] * (1 - 1 / p["crop_zoom"]) / p["centre_zoom"])[:, None]
+    y_expected = ys[None, 8:-8] / zoom[:, None] + (p["crop_y"] * (1 - 1 / p["crop_zoom"]) / p["centre_zoom"])[:, None]
+    assert (x_in - x_expected).abs().max() < 1e-4 and (y_in - y_expected).abs().max() < 1e-4
+    assert p["crop_x"].abs().max() > 0.5  # the crops really moved
+
+
+def test_quarter_turns_one_and_three_are_opposite():
+    images, masks = encoded_batch()
+    torch.manual_seed(5)
+    aug = Augment("light", p=1.0, only=["rot90"])
+    _, out = aug(images, masks)
+    turns = aug.params()["quarter_turns"].long()
+    one, three = (turns == 1).nonzero()[0, 0], (turns == 3).nonzero()[0, 0]
+    direction = 1 if torch.equal(out[one], torch.rot90(masks[one], 1, (1, 2))) else -1
+    assert torch.equal(out[one], torch.rot90(masks[one], direction, (1, 2)))
+    assert torch.equal(out[three], torch.rot90(masks[three], -direction, (1, 2)))
+
+
+def test_inputs_are_scaled_and_checked_and_nothing_is_persistent():
+    images, masks = encoded_batch(n=4, h=16, w=16)
+    u8 = (images * 255).round().to(torch.uint8)
+    out, _ = Augment("none")(u8, masks)
+    assert torch.equal(out, u8.float() / 255)  # uint8 / 255
+    torch.manual_seed(3)
+    a, _ = Augment("light")(u8, masks)
+    torch.manual_seed(3)
+    b, _ = Augment("light")(u8.float() / 255, masks)
+    assert torch.equal(a, b)  # the same warp of the same [0, 1] values
+    low, _ = Augment("none")(images - 1, masks)
+    assert low.min() == 0 and low.max() <= 1  # clamped below too
+    aug = Augment()
+    assert aug.names == list(PRESET_TRANSFORMS["paper"]) and "preset='paper'" in repr(aug)
+    assert aug.state_dict() == {} and aug.last_params == {}  # nothing to checkpoint, nothing drawn yet
+    good_images, good_masks = torch.zeros(2, 3, 8, 8), torch.zeros(2, 1, 8, 8)
+    for bad_images, bad_masks in ((torch.zeros(2, 4, 8, 8), good_masks), (good_images, torch.zeros(2, 2, 8, 8)),
+                                  (torch.zeros(3, 8, 8), good_masks), (good_images, torch.zeros(2, 8, 8))):
+        with pytest.raises(ValueError, match=r"Augment expects images \(N, 3, H, W\) and masks \(N, 1, H, W\)"):
+            Augment("light")(bad_images, bad_masks)
+    with pytest.raises(ValueError, match=r"^images \(2, 3, 8, 8\) and masks \(3, 1, 8, 8\) do not match$"):
+        Augment("light")(good_images, torch.zeros(3, 1, 8, 8))
+    with pytest.raises(ValueError, match=r"^images \(2, 3, 8, 8\) and masks \(2, 1, 8, 4\) do not match$"):
+        Augment("light")(good_images, torch.zeros(2, 1, 8, 4))
+    with pytest.raises(ValueError, match=r"^unknown augmentation preset 'heavy'; choose one of paper, light, none$"):
+        Augment("heavy")
+    with pytest.raises(ValueError, match=r"^unknown transform\(s\) \['shear'\]; known: centre_crop, random_crop, "
+                                         r"hflip, vflip, scale, rotate, rot90, cutout, brightness$"):
+        Augment("paper", only=["shear"])
