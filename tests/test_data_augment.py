@@ -311,3 +311,15 @@ def test_inputs_are_scaled_and_checked_and_nothing_is_persistent():
     with pytest.raises(ValueError, match=r"^unknown transform\(s\) \['shear'\]; known: centre_crop, random_crop, "
                                          r"hflip, vflip, scale, rotate, rot90, cutout, brightness$"):
         Augment("paper", only=["shear"])
+
+
+def test_brightness_adds_the_drawn_shift_and_clips_to_one():
+    images = torch.full((64, 3, 8, 8), 0.9)
+    images[:, :, :4] = 0.1
+    torch.manual_seed(13)
+    aug = Augment("paper", p=1.0, only=["brightness"])
+    out, _ = aug(images, torch.zeros(64, 1, 8, 8))
+    shift = aug.params()["brightness"].view(-1, 1, 1, 1)
+    assert shift.min() < -0.1 and shift.max() > 0.15  # both signs drawn
+    assert torch.allclose(out, (images + shift).clamp(0, 1), atol=1e-6)
+    assert out.max() == 1.0 and (out[:, :, 4:] == 1.0).flatten(1).all(1).eq(shift.view(-1) >= 0.1).all()
