@@ -302,3 +302,55 @@ def test_int8_calibration_methods(exported, tmp_path, method):
     assert dice(q.segment(image)[0], f.segment(image)[0]) > 0.9
     with pytest.raises(ValueError, match="unknown calibration method 'kl'"):
         quantize_int8(exported["fp32"], tmp_path / "x.onnx", exported["root"] / "calib", method="kl")
+
+
+class _Offset(_Mean):
+    """The ONNX mean graph's output plus `offset` (+ `slope` x the red channel: an input-dependent difference)."""
+
+    def __init__(self, offset: float, scale: float = 1.0, slope: float = 0.0):
+        super().__init__()
+        self.offset, self.scale, self.slope = offset, scale, slope
+
+    def forward(self, x):
+        return self.scale * super().forward(x) + self.offset + self.slope * x[:, :1]
+
+
+def _scaled_mean_onnx(path, scale: float) -> str:
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("ReduceMean", ["image"], ["m"], axes=[1], keepdims=1, name="mean"),
+             helper.make_node("Mul", ["m", "c"], ["logits"], name="scale")]
+    graph = helper.make_graph(nodes, "scaled",
+                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", 3, "h", "w"])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 1, "h", "w"])],
+                              initializer=[numpy_helper.from_array(np.array(scale, np.float32), "c")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return str(path)
+
+
+def test_check_parity_is_relative_to_large_logits_only_and_reproducible(tmp_path):
+    shapes = [(2, 3, 8, 8), (2, 3, 8, 16)]
+    small = _mean_onnx(tmp_path / "mean.onnx")  # logits below 1: the plain absolute difference
+    assert check_parity(small, _Offset(0.001), shapes) == pytest.approx(0.001, rel=1e-3)
+    big = _scaled_mean_onnx(tmp_path / "big.onnx", 1000.0)  # logits near 1000: in units of the largest one
+    d = check_parity(big, _Offset(0.01, scale=1000.0), shapes)
+    assert 0.01 / 1000.01 <= d <= 0.01 / 500
+    # its own seeded inputs: the same answer whatever the global RNG did in between
+    model = _Offset(0.0, slope=0.01)
+    first = check_parity(small, model, shapes)
+    torch.rand(5)
+    assert check_parity(small, model, shapes) == first and check_parity(small, model, shapes, seed=3) != first
+
+
+@pytest.mark.parametrize("size,stride", [((32, 32), 8), ((256, 192), 8), ((8, 8), 8), ((48, 80), 16), ((64, 64), 16)])
+def test_parity_shapes_are_the_configs_and_a_non_square_one_near_three_quarters_by_five_quarters(size, stride):
+    from resunetpp.export import parity_shapes
+
+    first, second = parity_shapes(size, stride, batch=3)
+    h, w = size
+    assert first == (3, 3, h, w)
+    _, c, h2, w2 = second
+    assert c == 3 and second[0] == 3 and h2 % stride == 0 and w2 % stride == 0 and h2 >= stride and w2 >= stride
+    assert (h2, w2) != (h, w) and h2 != w2
+    assert abs(h2 - max(stride, 0.75 * h)) <= stride / 2
+    assert abs(w2 - 1.25 * w) <= stride  # one more stride when the rounding gave back the first shape
