@@ -77,3 +77,47 @@ def test_readout_box_darkens_its_corner_and_writes_white_text(corner):
     assert changed.mean() < 0.8
     blank = np.full((10, 10, 3), 7, np.uint8)
     assert (draw_text(blank, []) == 7).all()
+
+
+@pytest.mark.parametrize("corner", ["top-left", "bottom-right"])
+@pytest.mark.parametrize("h,w", [(60, 160), (900, 1400)])
+def test_readout_text_lies_inside_its_box(corner, h, w):
+    image = np.full((h, w, 3), 200, np.uint8)
+    draw_text(image, ["12.0 fps", "  33 ms"], corner=corner)
+    box = (image == 80).all(2)  # the darkened box (text pixels are brighter)
+    by, bx = np.nonzero(box)
+    top, bottom, left, right = by.min(), by.max(), bx.min(), bx.max()
+    ty, tx = np.nonzero((image > 120).all(2) & (image != 200).any(2))  # text: brighter than the box
+    assert len(ty) > 20
+    assert top < ty.min() and ty.max() <= bottom and left < tx.min() and tx.max() < right
+    assert (image[top:bottom + 1, left:right + 1] <= 255).all() and (image[top:bottom + 1, left:right + 1] >= 80).all()
+    assert ty.min() - top < ty.max() - ty.min()  # the first line starts near the top, not a line further down
+    if corner == "top-left":
+        assert (top, left) == (0, 0)
+    else:
+        assert (bottom, right) == (h - 1, w - 1)
+
+
+def test_readout_box_wider_than_a_tiny_image_starts_at_its_edge():
+    image = np.full((40, 30, 3), 200, np.uint8)
+    draw_text(image, ["123.4 fps"], corner="bottom-right")
+    ys, xs = np.nonzero((image != 200).any(2))
+    assert xs.min() == 0 and xs.max() == 29
+
+
+def test_outline_width_grows_with_the_image():
+    from resunetpp.overlay import _line_width
+
+    assert _line_width((332, 487, 3)) == 1 and _line_width((1080, 1920, 3)) == 4 and _line_width((1920, 1080)) == 4
+    image = np.zeros((1080, 1920, 3), np.uint8)
+    mask = np.zeros((1080, 1920), bool)
+    mask[300:700, 600:1200] = True
+    out = draw_overlay(image, mask)
+    row = out[500, 560:640, 1]  # across the left edge: the green outline is about 4 px wide
+    assert 3 <= (row >= 200).sum() <= 6
+
+
+def test_mask_size_error_names_both_shapes():
+    image, mask = _square()
+    with pytest.raises(ValueError, match=r"^mask shape \(10, 20\) does not match image shape \(20, 20\)$"):
+        draw_overlay(image, mask[:10])
