@@ -15,12 +15,13 @@ schedule, run folder), then per epoch `train_one_epoch`, `validate` and `checkpo
   (seed, epoch); batch slices; `Augment` on the batch (global RNG reseeded by (seed, epoch, rank) at
   each epoch start); `normalize`. No DataLoader workers: the whole set sits in memory.
 - `--batch-size` is the global batch: under torchrun each of the N ranks takes batch/N images of its
-  own disjoint shard of every epoch's permutation. Batch statistics are per rank (no SyncBatchNorm);
-  DDP copies rank 0's running statistics to the others at each forward.
-- Validation (rank 0): loss and the `resunetpp.metrics` at the threshold, mean over images. The best
-  val Dice (mean over images) is kept as `model.safetensors` + `config.json` (`save_pretrained`).
+  own disjoint shard of every epoch's permutation. Batch statistics are per rank unless `sync_bn`
+  (SyncBatchNorm, CUDA only); DDP copies rank 0's running statistics to the others at each forward.
+- Validation (rank 0): loss and the `resunetpp.metrics` at the threshold, mean over images, in fp32
+  through `resunetpp.preprocess.forward` like `evaluate`. The best val Dice (mean over images) is kept
+  as `model.safetensors` + `config.json` (`save_pretrained`).
 - The run folder holds `train_config.yaml` (resolved settings), `split.json` (the ids used),
-  `metrics.csv`, `tb/` (TensorBoard), `last.pt` (resumable state, written atomically each epoch and
+  `metrics.csv`, `tb/` (TensorBoard), `last.pt` (resumable state, written atomically at each validation and
   read back with `torch.load(weights_only=True)`: only tensors and plain types) and `curves.png`.
 - A non-finite loss (checked every `check_every` steps without a per-step device sync) or non-finite
   weights stop the run with `NonFiniteError`; nothing of that epoch is written, so the last good
