@@ -42,3 +42,17 @@ def test_validation_evaluation_and_segmenter_agree():
     val = validate(model, images, masks, cfg, get_loss("dice"), torch.device("cpu"))
     expected = summarize(confusion(probs > 0.5, masks.bool()))["mean"]
     assert val["val_dice"] == expected["dice"] and val["val_iou"] == expected["iou"]
+
+
+def test_the_readme_python_example_runs(tmp_path):
+    """The README's three lines, on a synthetic frame, with the bundled weights."""
+    import cv2
+
+    import resunetpp
+
+    frame = np.zeros((120, 160, 3), np.uint8)
+    cv2.circle(frame, (80, 60), 30, (200, 120, 120), -1)
+    cv2.imwrite(str(tmp_path / "frame.png"), frame)
+    seg = resunetpp.Segmenter()
+    mask, prob = seg.segment(resunetpp.io.read_image(tmp_path / "frame.png"))
+    assert mask.shape == prob.shape == (120, 160) and mask.dtype == bool and prob.dtype == np.float32

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import networks  # noqa: F401  (registers the models)
+from . import io, networks  # noqa: F401  (networks registers the models; io: resunetpp.io.read_image)
 from .hub import list_pretrained, load_model, save_pretrained
 from .inference import Segmenter
 from .registry import count_parameters, create_model, list_models, model_info
