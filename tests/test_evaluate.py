@@ -10,8 +10,9 @@ from typer.testing import CliRunner
 from resunetpp import load_model
 from resunetpp.cli import app
 from resunetpp.data import load_pairs
-from resunetpp.evaluate import evaluate, predict
+from resunetpp.evaluate import evaluate
 from resunetpp.metrics import BENCHMARK_NAMES, METRIC_NAMES, confusion, miou_keras, summarize
+from resunetpp.preprocess import predict_probs as predict
 from resunetpp.train import TrainConfig, train
 from test_train import TINY, write_discs
 

@@ -9,10 +9,10 @@ import torch
 
 from resunetpp import Segmenter, create_model
 from resunetpp.config import TrainConfig
-from resunetpp.evaluate import predict
 from resunetpp.losses import get_loss
 from resunetpp.metrics import confusion, summarize
 from resunetpp.preprocess import default_normalization
+from resunetpp.preprocess import predict_probs as predict
 from resunetpp.train import validate
 
 

@@ -103,9 +103,6 @@ def resolve_ids(data: str | os.PathLike, split: str, weights: str | os.PathLike 
     return ids, source
 
 
-predict = predict_probs  # sigmoid probabilities of a uint8 batch: the one definition is in preprocess
-
-
 def evaluate(weights: str | os.PathLike | None, data: str | os.PathLike, split: str = "test",
              out: str | os.PathLike | None = None, threshold: float | None = None, device: str = "auto",
              batch_size: int = 16, limit: int | None = None, native: bool = False, skip_bad: bool = False,
@@ -143,7 +140,7 @@ def evaluate(weights: str | os.PathLike | None, data: str | os.PathLike, split: 
     keras_cm = torch.zeros(2, 2, dtype=torch.long)
     bench = PolypBenchmark() if benchmark else None
     for i in progress_bar(range(0, len(pairs), batch_size), desc="evaluating", unit="batch", disable=not progress):
-        probs = predict(model, pairs.images[i:i + batch_size], norm, dev, amp)
+        probs = predict_probs(model, pairs.images[i:i + batch_size], norm, dev, amp)
         masks = pairs.masks[i:i + batch_size].to(dev).bool()
         keras_cm += keras_confusion(probs, masks).cpu()
         for k, p in enumerate(probs):

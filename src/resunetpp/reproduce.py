@@ -38,8 +38,9 @@ from typing import Any
 import torch
 
 from .config import TrainConfig
-from .evaluate import evaluate, predict, resolve_ids
+from .evaluate import evaluate, resolve_ids
 from .hub import load_model
+from .preprocess import predict_probs
 from .registry import count_parameters
 from .runtime import resolve_device
 from .train import train
@@ -232,7 +233,7 @@ def plot_fig3_for(out: Path, data: Path, models: tuple[str, ...], ids: list[str]
         if size not in loaded:
             loaded[size] = load_pairs(data, ids=ids, size=size, progress=False)
         pairs = loaded[size]
-        probs = predict(net, pairs.images, cfg["normalization"], device)
+        probs = predict_probs(net, pairs.images, cfg["normalization"], device)
         preds[DISPLAY[model]] = (probs > cfg["threshold"]).cpu()
     return plot_fig3(pairs.images, pairs.masks, preds, out / "fig3.png", row_labels=pairs.ids,
                      title=f"{dataset}: test images")
