@@ -194,8 +194,8 @@ def trainings(args, log: Log, deadline: float, workers: int) -> list[dict]:
             logf = open(args.work / f"{name}.log", "w")
             running[name] = (subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT), time.perf_counter(), logf)
             log(f"started {name} with {left - args.eval_reserve:.0f} s of training time")
-        if not queue or left <= args.min_job_seconds:
-            queue and log(f"not started (no time left): {', '.join(j[0] for j in queue)}")
+        if queue and left <= args.min_job_seconds:
+            log(f"not started (no time left): {', '.join(j[0] for j in queue)}")
             queue = []
         for name, (proc, t0, logf) in list(running.items()):
             if proc.poll() is None and time.perf_counter() > deadline:
