@@ -149,10 +149,30 @@ class DoubleConv(nn.Sequential):
         super().__init__(*layers)
 
 
+class UpConcat(nn.Module):
+    """The decoders' join: nearest x2 upsampling of `x`, then concatenation with the encoder skip."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.up(x), skip], dim=1)
+
+
 class SegmentationModel(nn.Module):
     """Base class: checks the input size against the network's total stride."""
 
     total_stride: int = 1
+
+    def encode(self, x: torch.Tensor, *stages: nn.Module) -> list[torch.Tensor]:
+        """Check `x`, then run `stages` one after another, keeping each output (the decoder's skips)."""
+        self.check_input(x)
+        outputs = []
+        for stage in stages:
+            x = stage(x)
+            outputs.append(x)
+        return outputs
 
     def check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != 3:

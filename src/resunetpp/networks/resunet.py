@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..registry import register_model
-from .blocks import ResidualUnit, SegmentationModel, StemBlock
+from .blocks import ResidualUnit, SegmentationModel, StemBlock, UpConcat
 
 
 class ResUNet(SegmentationModel):
@@ -34,21 +34,18 @@ class ResUNet(SegmentationModel):
         self.enc1 = ResidualUnit(f[0], f[1], stride=2, se=False)
         self.enc2 = ResidualUnit(f[1], f[2], stride=2, se=False)
         self.bridge = ResidualUnit(f[2], f[3], stride=2, se=False)
-        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.up = UpConcat()
         self.dec1 = ResidualUnit(f[3] + f[2], f[2], se=False)
         self.dec2 = ResidualUnit(f[2] + f[1], f[1], se=False)
         self.dec3 = ResidualUnit(f[1] + f[0], f[0], se=False)
         self.head = nn.Conv2d(f[0], 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x)
-        c1 = self.stem(x)
-        c2 = self.enc1(c1)
-        c3 = self.enc2(c2)
+        c1, c2, c3 = self.encode(x, self.stem, self.enc1, self.enc2)
         b = self.bridge(c3)
-        d = self.dec1(torch.cat([self.up(b), c3], dim=1))
-        d = self.dec2(torch.cat([self.up(d), c2], dim=1))
-        d = self.dec3(torch.cat([self.up(d), c1], dim=1))
+        d = self.dec1(self.up(b, c3))
+        d = self.dec2(self.up(d, c2))
+        d = self.dec3(self.up(d, c1))
         return self.head(d)
 
 

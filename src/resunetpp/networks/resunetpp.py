@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..registry import register_model
-from .blocks import ASPP, AttentionGate, ResidualUnit, SegmentationModel, StemBlock
+from .blocks import ASPP, AttentionGate, ResidualUnit, SegmentationModel, StemBlock, UpConcat
 
 
 class ResUNetPlusPlus(SegmentationModel):
@@ -42,30 +42,26 @@ class ResUNetPlusPlus(SegmentationModel):
         self.enc3 = ResidualUnit(f[2], f[3], stride=2)
         # Bridge
         self.bridge = ASPP(f[3], f[4])
-        # Decoder: attention(skip, x) -> upsample -> concat skip -> residual unit
+        # Decoder: attention(skip, x) -> upsample, concat skip -> residual unit
         self.attn1 = AttentionGate(f[2], f[4])
         self.dec1 = ResidualUnit(f[4] + f[2], f[3])
         self.attn2 = AttentionGate(f[1], f[3])
         self.dec2 = ResidualUnit(f[3] + f[1], f[2])
         self.attn3 = AttentionGate(f[0], f[2])
         self.dec3 = ResidualUnit(f[2] + f[0], f[1])
-        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.up = UpConcat()
         # Output
         self.head_aspp = ASPP(f[1], f[0])
         self.head = nn.Conv2d(f[0], 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x)
-        c1 = self.stem(x)
-        c2 = self.enc1(c1)
-        c3 = self.enc2(c2)
-        c4 = self.enc3(c3)
+        c1, c2, c3, c4 = self.encode(x, self.stem, self.enc1, self.enc2, self.enc3)
 
         b = self.bridge(c4)
 
-        d = self.dec1(torch.cat([self.up(self.attn1(c3, b)), c3], dim=1))
-        d = self.dec2(torch.cat([self.up(self.attn2(c2, d)), c2], dim=1))
-        d = self.dec3(torch.cat([self.up(self.attn3(c1, d)), c1], dim=1))
+        d = self.dec1(self.up(self.attn1(c3, b), c3))
+        d = self.dec2(self.up(self.attn2(c2, d), c2))
+        d = self.dec3(self.up(self.attn3(c1, d), c1))
 
         return self.head(self.head_aspp(d))
 
