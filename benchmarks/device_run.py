@@ -259,7 +259,7 @@ def pack(args, log: Log) -> None:
     log(f"packed: {sizes}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--budget", type=float, default=540, help="seconds for everything (default 540)")
     ap.add_argument("--out", type=Path, default=Path("device-out"))
@@ -274,7 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--job", help=argparse.SUPPRESS)
     ap.add_argument("--time-limit", type=float, help=argparse.SUPPRESS)
     ap.add_argument("--epochs", type=int, default=120, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     args.data_root = args.data_root or (ROOT.parent / "shared" / "data" if args.dry_run else ROOT / ".devdata")
     if args.job:
         run_job(args)

@@ -74,7 +74,7 @@ def time_train_step(batch: int, size: int, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--batch", type=int, default=16)
@@ -84,7 +84,11 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=128, help="synthetic pairs held in memory")
     ap.add_argument("--no-train-step", action="store_true", help="skip timing the ResUNet++ training step")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
