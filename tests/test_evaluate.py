@@ -55,6 +55,29 @@ def test_reports_and_consistency(trained, tmp_path):
     assert d["images"] == 2 and d["polyps"] == sum(r["polyps"] for r in rows_as_ints(rows, "polyps"))
     assert sum(d["polyp_dice_histogram"]["counts"]) == d["polyps"]
     assert "miou_keras" in md and "Per-polyp Dice histogram" in md and "sensitivity, IoU >= 0.5" in md
+    assert (tmp_path / "ev" / "polyp_dice.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_polyp_dice_figure_draws_the_histogram_and_the_found_line(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from resunetpp import figures
+    from resunetpp.metrics import summarize_detection
+
+    kept = []
+    monkeypatch.setattr(figures, "_save", lambda fig, path: kept.append(fig) or path)
+    rows = [{"polyps": 2, "found_iou50": 1, "found_any": 2, "fp_iou50": 0, "fp_any": 0, "polyp_dice": [0.05, 0.93]},
+            {"polyps": 1, "found_iou50": 0, "found_any": 0, "fp_iou50": 1, "fp_any": 1, "polyp_dice": [0.0]}]
+    figures.plot_polyp_dice(summarize_detection(rows), tmp_path / "p.png")
+    (fig,) = kept
+    (ax,) = fig.axes
+    heights = [round(b.get_height()) for b in ax.patches]
+    assert len(heights) == 10 and heights[0] == 2 and heights[9] == 1 and sum(heights) == 3
+    assert [round(b.get_x(), 2) for b in ax.patches][:2] == [0.0, 0.1]
+    (line,) = ax.get_lines()
+    assert list(line.get_xdata()) == pytest.approx([2 / 3, 2 / 3])
+    assert ax.get_title() == "3 polyps: found 33.3% at IoU >= 0.5, 66.7% at any overlap"
+    plt.close(fig)
 
 
 def rows_as_ints(rows, key):

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import dataset_name
+from .figures import plot_polyp_dice
 from .hub import load_model
 from .metrics import (
     BENCHMARK_NAMES,
@@ -208,7 +209,7 @@ def metrics_markdown(summary: dict[str, Any], settings: dict[str, Any] | None = 
                   f"| false-positive components per image, no overlap | {d['fp_per_image_any']:.3f} |",
                   f"| per-polyp Dice, mean | {d['polyp_dice_mean']:.4f} |",
                   f"| per-polyp Dice, median | {d['polyp_dice_median']:.4f} |",
-                  "", "Per-polyp Dice histogram:", "", "```"]
+                  "", "Per-polyp Dice histogram (`polyp_dice.png`):", "", "```"]
         h = d["polyp_dice_histogram"]
         top = max(h["counts"] + [1])
         for lo, hi, c in zip(h["edges"], h["edges"][1:], h["counts"]):
@@ -218,7 +219,7 @@ def metrics_markdown(summary: dict[str, Any], settings: dict[str, Any] | None = 
 
 
 def write_reports(result: Evaluation, out: str | os.PathLike) -> Path:
-    """per_image.csv, metrics.json and metrics.md in `out`."""
+    """per_image.csv, metrics.json, metrics.md and (with detection figures) polyp_dice.png in `out`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "per_image.csv") as tmp, open(tmp, "w", newline="") as f:
@@ -228,6 +229,8 @@ def write_reports(result: Evaluation, out: str | os.PathLike) -> Path:
     write_json(out / "metrics.json", {**result.summary, "settings": result.settings})
     with atomic_path(out / "metrics.md") as tmp:
         tmp.write_text(metrics_markdown(result.summary, result.settings))
+    if "detection" in result.summary:
+        plot_polyp_dice(result.summary["detection"], out / "polyp_dice.png")
     return out
 
 

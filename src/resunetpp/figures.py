@@ -4,6 +4,8 @@
   the best epoch marked.
 - `plot_fig3(images, masks, predictions, path)`: one row per image: the image, its ground truth, then
   each model's predicted mask, with column titles (Jha et al. 2019, Fig. 3).
+- `plot_polyp_dice(detection, path)`: the per-polyp Dice histogram of an evaluation, with its detection
+  figures in the title.
 """
 
 from __future__ import annotations
@@ -58,6 +60,24 @@ def plot_curves(history: Sequence[Mapping[str, Any]], path: str | os.PathLike) -
     ax_dice.legend(loc="lower right")
     for ax in (ax_loss, ax_dice):
         ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_polyp_dice(detection: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Bars of `detection["polyp_dice_histogram"]` (from `metrics.summarize_detection`): how many ground-truth
+    polyps got each per-polyp Dice; the IoU 0.5 line (Dice 2/3) marks where a polyp counts as found."""
+    plt = _pyplot()
+    h = detection["polyp_dice_histogram"]
+    edges, counts = np.asarray(h["edges"], dtype=float), h["counts"]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="C2", edgecolor="white")
+    ax.axvline(2 / 3, color="grey", ls=":", lw=1, label="IoU 0.5 (Dice 2/3)")
+    ax.set(xlabel="per-polyp Dice", ylabel="polyps", xlim=(0, 1),
+           title=f"{detection['polyps']} polyps: found {detection['sensitivity_iou50']:.1%} at IoU >= 0.5, "
+                 f"{detection['sensitivity_any']:.1%} at any overlap")
+    ax.legend(loc="upper left")
+    ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     return _save(fig, path)
 
