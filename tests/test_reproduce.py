@@ -1,5 +1,7 @@
 """`resunetpp reproduce --quick` on a small subset of the real data (skips without ../shared/data)."""
 
+import csv
+import importlib.resources
 import json
 
 import pytest
@@ -26,6 +28,7 @@ def test_quick_table1_writes_every_output(kvasir_dir, tmp_path):
         assert name in table
     res = json.loads((out / "results.json").read_text())
     assert list(res["models"]) == list(MODELS)
+    assert "models_grouped" not in res and not (out / "by-near-duplicates").exists()  # Table I: only if asked
     assert res["device"] == "cpu" and res["torch"] == torch.__version__ and res["wall_seconds"] > 0
     assert "reproduce table1" in res["command"] and res["settings"] == {"size": 32, "epochs": 1, "limit": 8,
                                                                          "batch_size": 8}
@@ -47,6 +50,33 @@ def test_quick_table1_writes_every_output(kvasir_dir, tmp_path):
     again = json.loads((out / "results.json").read_text())["models"]["resunetpp"]
     assert again["train_seconds"] == trained > 0 and again["epochs_done"] == 1
     assert (out / "resunetpp" / "last.pt").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("table, flag, label, split_file", [
+    ("table2", [], "by sequence", "cvc-clinicdb-by-sequence.json"),
+    ("table1", ["--grouped"], "by near-duplicates", "kvasir-seg-by-near-duplicates.json")])
+def test_leak_free_rows_train_and_test_on_the_grouped_split(table, flag, label, split_file, kvasir_dir, clinicdb_dir,
+                                                            tmp_path):
+    data = {"table1": kvasir_dir, "table2": clinicdb_dir}[table]
+    out = tmp_path / table
+    r = runner.invoke(app, ["reproduce", table, "--data", str(data), "--out", str(out), "--quick", "--size", "32",
+                            "--limit", "6", "--batch-size", "2", "--epochs", "1", "--device", "cpu",
+                            "--models", "resunetpp", *flag])
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "results.json").read_text())
+    folder = {"table1": "by-near-duplicates", "table2": "by-sequence"}[table]
+    grouped = json.loads((importlib.resources.files("resunetpp") / "splits" / split_file).read_text())
+    # the grouped run trained on the grouped split's ids and was tested on its test ids, not the random split's
+    assert json.loads((out / folder / "resunetpp" / "split.json").read_text())["train"] == grouped["train"][:6]
+    tested = [row["id"] for row in csv.DictReader(open(out / folder / "resunetpp" / "eval" / "per_image.csv"))]
+    assert tested == grouped["test"][:6]
+    random_tested = [row["id"] for row in csv.DictReader(open(out / "resunetpp" / "eval" / "per_image.csv"))]
+    assert random_tested != tested
+    assert res["grouped_split"] == label and list(res["models_grouped"]) == ["resunetpp"]
+    table_md = (out / "table.md").read_text()
+    assert "| ResUNet++ | random |" in table_md and f"| ResUNet++ | {label} |" in table_md and split_file in table_md
+    assert res["models_grouped"]["resunetpp"]["metrics"]["mean"]["dice"] == pytest.approx(
+        json.loads((out / folder / "resunetpp" / "eval" / "metrics.json").read_text())["mean"]["dice"])
 
 
 def test_default_data_error_says_where_to_get_it(tmp_path, monkeypatch):

@@ -183,6 +183,8 @@ def reproduce(
     limit: int | None = typer.Option(None, help="Override the number of ids per split."),
     batch_size: int | None = typer.Option(None, help="Override the batch size."),
     models: str | None = typer.Option(None, help="Comma-separated subset of unet,resunet,resunet-mod,resunetpp."),
+    grouped: bool | None = typer.Option(None, "--grouped/--no-grouped", help="Also train and test on the leak-free "
+                                        "split (default: table2 yes, by sequence; table1 no)."),
 ) -> None:
     """Train the paper's four models and write table.md, results.json and fig3.png."""
     from ..reproduce import MODELS
@@ -190,7 +192,8 @@ def reproduce(
 
     # the command as given (rebuilt from the parsed options, so it is right however the CLI was invoked)
     given = {"--data": data, "--epochs": epochs, "--out": out, "--quick": quick, "--device": device, "--size": size,
-             "--limit": limit, "--batch-size": batch_size, "--models": models}
+             "--limit": limit, "--batch-size": batch_size, "--models": models,
+             **({} if grouped is None else {"--grouped" if grouped else "--no-grouped": True})}
     command = ["resunetpp", "reproduce", table]
     for flag, value in given.items():
         if value is True:
@@ -200,7 +203,8 @@ def reproduce(
     try:
         chosen = tuple(m.strip() for m in models.split(",")) if models else MODELS
         path = run_reproduce(table, data=data, out=out, epochs=epochs, quick=quick, device=device, size=size,
-                             limit=limit, batch_size=batch_size, models=chosen, command=shlex.join(command))
+                             limit=limit, batch_size=batch_size, models=chosen, command=shlex.join(command),
+                             grouped=grouped)
     except _ERRORS as e:
         _fail(e)
     typer.echo((path / "table.md").read_text())
