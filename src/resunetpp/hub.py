@@ -76,7 +76,7 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, config: dict
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise ValueError(f"refusing to save non-finite weights ({len(bad)} tensors, e.g. {bad[0]})")
-    from . import __version__
+    from .version import __version__
 
     full = {"model_kwargs": {}, "input_size": [256, 256], "normalization": default_normalization(),
             "threshold": 0.5, "version": __version__, **config}

@@ -111,6 +111,7 @@ def split(root: Path = typer.Argument(..., help="Dataset folder (or prepared cac
     """Write a deterministic train/val/test split of the dataset's ids (naturally sorted, then shuffled by seed);
     with --group-by, no video sequence or near-duplicate group is split across parts."""
     from ..data import SegmentationFolder, leaks, make_split, save_split
+    from ..data.folder import hash_folder
 
     with _friendly_errors():
         try:
@@ -132,8 +133,8 @@ def split(root: Path = typer.Argument(..., help="Dataset folder (or prepared cac
                     raise ValueError(f"{sequences or leaks.sequences_path(ds.name)}: {len(missing)} id(s) of {ds.root} "
                                      f"in no sequence, e.g. {', '.join(missing[:5])}")
             else:
-                groups = leaks.near_duplicate_groups(leaks.hash_folder(ds.root, ids=ds.ids, layout=_v(layout),
-                                                                       progress=True))
+                groups = leaks.near_duplicate_groups(hash_folder(ds.root, ids=ds.ids, layout=_v(layout),
+                                                                 progress=True))
             parts = leaks.grouped_split(ds.ids, groups, seed=seed, fractions=fr)
             multi = [g for g in groups if len(g) > 1]
             how = f", grouped by {group_by.value} ({len(multi)} groups of 2+ images kept whole)"

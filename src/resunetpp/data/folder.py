@@ -25,6 +25,7 @@ from ..io import ImageReadError, read_image, read_mask
 from ..preprocess import resize_image, resize_mask  # noqa: F401  (also the data layer's names)
 from .check import CheckReport, choose_ids, fail_or_warn, scan
 from .layouts import Source, locate
+from .leaks import phash
 from .pairs import Pairs, Size, parse_size, stack_pairs
 
 
@@ -146,3 +147,17 @@ def load_folder(source: Source, ids: Sequence[str] | None = None, size: tuple[in
             raise ValueError(f"{source.root}: images have different sizes (e.g. {a[1]}x{a[0]} and {b[1]}x{b[0]}); "
                              "pass size= to resize them")
     return stack_pairs([decoded[i] for i in keep], keep, source.name)
+
+
+def hash_folder(root: str | os.PathLike, ids: Sequence[str] | None = None, layout: str | None = None,
+                progress: bool = False) -> dict[str, int]:
+    """{id: `leaks.phash`} of a dataset's images (decoded at their native size; a cache's resized images)."""
+    ds = SegmentationFolder(root, layout=layout, ids=ids, skip_bad=True)
+    paths = [ds.pairs[i][0] for i in ds.ids]
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        it = pool.map(lambda p: phash(read_image(p)), paths)
+        if progress:
+            from ..progress import progress_bar
+
+            it = progress_bar(it, total=len(paths), desc=f"hashing {ds.name}", unit="img")
+        return dict(zip(ds.ids, it))

@@ -208,22 +208,3 @@ def neighbour_leaks(split: Mapping[str, Sequence[str]], seqs: Iterable[Sequence[
             one += any(inside)
             both += len(nbrs) == 2 and all(inside)
     return one, both
-
-
-def hash_folder(root: str | os.PathLike, ids: Sequence[str] | None = None, layout: str | None = None,
-                progress: bool = False) -> dict[str, int]:
-    """{id: phash} of a dataset's images (decoded at their native size; a cache's resized images)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from ..io import read_image
-    from .folder import SegmentationFolder
-
-    ds = SegmentationFolder(root, layout=layout, ids=ids, skip_bad=True)
-    paths = [ds.pairs[i][0] for i in ds.ids]
-    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        it = pool.map(lambda p: phash(read_image(p)), paths)
-        if progress:
-            from ..progress import progress_bar
-
-            it = progress_bar(it, total=len(paths), desc=f"hashing {ds.name}", unit="img")
-        return dict(zip(ds.ids, it))

@@ -50,9 +50,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.websockets import WebSocketDisconnect
 
-from .. import __version__
 from ..inference import Segmenter
 from ..overlay import draw_overlay
+from ..version import __version__
 from .decode import ApiError, decode_image
 
 STATIC_DIR = Path(__file__).parent / "static"
