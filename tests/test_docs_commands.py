@@ -41,6 +41,8 @@ PARSE_ONLY = {
     "resunetpp serve": "a server that runs until stopped; test_serve.py and test_serve_browser.py start it",
     "RESUNETPP_TOKEN=": "a server; test_serve.py checks the token",
     "resunetpp evaluate --data": "the bundled model on 100 full-size images; test_bundled.py evaluates the same",
+    "resunetpp reproduce table1 --out results/table1 --tabulate": "rewrites the committed table; "
+                                                                   "test_reproduce.py tabulates returned runs",
     "resunetpp reproduce table": "GPU hours; test_reproduce.py runs the quick reproduction",
     "resunetpp train --model resunetpp --data": "the paper's recipe (GPU hours); test_train.py runs the loop",
     "resunetpp train --resume": "test_train_failures.py kills and resumes a run",

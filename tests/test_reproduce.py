@@ -41,6 +41,7 @@ def test_quick_table1_writes_every_output(kvasir_dir, tmp_path):
         assert (out / model / "eval" / "metrics.json").is_file()
     with Image.open(out / "fig3.png") as im:
         assert im.width > im.height > 100  # 4 rows x 6 columns
+        full_width = im.width
 
     # a second call reuses the finished runs instead of training again (and reports their training time)
     trained = res["models"]["resunetpp"]["train_seconds"]
@@ -50,6 +51,20 @@ def test_quick_table1_writes_every_output(kvasir_dir, tmp_path):
     again = json.loads((out / "results.json").read_text())["models"]["resunetpp"]
     assert again["train_seconds"] == trained > 0 and again["epochs_done"] == 1
     assert (out / "resunetpp" / "last.pt").stat().st_mtime_ns == stamp
+
+    # runs returned without weights (as a GPU campaign returns the baselines) are tabulated from their reports
+    dice = again["metrics"]["mean"]["dice"]
+    (out / "resunetpp" / "model.safetensors").unlink()
+    (out / "fig3.png").unlink()
+    r = runner.invoke(app, [*args, "--tabulate"])
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["models"]) == list(MODELS) and res["models"]["resunetpp"]["metrics"]["mean"]["dice"] == dice
+    assert res["models"]["resunetpp"]["parameters"] == 4_062_993 and "--tabulate" in res["command"]
+    assert f"{dice:.4f}" in (out / "table.md").read_text()
+    assert not (out / "resunetpp" / "model.safetensors").exists()  # nothing was trained again
+    with Image.open(out / "fig3.png") as im:
+        assert 100 < im.height < im.width < full_width  # one column fewer: the three models that have weights
 
 
 @pytest.mark.parametrize("table, flag, label, split_file", [

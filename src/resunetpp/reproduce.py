@@ -40,10 +40,10 @@ import torch
 
 from .config import TrainConfig
 from .data.splits import grouped_split_path
-from .evaluate import evaluate, resolve_ids
+from .evaluate import evaluate, read_metrics, resolve_ids
 from .hub import load_model
 from .preprocess import predict_probs
-from .registry import count_parameters
+from .registry import count_parameters, create_model
 from .runtime import resolve_device
 from .train import train
 from .utils import atomic_path, write_json
@@ -130,7 +130,8 @@ def reproduce(table: str, data: str | os.PathLike | None = None, out: str | os.P
     """Train and evaluate the models of `table` ("table1" or "table2"); returns the output folder.
 
     `time_limit` (seconds, per model) stops a training resumably; `train_runs=False` trains nothing and
-    tabulates the runs already in `out` as they are (a stopped one is marked with its epochs);
+    tabulates the runs already in `out` as they are (a stopped one is marked with its epochs; one without
+    weights, as a GPU campaign returns them, by its own `eval/metrics.json`, and left out of fig3.png);
     `overrides` are further `TrainConfig` settings (e.g. eval_every, compile); `grouped` also trains and
     tests every model on the leak-free split (None: Table II only)."""
     if table not in TABLES:
@@ -161,16 +162,19 @@ def reproduce(table: str, data: str | os.PathLike | None = None, out: str | os.P
                 train(cfg, resume=run if done is not None else None)
             elif done is None:
                 continue  # nothing to tabulate for this model
-            ev = evaluate(run, data, split="test", out=run / "eval", device=device, limit=settings["limit"],
-                          progress=progress)
             best = json.loads((run / "config.json").read_text())
-            found[model] = {"metrics": {"mean": ev.summary["mean"], "pooled": ev.summary["pooled"],
-                                        "miou_keras": ev.summary["miou_keras"],
-                                        "detection": ev.summary["detection"]},
-                            "test_images": ev.summary["images"], "best_epoch": best.get("best_epoch"),
+            if (run / "model.safetensors").is_file():
+                summary = evaluate(run, data, split="test", out=run / "eval", device=device, limit=settings["limit"],
+                                   progress=progress).summary
+            else:  # a run that came back from another machine without its weights: its own test report
+                summary = read_metrics(run / "eval" / "metrics.json")
+            found[model] = {"metrics": {"mean": summary["mean"], "pooled": summary["pooled"],
+                                        "miou_keras": summary.get("miou_keras"),
+                                        "detection": summary.get("detection")},
+                            "test_images": summary["images"], "best_epoch": best.get("best_epoch"),
                             "val": best.get("metrics", {}).get("val"), "train_seconds": _train_seconds(run),
                             "epochs_done": _finished_epochs(run),
-                            "parameters": count_parameters(load_model(run)),
+                            "parameters": count_parameters(create_model(best["model"], **best["model_kwargs"])),
                             "settings": {k: v for k, v in asdict(cfg.resolved()).items() if k != "progress"},
                             "paper": _paper_row(table, model)}
         return found
@@ -189,8 +193,10 @@ def reproduce(table: str, data: str | os.PathLike | None = None, out: str | os.P
             f"{settings['limit']} ids of each split): a pipeline check, not a reproduction." if quick else "")
     with atomic_path(out / "table.md") as tmp:
         tmp.write_text(table_markdown(table, results, note, leak_free))
-    ids, _ = resolve_ids(data, "test", out / models[0], settings["limit"])
-    plot_fig3_for(out, data, models, ids[:FIG3_ROWS], dev, TABLES[table]["dataset"])
+    drawn = tuple(m for m in models if (out / m / "model.safetensors").is_file())
+    if drawn:
+        ids, _ = resolve_ids(data, "test", out / drawn[0], settings["limit"])
+        plot_fig3_for(out, data, drawn, ids[:FIG3_ROWS], dev, TABLES[table]["dataset"])
     if dev.type == "cuda":
         device_name = torch.cuda.get_device_name(dev)
     else:
@@ -206,24 +212,30 @@ def reproduce(table: str, data: str | os.PathLike | None = None, out: str | os.P
 
 
 def _finished_epochs(run: Path) -> int | None:
-    """Epochs completed by the run in `run` (from last.pt), or None when there is no run yet."""
-    if not (run / "last.pt").is_file():
-        return None
-    from .train import load_checkpoint
+    """Epochs completed by the run in `run` (from last.pt; for a run returned without it, the last epoch
+    in metrics.csv), or None when there is no run yet."""
+    if (run / "last.pt").is_file():
+        from .train import load_checkpoint
 
-    return int(load_checkpoint(run / "last.pt")["epoch"])
+        return int(load_checkpoint(run / "last.pt")["epoch"])
+    rows = _metrics_rows(run)
+    return int(rows[-1]["epoch"]) if rows and (run / "eval" / "metrics.json").is_file() else None
 
 
-def _train_seconds(run: Path) -> float | None:
-    """Training wall time of the run over all its sessions (the last `elapsed` in metrics.csv)."""
+def _metrics_rows(run: Path) -> list[dict[str, str]]:
     import csv
 
     try:
         with open(run / "metrics.csv") as f:
-            rows = list(csv.DictReader(f))
-        return float(rows[-1]["elapsed"]) if rows and rows[-1].get("elapsed") else None
+            return list(csv.DictReader(f))
     except OSError:
-        return None
+        return []
+
+
+def _train_seconds(run: Path) -> float | None:
+    """Training wall time of the run over all its sessions (the last `elapsed` in metrics.csv)."""
+    rows = _metrics_rows(run)
+    return float(rows[-1]["elapsed"]) if rows and rows[-1].get("elapsed") else None
 
 
 def plot_fig3_for(out: Path, data: Path, models: tuple[str, ...], ids: list[str], device: torch.device,

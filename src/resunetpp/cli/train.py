@@ -185,6 +185,8 @@ def reproduce(
     models: str | None = typer.Option(None, help="Comma-separated subset of unet,resunet,resunet-mod,resunetpp."),
     grouped: bool | None = typer.Option(None, "--grouped/--no-grouped", help="Also train and test on the leak-free "
                                         "split (default: table2 yes, by sequence; table1 no)."),
+    tabulate: bool = typer.Option(False, "--tabulate", help="Train nothing: tabulate the runs already in --out "
+                                  "(a run without weights by its own eval/metrics.json)."),
 ) -> None:
     """Train the paper's four models and write table.md, results.json and fig3.png."""
     from ..reproduce import MODELS
@@ -193,7 +195,7 @@ def reproduce(
     # the command as given (rebuilt from the parsed options, so it is right however the CLI was invoked)
     given = {"--data": data, "--epochs": epochs, "--out": out, "--quick": quick, "--device": device, "--size": size,
              "--limit": limit, "--batch-size": batch_size, "--models": models,
-             **({} if grouped is None else {"--grouped" if grouped else "--no-grouped": True})}
+             **({} if grouped is None else {"--grouped" if grouped else "--no-grouped": True}), "--tabulate": tabulate}
     command = ["resunetpp", "reproduce", table]
     for flag, value in given.items():
         if value is True:
@@ -204,7 +206,7 @@ def reproduce(
         chosen = tuple(m.strip() for m in models.split(",")) if models else MODELS
         path = run_reproduce(table, data=data, out=out, epochs=epochs, quick=quick, device=device, size=size,
                              limit=limit, batch_size=batch_size, models=chosen, command=shlex.join(command),
-                             grouped=grouped)
+                             grouped=grouped, train_runs=not tabulate)
     except _ERRORS as e:
         _fail(e)
     typer.echo((path / "table.md").read_text())
