@@ -179,3 +179,14 @@ def test_saved_file_dtypes_defaults_and_version(tmp_path):
     assert cfg["normalization"] == {"mean": [0.0] * 3, "std": [1.0] * 3}
     with pytest.raises(ValueError, match=r"^config must contain 'model', the registry name$"):
         save_pretrained(model, tmp_path / "x", {"model_kwargs": {}})
+
+
+def test_safetensors_header_names_the_format_and_the_model(tmp_path):
+    """The file's own metadata, {"format": "pt", "model": <registry name>}: "pt" is what safetensors and the
+    Hugging Face loaders expect of a PyTorch file, and the model name makes a lone .safetensors file legible."""
+    from safetensors import safe_open
+
+    for name, kwargs in (("resunetpp", {"filters": (8, 8, 8, 8, 8)}), ("unet", {"filters": (4, 8, 8, 8, 8)})):
+        save_pretrained(create_model(name, **kwargs), tmp_path / name, {"model": name, "model_kwargs": kwargs})
+        with safe_open(str(tmp_path / name / "model.safetensors"), "pt") as f:
+            assert f.metadata() == {"format": "pt", "model": name}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import json
+import re
 import sys
 from pathlib import Path
 
@@ -335,8 +337,8 @@ def test_segmenter_argument_checks(tmp_path, ckpt):
     cfg = {"input_size": [8, 8]}
     cases = [
         (dict(backend="tensorrt"), ValueError, "unknown backend 'tensorrt'; choose one of torch, onnxruntime, openvi"),
-        (dict(precision="int8"), ValueError, "unknown precision 'int8'"),
-        (dict(crf="heavy"), ValueError, "unknown CRF mode 'heavy'"),
+        (dict(precision="int8"), ValueError, "unknown precision 'int8'; choose one of fp32, bf16$"),
+        (dict(crf="heavy"), ValueError, "unknown CRF mode 'heavy'; choose one of mask, bilateral$"),
         (dict(threshold=1.5), ValueError, r"threshold must lie in \[0, 1\], got 1.5"),
         (dict(threshold=-0.1), ValueError, r"threshold must lie in \[0, 1\]"),
         (dict(threshold=float("nan")), ValueError, r"threshold must lie in \[0, 1\]"),
@@ -350,7 +352,8 @@ def test_segmenter_argument_checks(tmp_path, ckpt):
             Segmenter(model, config=cfg, **kwargs)
     with pytest.raises(FileNotFoundError, match="missing.onnx: ONNX model not found"):
         Segmenter(tmp_path / "missing.onnx")
-    with pytest.raises(ValueError, match="needs an .onnx file; make one with `resunetpp export"):
+    with pytest.raises(ValueError, match=re.escape("needs an .onnx file; make one with `resunetpp export --weights RUN "
+                                                   "--out model.onnx`")):
         Segmenter(ckpt, backend="openvino")
     (tmp_path / "m.onnx").write_bytes(b"not onnx")
     with pytest.raises(ValueError, match="an .onnx model runs with backend='onnxruntime', not torch"):
@@ -367,6 +370,148 @@ def test_segmenter_argument_checks(tmp_path, ckpt):
     assert Segmenter(model, config=cfg, threshold=0.0).threshold == 0.0
     assert Segmenter(model, config=cfg, threshold=1.0).threshold == 1.0
     assert "backend='torch'" in repr(Segmenter(model, config=cfg))
+
+
+class _Recorder(_MeanGrey):
+    """_MeanGrey that records, for each forward pass, (input in channels_last layout, bf16 autocast on)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, x):
+        self.calls.append((not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last),
+                           torch.is_autocast_enabled("cpu")))
+        return super().forward(x)
+
+
+def test_module_weights_use_their_pretrained_config_and_the_runner_options(tmp_path, monkeypatch):
+    model = _Recorder()
+    norm = {"mean": [0.1, 0.2, 0.3], "std": [0.5, 0.5, 0.5]}
+    model.pretrained_config = {"input_size": [8, 12], "threshold": 0.8, "normalization": norm}
+    seg = Segmenter(model)
+    assert (seg.input_size, seg.threshold, seg.mean, seg.std) == ((8, 12), 0.8, norm["mean"], norm["std"])
+    assert seg.weights is None and seg.backend == "torch" and "weights='module'" in repr(seg)
+    mask, prob = seg.segment(np.full((10, 10, 3), 140, np.uint8))
+    x = (140 / 255 - np.array(norm["mean"])) / 0.5  # [0.90, 0.70, 0.50]: logit 20 * (0.70 - 0.5) = 3.96
+    np.testing.assert_allclose(prob, 1 / (1 + np.exp(-20 * (x.mean() - 0.5))), atol=1e-6)
+    assert mask.all()
+    # a non-square input size is (H, W): INTER_AREA down to 8 rows and 12 columns, then normalised
+    image = disc_image(np.random.default_rng(9), 40, 30)[0]
+    x = seg.preprocess([image])
+    assert x.shape == (1, 3, 8, 12)
+    small = cv2.resize(image, (12, 8), interpolation=cv2.INTER_AREA) / 255
+    np.testing.assert_allclose(x[0].permute(1, 2, 0).numpy(), (small - norm["mean"]) / 0.5, atol=1e-6)
+    # a config given replaces the module's own; a module with neither gets the defaults
+    assert Segmenter(model, config={"input_size": [8, 8]}).threshold == 0.5
+    plain = Segmenter(_MeanGrey())
+    assert (plain.input_size, plain.threshold, plain.mean, plain.std) == ((256, 256), 0.5, [0, 0, 0], [1, 1, 1])
+    # channels_last and bf16 reach the forward pass (default: neither)
+    model.calls.clear()
+    for kwargs in ({}, {"channels_last": True}, {"precision": "bf16"}):
+        seg = Segmenter(model, **kwargs)
+        seg.segment(image)
+        assert seg.precision == kwargs.get("precision", "fp32")
+    assert model.calls == [(False, False), (True, False), (False, True)]
+    # the same from a checkpoint path (load_model stood in for, to watch the model's inputs)
+    loaded = []
+
+    def load_model(path, device="cpu"):
+        loaded.append(Path(path))
+        return model
+
+    monkeypatch.setattr(hub, "load_model", load_model)
+    model.calls.clear()
+    for kwargs in ({}, {"channels_last": True}, {"precision": "bf16"}):
+        seg = Segmenter(tmp_path / "run", **kwargs)
+        seg.segment(image)
+        assert seg.weights == tmp_path / "run" and f"weights='{tmp_path / 'run'}'" in repr(seg)
+        assert f"precision='{kwargs.get('precision', 'fp32')}'" in repr(seg)
+    assert loaded == [tmp_path / "run"] * 3
+    assert model.calls == [(False, False), (True, False), (False, True)]
+
+
+def _mean_grey_onnx(path: Path, config: dict | None = None) -> Path:
+    """_MeanGrey written with onnx.helper (no exporter): logit = 20 * (channel mean - 0.5), with `config`
+    embedded as `resunetpp export` embeds it."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from resunetpp.inference import ONNX_CONFIG_KEY
+
+    nodes = [helper.make_node("ReduceMean", ["image"], ["mean"], axes=[1], keepdims=1),
+             helper.make_node("Sub", ["mean", "half"], ["centred"]),
+             helper.make_node("Mul", ["centred", "twenty"], ["logits"])]
+    graph = helper.make_graph(
+        nodes, "mean_grey", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", 3, "h", "w"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 1, "h", "w"])],
+        initializer=[numpy_helper.from_array(np.array(0.5, np.float32), "half"),
+                     numpy_helper.from_array(np.array(20.0, np.float32), "twenty")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    if config is not None:
+        helper.set_model_props(model, {ONNX_CONFIG_KEY: json.dumps(config)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+_ONNX_CFG = {"input_size": [8, 12], "threshold": 0.6, "normalization": {"mean": [0.1, 0.2, 0.3], "std": [0.5] * 3}}
+
+
+def _onnx_images():
+    return [np.full((10, 10, 3), 140, np.uint8), disc_image(np.random.default_rng(10), 30, 20)[0]]
+
+
+def test_onnxruntime_backend_runs_the_file_with_its_embedded_config(tmp_path, monkeypatch):
+    import onnxruntime as ort
+
+    path = _mean_grey_onnx(tmp_path / "export" / "model.onnx", _ONNX_CFG)
+    sessions = []
+    session = ort.InferenceSession
+
+    def recording(model_path, opts, providers):
+        sessions.append((model_path, opts.intra_op_num_threads, providers))
+        return session(model_path, opts, providers=providers)
+
+    monkeypatch.setattr(ort, "InferenceSession", recording)
+    images = _onnx_images()
+    ref = Segmenter(_MeanGrey(), config=_ONNX_CFG).probabilities(images)
+    seg = Segmenter(path, threads=1)
+    assert (seg.backend, seg.weights, seg.input_size, seg.threshold) == ("onnxruntime", path, (8, 12), 0.6)
+    for got, want in zip(seg.probabilities(images), ref):
+        np.testing.assert_allclose(got, want, atol=1e-6)
+    assert seg.segment(images[0])[0].all()  # 0.98 > 0.6
+    # a folder holding model.onnx, with the backend named
+    folder = Segmenter(path.parent, backend="onnxruntime")
+    assert folder.weights == path and folder.backend == "onnxruntime"
+    assert sessions == [(str(path), 1, ["CPUExecutionProvider"]), (str(path), 0, ["CPUExecutionProvider"])]
+    message = ("onnxruntime runs the .onnx file's own precision; for bf16 use backend='openvino' or 'torch', "
+               "for int8 `resunetpp export --int8`")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        Segmenter(path, precision="bf16")
+
+
+def test_openvino_backend_compiles_with_the_precision_and_threads_asked(tmp_path, monkeypatch):
+    ov = pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    path = _mean_grey_onnx(tmp_path / "export" / "model.onnx", _ONNX_CFG)
+    compiled = []
+
+    class RecordingCore(ov.Core):
+        def compile_model(self, model, device, config):
+            compiled.append((device, dict(config)))
+            return super().compile_model(model, device, config)
+
+    monkeypatch.setattr(ov, "Core", RecordingCore)
+    images = _onnx_images()
+    ref = Segmenter(_MeanGrey(), config=_ONNX_CFG).probabilities(images)
+    for precision, hint, atol in (("fp32", "f32", 1e-5), ("bf16", "bf16", 0.05)):
+        seg = Segmenter(path.parent, backend="openvino", precision=precision, threads=1)
+        assert (seg.backend, seg.weights, seg.precision, seg.threshold) == ("openvino", path, precision, 0.6)
+        for got, want in zip(seg.probabilities(images), ref):
+            np.testing.assert_allclose(got, want, atol=atol)
+        assert compiled[-1] == ("CPU", {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY",
+                                        "INFERENCE_NUM_THREADS": 1})
+    assert len(compiled) == 2  # one static-shape compilation each: both images are (8, 12) once resized
 
 
 def _fake_crf(calls):

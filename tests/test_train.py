@@ -436,6 +436,35 @@ def test_weights_finite_sees_one_nan_parameter():
     assert not T.weights_finite(net)
 
 
+@pytest.mark.parametrize("here, other, verdict", [(True, True, True), (True, False, False), (False, True, False)])
+def test_weights_finite_under_ddp_takes_the_minimum_of_every_rank(here, other, verdict, monkeypatch):
+    """ddp=True: the verdict is all-reduced with MIN, so one rank's NaN stops every rank (a stand-in for the
+    collective plays the other rank; the two-process run is test_nan_weights_on_one_ddp_rank_...)."""
+    import torch.distributed as dist
+
+    calls = []
+
+    def all_reduce(tensor, op=dist.ReduceOp.SUM):
+        calls.append(op)
+        both = torch.cat([tensor, torch.tensor([float(other)])])
+        if op == dist.ReduceOp.MIN:
+            tensor.copy_(both.min().reshape(1))
+        elif op == dist.ReduceOp.SUM:
+            tensor.copy_(both.sum().reshape(1))
+        else:
+            raise ValueError(f"unexpected reduce op {op}")
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    net = torch.nn.Linear(3, 2)
+    if not here:
+        with torch.no_grad():
+            net.bias[1] = float("nan")
+    assert T.weights_finite(net, ddp=True) is verdict
+    assert calls == [dist.ReduceOp.MIN]
+    calls.clear()
+    assert T.weights_finite(net) is here and calls == []  # without DDP: no collective, this rank's own verdict
+
+
 def test_optimizer_is_foreach_on_cpu():
     cfg = TrainConfig(data="x").resolved()
     opt = T.make_optimizer(cfg, torch.nn.Linear(2, 1).parameters())
@@ -583,3 +612,19 @@ def test_load_checkpoint_messages_in_full(tmp_path):
     torch.save({"model": {}, "epoch": 1}, path)
     with pytest.raises(T.CheckpointError, match="not a resunetpp training checkpoint"):
         T.load_checkpoint(path)
+
+
+def test_load_checkpoint_takes_exactly_the_four_keys_and_quotes_120_characters_of_the_error(tmp_path):
+    path = tmp_path / "last.pt"
+    torch.save({"model": {}, "optimizer": {}, "scheduler": {}, "epoch": 4}, path)  # nothing more is needed
+    assert T.load_checkpoint(path)["epoch"] == 4
+    # a folder where the file should be: torch.load's OSError, whose line is longer than the 120 quoted
+    folder = tmp_path / ("x" * 150 + ".pt")
+    folder.mkdir()
+    reason = f"[Errno 21] Is a directory: '{folder}'"
+    assert len(reason) > 121
+    with pytest.raises(T.CheckpointError) as info:
+        T.load_checkpoint(folder)
+    assert str(info.value) == (f"{folder}: damaged or not a checkpoint ({reason[:120]}). The best model so far is "
+                               f"still in {tmp_path / 'model.safetensors'}; start a new run (another --out) to "
+                               "train again.")
