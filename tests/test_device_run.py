@@ -23,7 +23,7 @@ def dry_run(tmp_path_factory, kvasir_dir, clinicdb_dir) -> Path:
     # the full job list runs the same code path per job
     cmd = ["bash", str(ROOT / "benchmarks" / "device_run.sh"), "--dry-run", "--budget", "600", "--out", str(out),
            "--data-root", str(kvasir_dir.parent), "--max-workers", "2", "--min-job-seconds", "5",
-           "--jobs", "table1-resunetpp,table2-resunetpp,beyond-kvasir,table1-unet"]
+           "--jobs", "table1-resunetpp,table2-resunetpp,table2-resunetpp-by-sequence,beyond-kvasir,table1-unet"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**__import__("os").environ,
                                                                                 "PYTHON": sys.executable})
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -37,7 +37,8 @@ def test_dry_run_outputs_fit_the_transfer_limits(dry_run):
     assert all(len(p.relative_to(dry_run).parts) <= 3 for p in files)
     names = {p.name for p in files}
     assert names == {"device_run.log", "summary.md", "results.tar.gz", "table1-resunetpp.safetensors",
-                     "table2-resunetpp.safetensors", "beyond-kvasir.safetensors"}
+                     "table2-resunetpp.safetensors", "table2-resunetpp-by-sequence.safetensors",
+                     "beyond-kvasir.safetensors"}
     log = (dry_run / "device_run.log").read_text()
     assert "smoke: trained and evaluated" in log and "SMOKE FAILED" not in log and "FAILED" not in log
 
@@ -55,6 +56,12 @@ def test_dry_run_tables_curves_and_weights(dry_run, tmp_path):
     row = next(line for line in (tmp_path / "table1" / "table.md").read_text().splitlines()
                if line.startswith("| ResUNet++ |"))
     assert "| 2 |" in row  # epochs done, as planned
+    # Table II: the random-split and the sequence-grouped job each trained one run, both tabulated
+    t2 = json.loads((tmp_path / "table2" / "results.json").read_text())
+    assert set(t2["models"]) == set(t2["models_grouped"]) == {"resunetpp"}
+    assert json.loads((tmp_path / "table2" / "by-sequence" / "resunetpp" / "split.json").read_text())["train"][:2] == \
+        json.loads((ROOT / "src" / "resunetpp" / "splits" / "cvc-clinicdb-by-sequence.json").read_text())["train"][:2]
+    assert "| ResUNet++ | by sequence | 2 |" in (tmp_path / "table2" / "table.md").read_text()
     speed = json.loads((tmp_path / "stage0" / "train_speed.json").read_text())
     assert speed["rows"] and all(r["loss_finite"] for r in speed["rows"])
     assert (tmp_path / "beyond-kvasir" / "eval" / "metrics.json").is_file()

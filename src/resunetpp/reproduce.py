@@ -126,14 +126,16 @@ def reproduce(table: str, data: str | os.PathLike | None = None, out: str | os.P
               epochs: int | None = None, quick: bool = False, device: str = "auto", size: int | None = None,
               limit: int | None = None, batch_size: int | None = None, models: tuple[str, ...] = MODELS,
               seed: int = 0, progress: bool = True, command: str | None = None, time_limit: float | None = None,
-              train_runs: bool = True, overrides: dict[str, Any] | None = None, grouped: bool | None = None) -> Path:
+              train_runs: bool = True, overrides: dict[str, Any] | None = None, grouped: bool | None = None,
+              random_split: bool = True) -> Path:
     """Train and evaluate the models of `table` ("table1" or "table2"); returns the output folder.
 
     `time_limit` (seconds, per model) stops a training resumably; `train_runs=False` trains nothing and
     tabulates the runs already in `out` as they are (a stopped one is marked with its epochs; one without
     weights, as a GPU campaign returns them, by its own `eval/metrics.json`, and left out of fig3.png);
     `overrides` are further `TrainConfig` settings (e.g. eval_every, compile); `grouped` also trains and
-    tests every model on the leak-free split (None: Table II only)."""
+    tests every model on the leak-free split (None: Table II only); `random_split=False` leaves out the
+    committed random split (a GPU campaign trains the two splits as separate jobs)."""
     if table not in TABLES:
         raise ValueError(f"unknown table {table!r}; choose table1 (Kvasir-SEG) or table2 (CVC-ClinicDB)")
     unknown = [m for m in models if m not in MODELS]
@@ -179,21 +181,20 @@ def reproduce(table: str, data: str | os.PathLike | None = None, out: str | os.P
                             "paper": _paper_row(table, model)}
         return found
 
-    results = run_models(out, None)
+    results = run_models(out, None) if random_split else {}
     if table == "table2" if grouped is None else grouped:
         leak_free = run_models(out / GROUPED[table][1], str(grouped_split_path(TABLES[table]["dataset"])))
     else:
         leak_free = {}
     wall = time.perf_counter() - start
-    if not results:
+    if not results and not leak_free:
         raise FileNotFoundError(f"{out}: no runs of {', '.join(models)} to tabulate")
-    models = tuple(results)
 
     note = (f"Quick run ({settings['size']}x{settings['size']}, {settings['epochs']} epochs, first "
             f"{settings['limit']} ids of each split): a pipeline check, not a reproduction." if quick else "")
     with atomic_path(out / "table.md") as tmp:
         tmp.write_text(table_markdown(table, results, note, leak_free))
-    drawn = tuple(m for m in models if (out / m / "model.safetensors").is_file())
+    drawn = tuple(m for m in results if (out / m / "model.safetensors").is_file())
     if drawn:
         ids, _ = resolve_ids(data, "test", out / drawn[0], settings["limit"])
         plot_fig3_for(out, data, drawn, ids[:FIG3_ROWS], dev, TABLES[table]["dataset"])
