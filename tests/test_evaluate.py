@@ -80,6 +80,24 @@ def test_polyp_dice_figure_draws_the_histogram_and_the_found_line(tmp_path, monk
     plt.close(fig)
 
 
+def test_min_area_drops_components_before_scoring(trained, tmp_path):
+    data, run = trained
+    plain = evaluate(run, data, split="test", progress=False)
+    assert plain.settings["min_area"] == 0.0 and plain.summary["mean"]["recall"] > 0.3
+    assert evaluate(run, data, split="test", progress=False, min_area=0.0).summary == plain.summary
+    # every disc covers less than half of its image: at min_area 0.5 nothing is left to score
+    none = evaluate(run, data, split="test", progress=False, min_area=0.5)
+    assert none.settings["min_area"] == 0.5 and none.summary["mean"]["recall"] == 0.0
+    assert none.summary["detection"]["sensitivity_any"] == 0.0 and none.summary["detection"]["fp_per_image_any"] == 0
+    assert none.summary["miou_keras"] == plain.summary["miou_keras"]  # the paper's metric reads probabilities
+    r = runner.invoke(app, ["evaluate", "--weights", str(run), "--data", str(data), "--min-area", "0.5",
+                            "--out", str(tmp_path / "e")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "e" / "metrics.json").read_text())["settings"]["min_area"] == 0.5
+    r = runner.invoke(app, ["evaluate", "--weights", str(run), "--data", str(data), "--protocol", "pranet"])
+    assert r.exit_code == 2 and "pranet" in r.output
+
+
 def rows_as_ints(rows, key):
     return [{key: int(r[key])} for r in rows]
 

@@ -553,3 +553,44 @@ def test_crf_option_without_the_extra_is_a_usage_error(tmp_path, ckpt, monkeypat
     r = runner.invoke(app, ["predict", str(tmp_path / "in"), "-w", str(ckpt), "-o", str(tmp_path / "out"), "--crf"])
     assert r.exit_code == 2 and "pip install" in r.output and "crf" in r.output
     assert not (tmp_path / "out").exists()
+
+
+def test_min_area_drops_specks_smaller_than_the_fraction_of_the_image():
+    from resunetpp.inference import MIN_AREA, drop_small_components
+
+    prob = np.zeros((100, 100), np.float32)
+    prob[10:30, 10:30] = 0.9  # 400 px: a polyp
+    prob[30, 30] = 0.9  # touches the polyp's corner: one 8-connected component with it
+    prob[60:63, 60:63] = 0.8  # 9 px = 0.09 % of the image: a speck
+    prob[80:84, 80:83] = 0.6  # 12 px = 0.12 %
+    image = np.zeros((100, 100, 3), np.uint8)
+    seg = Segmenter(_MeanGrey(), config={"input_size": [8, 8]})
+    assert seg.min_area == MIN_AREA == 0.001
+    mask = seg.postprocess(image, prob)
+    assert mask.dtype == bool and mask.sum() == 400 + 1 + 12 and not mask[60:63, 60:63].any() and mask[30, 30]
+    assert seg.postprocess(image, prob, threshold=0.7).sum() == 401  # a given threshold, then the same filter
+    assert Segmenter(_MeanGrey(), config={"input_size": [8, 8]}, min_area=0).postprocess(image, prob).sum() == 422
+    assert drop_small_components(prob > 0.5, 0.0041).sum() == 401  # 401 px >= 0.0041 * 10,000; 12 px are not
+    assert drop_small_components(prob > 0.5, 0.05).sum() == 0
+    empty = np.zeros((5, 5), bool)
+    assert drop_small_components(empty, 0.5) is empty
+    for bad in (1.0, -0.1, float("nan"), "big"):
+        with pytest.raises(ValueError, match=r"min_area must be a fraction of the image in \[0, 1\)"):
+            Segmenter(_MeanGrey(), config={"input_size": [8, 8]}, min_area=bad)
+    assert "min_area=0.001" in repr(seg)
+
+
+def test_predict_cli_min_area(tmp_path, ckpt):
+    rng = np.random.default_rng(3)
+    image, truth = disc_image(rng, 64, 64)
+    Image.fromarray(image).save(tmp_path / "a.png")
+    for area, folder in ((0.0, "all"), (0.9, "none")):
+        r = runner.invoke(app, ["predict", str(tmp_path / "a.png"), "--weights", str(ckpt), "--out",
+                                str(tmp_path / folder), "--min-area", str(area), "--no-overlay"])
+        assert r.exit_code == 0, r.output
+    kept = np.array(Image.open(tmp_path / "all" / "masks" / "a.png")) > 0
+    assert dice(kept, truth) > 0.8
+    assert not (np.array(Image.open(tmp_path / "none" / "masks" / "a.png")) > 0).any()  # the disc is < 90 %
+    r = runner.invoke(app, ["predict", str(tmp_path / "a.png"), "--weights", str(ckpt), "--out", str(tmp_path / "x"),
+                            "--min-area", "1.5"])
+    assert r.exit_code == 2 and "--min-area" in r.output and "0.99" in r.output

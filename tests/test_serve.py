@@ -88,6 +88,7 @@ def test_health_model_and_page(client, seg):
     assert h["status"] == "ok" and h["auth_required"] is False and h["queue"] == {"pending": 0, "capacity": 8}
     m = client.get("/v1/model").json()
     assert m["model"] == "resunetpp" and m["input_size"] == list(seg.input_size) and m["threshold"] == seg.threshold
+    assert m["min_area"] == seg.min_area == 0.001
     assert m["parameters"] == sum(p.numel() for p in seg._run.model.parameters())
     assert m["backend"] == "torch" and "not a medical device" in m["intended_use"].lower()
     assert m["limits"]["max_pixels"] == 1_000_000 and m["limits"]["token"] is None

@@ -107,17 +107,21 @@ def resolve_ids(data: str | os.PathLike, split: str, weights: str | os.PathLike 
 def evaluate(weights: str | os.PathLike | None, data: str | os.PathLike, split: str = "test",
              out: str | os.PathLike | None = None, threshold: float | None = None, device: str = "auto",
              batch_size: int = 16, limit: int | None = None, native: bool = False, skip_bad: bool = False,
-             amp: bool = False, progress: bool = True, protocol: str = "default") -> Evaluation:
+             amp: bool = False, progress: bool = True, protocol: str = "default",
+             min_area: float = 0.0) -> Evaluation:
     """Score the model in `weights` (run folder, .safetensors, a bundled model's name, or None for the default
-    bundled model) on `data`; write reports to `out` if given."""
+    bundled model) on `data`; write reports to `out` if given. `min_area` > 0 first drops predicted
+    components smaller than that fraction of the image, as `Segmenter` does (0, the default, scores the
+    thresholded map as the paper does)."""
     from .data import SegmentationFolder, detect_layout, load_pairs
-    from .inference import check_threshold
+    from .inference import check_min_area, check_threshold, drop_small_components
     from .io import read_mask
 
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
     if threshold is not None:
         check_threshold(threshold)  # before loading anything: --threshold 1.5 is refused at once
+    min_area = check_min_area(min_area)
     from .hub import bundled_weights, resolve_weights
 
     weights = bundled_weights() if weights is None else resolve_weights(weights)
@@ -156,7 +160,7 @@ def evaluate(weights: str | os.PathLike | None, data: str | os.PathLike, split: 
                     gt = masks[k]
             else:
                 gt = masks[k]
-            hit = (p > thr).cpu()
+            hit = torch.from_numpy(drop_small_components((p > thr).cpu().numpy()[0], min_area))[None]
             gt = gt.cpu()
             stats.append(confusion(hit[None], gt[None]))
             found.append(detect_polyps(hit.numpy(), gt.numpy()))
@@ -169,6 +173,7 @@ def evaluate(weights: str | os.PathLike | None, data: str | os.PathLike, split: 
     settings = {"weights": str(weights), "model": cfg["model"], "trained_on": cfg.get("dataset"),
                 "data": str(data), "dataset": pairs.name, "split": source, "threshold": thr,
                 "input_size": list(size), "scored_at": "native mask size" if native else "model input size",
+                "min_area": min_area,
                 "device": str(dev), "protocol": protocol,
                 "miou_keras": "Keras MeanIoU(2) on probabilities (p == 1.0 is polyp), pooled, at the model input size",
                 "detection": "8-connected components; found at IoU >= 0.5 and at any overlap"}

@@ -10,6 +10,11 @@ Conventions
   interpolation *before* thresholding, so masks always have the input's resolution.
 * `threshold` comes from config.json unless given. The mask is `prob > threshold`, or with
   `crf=...` the CRF's labelling (see `resunetpp.crf`); `prob` is always the model's own probability.
+* `min_area` (default `MIN_AREA`, 0.1 % of the image) then drops the mask's 8-connected components
+  smaller than that fraction of the image: specks that are false alarms in a second-observer display.
+  On the bundled models' test splits it cut false-positive components from 3.11 to 0.29 per image
+  (Kvasir-SEG) and 0.38 to 0.11 (CVC-ClinicDB), with polyp sensitivity unchanged and Dice +0.0007 /
+  +0.0001 (docs/inference.md). `min_area=0` keeps every pixel, as `evaluate` does by default.
 * `tta=True` averages the sigmoid probabilities of the identity, horizontal-flip and
   vertical-flip predictions (each flipped back), as the ResUNet++ follow-up (JBHI 2021) did.
 * Weights: a checkpoint folder (config.json + model.safetensors), a `.safetensors` file with
@@ -37,6 +42,7 @@ from .runtime import resolve_device
 BACKENDS = ("torch", "onnxruntime", "openvino")
 PRECISIONS = ("fp32", "bf16")
 ONNX_CONFIG_KEY = "resunetpp_config"  # metadata_props key holding config.json in exported models
+MIN_AREA = 0.001  # fraction of the image: smaller predicted components are dropped (module docstring)
 DEFAULT_CONFIG: dict[str, Any] = {"input_size": [256, 256], "normalization": default_normalization(), "threshold": 0.5}
 
 
@@ -90,6 +96,27 @@ def check_threshold(threshold: float) -> float:
     if not 0.0 <= value <= 1.0:  # also refuses NaN
         raise ValueError(f"threshold must lie in [0, 1], got {threshold}")
     return value
+
+
+def check_min_area(min_area: float) -> float:
+    """The smallest component kept, as a fraction of the image in [0, 1), or ValueError."""
+    try:
+        value = float(min_area)
+    except (TypeError, ValueError):
+        raise ValueError(f"min_area must be a fraction of the image in [0, 1), got {min_area!r}") from None
+    if not 0.0 <= value < 1.0:  # also refuses NaN
+        raise ValueError(f"min_area must be a fraction of the image in [0, 1), got {min_area}")
+    return value
+
+
+def drop_small_components(mask: np.ndarray, min_area: float) -> np.ndarray:
+    """(H, W) bool `mask` without its 8-connected components of fewer than `min_area` * H * W pixels."""
+    if min_area <= 0 or not mask.any():
+        return mask
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    keep = stats[:, cv2.CC_STAT_AREA] >= min_area * mask.size
+    keep[0] = False  # the background
+    return keep[labels]
 
 
 class _TorchRunner:
@@ -168,14 +195,16 @@ class Segmenter:
     precision: "fp32", or "bf16" (torch autocast, or OpenVINO's bf16 inference precision; the
     fastest accurate CPU option measured, see benchmarks/RESULTS.md). onnxruntime runs the
     precision the .onnx file has (fp32, or int8 from `resunetpp export --int8`).
-    crf: None, "mask" or "bilateral" (needs the `crf` extra). threads: onnxruntime / OpenVINO
+    crf: None, "mask" or "bilateral" (needs the `crf` extra). min_area: predicted components smaller than
+    this fraction of the image are dropped (`MIN_AREA`; 0 keeps all). threads: onnxruntime / OpenVINO
     threads (default: their choice, one per physical core). channels_last: PyTorch memory format.
     """
 
     def __init__(self, weights: str | os.PathLike | nn.Module | None = None, device: str = "auto",
                  backend: str | None = None, tta: bool = False, crf: str | None = None,
                  threshold: float | None = None, config: dict[str, Any] | None = None,
-                 threads: int | None = None, channels_last: bool = False, precision: str = "fp32"):
+                 threads: int | None = None, channels_last: bool = False, precision: str = "fp32",
+                 min_area: float = MIN_AREA):
         from .crf import CRF_MODES, CRFUnavailableError, crf_available
 
         device = resolve_device(device)
@@ -183,6 +212,7 @@ class Segmenter:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        self.min_area = check_min_area(min_area)
         if crf is not None:
             if crf not in CRF_MODES:
                 raise ValueError(f"unknown CRF mode {crf!r}; choose one of {', '.join(CRF_MODES)}")
@@ -240,7 +270,7 @@ class Segmenter:
     def __repr__(self) -> str:
         return (f"Segmenter(weights={str(self.weights) if self.weights else 'module'!r}, backend={self.backend!r}, "
                 f"precision={self.precision!r}, input_size={list(self.input_size)}, threshold={self.threshold}, "
-                f"tta={self.tta}, crf={self.crf!r})")
+                f"tta={self.tta}, crf={self.crf!r}, min_area={self.min_area})")
 
     # -- the steps, usable one by one (video smooths probabilities between them) --
     def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
@@ -262,13 +292,17 @@ class Segmenter:
         probs = self.forward_probs(self.preprocess(images))
         return [np.ascontiguousarray(resize_prob(p, im.shape[:2]), dtype=np.float32) for p, im in zip(probs, images)]
 
-    def postprocess(self, image: np.ndarray, prob: np.ndarray) -> np.ndarray:
-        """(H, W) bool mask from a probability map: threshold, or the CRF's labelling."""
+    def postprocess(self, image: np.ndarray, prob: np.ndarray, threshold: float | None = None) -> np.ndarray:
+        """(H, W) bool mask from a probability map: threshold (this one's unless given), or the CRF's
+        labelling; then the components smaller than `min_area` dropped."""
+        threshold = self.threshold if threshold is None else threshold
         if self.crf is not None:
             from .crf import crf_refine
 
-            return crf_refine(image, prob, mode=self.crf, threshold=self.threshold) > 0.5
-        return prob > self.threshold
+            mask = crf_refine(image, prob, mode=self.crf, threshold=threshold) > 0.5
+        else:
+            mask = prob > threshold
+        return drop_small_components(mask, self.min_area)
 
     # -- the API most callers want --
     def segment(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -14,7 +14,7 @@ import typer
 
 from ..crf import CRF_MODES
 from ..export import CALIB_METHODS, EXPORTERS
-from ..inference import BACKENDS, PRECISIONS
+from ..inference import BACKENDS, MIN_AREA, PRECISIONS
 from ..predict import PROB_FORMATS
 from .common import ExitCode, choices, fail
 
@@ -30,6 +30,8 @@ WEIGHTS_HELP = ("Checkpoint folder (config.json + model.safetensors), .safetenso
                 "Default: the bundled trained weights.")
 DEVICE_HELP = "auto (cuda if available, else cpu) | cpu | cuda | cuda:N."
 BACKEND_HELP = "Default: onnxruntime for .onnx weights, else torch. openvino (an .onnx file) needs the openvino extra."
+MIN_AREA_HELP = ("Drop predicted components smaller than this fraction of the image (false-alarm specks); "
+                 "0 keeps all.")
 PRECISION_HELP = ("bf16: torch autocast or OpenVINO bf16 (fastest accurate CPU choice with --backend openvino); "
                   "onnxruntime runs the model file's own precision.")
 
@@ -40,14 +42,14 @@ def register(app: typer.Typer) -> None:
     app.command("export")(export)
 
 
-def _segmenter(weights, backend, device, tta, crf, crf_mode, threshold, threads, precision):
+def _segmenter(weights, backend, device, tta, crf, crf_mode, threshold, threads, precision, min_area):
     from ..crf import CRFUnavailableError
     from ..inference import Segmenter
 
     try:
         return Segmenter(weights, device=device, backend=backend.value if backend else None, tta=tta,
                          crf=crf_mode.value if crf else None, threshold=threshold, threads=threads,
-                         precision=precision.value)
+                         precision=precision.value, min_area=min_area)
     except (CRFUnavailableError, ImportError) as e:  # an optional package is missing: install it
         raise fail(str(e), ExitCode.USAGE) from None
     except (FileNotFoundError, ValueError, KeyError, TypeError, OSError) as e:
@@ -67,6 +69,7 @@ def predict(
                              help=r"Dense-CRF post-processing (needs the crf extra: pip install 'resunetpp\[crf]')."),
     crf_mode: CrfMode = typer.Option(CrfMode("mask"), help="mask: the ResUNet++ follow-up's settings; bilateral: "
                                      "soft probabilities + colour term."),
+    min_area: float = typer.Option(MIN_AREA, min=0.0, max=0.99, help=MIN_AREA_HELP),
     save_prob: bool = typer.Option(False, "--save-prob", help="Also write the probability maps under probs/."),
     prob_format: ProbFormat = typer.Option(ProbFormat("png"), help="png: 8-bit, round(255 p); npy: float32."),
     overlay: bool = typer.Option(True, "--overlay/--no-overlay", help="Write overlays/ images."),
@@ -82,7 +85,7 @@ def predict(
     from ..predict import IMAGE_EXTENSIONS, PredictInterrupted, PredictOutputError, PredictStopped, predict_files
     from ..progress import LogProgress
 
-    seg = _segmenter(weights, backend, device, tta, crf, crf_mode, threshold, threads, precision)
+    seg = _segmenter(weights, backend, device, tta, crf, crf_mode, threshold, threads, precision, min_area)
     try:
         summary = predict_files(seg, inputs, out, batch_size=batch_size,
                                 save_prob=prob_format.value if save_prob else None, overlay=overlay)
@@ -117,6 +120,7 @@ def video(
     csv_path: Path | None = typer.Option(None, "--csv", help="Per-frame CSV. Default: OUT with .csv."),
     threshold: float | None = typer.Option(None, min=0.0, max=1.0, help="Default: the checkpoint's config."),
     tta: bool = typer.Option(False, "--tta", help="Flip test-time augmentation (3x the compute)."),
+    min_area: float = typer.Option(MIN_AREA, min=0.0, max=0.99, help=MIN_AREA_HELP),
     threads: int | None = typer.Option(None, min=1, help="onnxruntime / OpenVINO threads."),
     precision: Precision = typer.Option(Precision("fp32"), help=PRECISION_HELP),
     readout: bool = typer.Option(True, "--readout/--no-readout", help="Draw fps and latency in the corner."),
@@ -127,7 +131,8 @@ def video(
     """
     from ..video import process_video
 
-    seg = _segmenter(weights, backend, device, tta, False, CrfMode("mask"), threshold, threads, precision)
+    seg = _segmenter(weights, backend, device, tta, False, CrfMode("mask"), threshold, threads, precision,
+                     min_area)
     try:
         stats = process_video(seg, source, out, csv_path=csv_path, batch_size=batch_size, smooth=smooth,
                               max_frames=max_frames, readout=readout)

@@ -8,21 +8,11 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from enum import Enum
 
 import typer
 
-
-class Backend(str, Enum):
-    torch = "torch"
-    onnxruntime = "onnxruntime"
-    openvino = "openvino"
-
-
-class Precision(str, Enum):
-    fp32 = "fp32"
-    bf16 = "bf16"
-
+from ..inference import MIN_AREA
+from .infer import BACKEND_HELP, MIN_AREA_HELP, PRECISION_HELP, Backend, Precision
 
 TOKEN_ENV = "RESUNETPP_TOKEN"  # the same name as resunetpp.serve.TOKEN_ENV (not imported: fastapi is optional)
 
@@ -51,12 +41,13 @@ def serve(
                                        "trained weights."),
     host: str = typer.Option("127.0.0.1", help="Address to bind. Anything but a loopback address needs a token."),
     port: int = typer.Option(8000, min=0, max=65535, help="TCP port."),
-    backend: Backend | None = typer.Option(None, help="Default: onnxruntime for .onnx weights, else torch."),
+    backend: Backend | None = typer.Option(None, help=BACKEND_HELP),
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda."),
-    precision: Precision = typer.Option(Precision.fp32, help="bf16: torch autocast or OpenVINO bf16."),
+    precision: Precision = typer.Option(Precision("fp32"), help=PRECISION_HELP),
     threads: int | None = typer.Option(None, min=1, help="onnxruntime / OpenVINO threads."),
     threshold: float | None = typer.Option(None, min=0.0, max=1.0, help="Default: the checkpoint's config."),
     tta: bool = typer.Option(False, "--tta", help="Flip test-time augmentation (3x the compute)."),
+    min_area: float = typer.Option(MIN_AREA, min=0.0, max=0.99, help=MIN_AREA_HELP),
     token: str | None = typer.Option(None, envvar=TOKEN_ENV, show_envvar=True,
                                      help="Require 'Authorization: Bearer TOKEN' on the API. Required when --host "
                                      "is not a loopback address."),
@@ -88,7 +79,7 @@ def serve(
                         f"{TOKEN_ENV}, e.g. {TOKEN_ENV}=$(python -c 'import secrets; print(secrets.token_urlsafe())')")
     try:
         seg = Segmenter(weights, device=device, backend=backend.value if backend else None, tta=tta,
-                        threshold=threshold, threads=threads, precision=precision.value)
+                        threshold=threshold, threads=threads, precision=precision.value, min_area=min_area)
     except (FileNotFoundError, ValueError, KeyError, ImportError) as e:
         raise _fail(str(e)) from None
     settings = ServeSettings(max_bytes=max_bytes, max_pixels=max_pixels, queue_size=queue_size, max_batch=max_batch,

@@ -15,6 +15,7 @@ from pathlib import Path
 import typer
 
 from ..config import AUGMENTS, COMPILE_MODES, OPTIMIZERS, SCHEDULES
+from ..evaluate import PROTOCOLS
 from ..losses import LOSSES
 from ..registry import list_models
 from .common import ExitCode, choices, fail
@@ -26,6 +27,7 @@ Optimizer = choices("Optimizer", OPTIMIZERS)
 Schedule = choices("Schedule", SCHEDULES)
 AugmentPreset = choices("AugmentPreset", AUGMENTS)
 Compile = choices("Compile", COMPILE_MODES)
+Protocol = choices("Protocol", PROTOCOLS)
 
 _ERRORS = (ValueError, OSError, KeyError, RuntimeError)
 
@@ -126,8 +128,11 @@ def evaluate(
     limit: int | None = typer.Option(None, help="Only the first N ids of the split."),
     native: bool = typer.Option(False, "--native", help="Score at each mask's original size."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave out pairs that fail the dataset check."),
-    protocol: str = typer.Option("default", "--protocol", help="default | polyp-benchmark (adds mDice, mIoU, wFm, Sm, "
-                                 "meanEm, maxEm, MAE by PySODMetrics, at each mask's original size)."),
+    protocol: Protocol = typer.Option(Protocol("default"), "--protocol", help="polyp-benchmark adds mDice, mIoU, wFm, "
+                                      "Sm, meanEm, maxEm, MAE by PySODMetrics, at each mask's original size."),
+    min_area: float = typer.Option(0.0, min=0.0, max=0.99, help="Drop predicted components smaller than this "
+                                   "fraction of the image first, as predict/video/serve do (0.001 there); 0 = the "
+                                   "paper's protocol."),
 ) -> None:
     """Score a trained model: Dice, IoU, recall, precision, F2, accuracy, 2-class mIoU (mean and pooled), the
     paper's Keras mIoU, per-polyp detection; `--protocol polyp-benchmark` adds the benchmark's columns."""
@@ -146,7 +151,8 @@ def evaluate(
             base = weights / "eval" if own else Path("runs") / "eval" / str(weights or DEFAULT_PRETRAINED)
             out = base / f"{dataset_name(data)}-{Path(split).stem}"
         result = run_evaluate(weights, data, split=split, out=out, threshold=threshold, device=device,
-                              batch_size=batch_size, limit=limit, native=native, skip_bad=skip_bad, protocol=protocol)
+                              batch_size=batch_size, limit=limit, native=native, skip_bad=skip_bad,
+                              protocol=protocol.value, min_area=min_area)
     except _ERRORS as e:
         _fail(e)
     s = result.settings

@@ -357,6 +357,7 @@ def _model_card(seg: Segmenter, settings: ServeSettings) -> dict[str, Any]:
         "normalization": {"mean": seg.mean, "std": seg.std},
         "tta": seg.tta,
         "crf": seg.crf,
+        "min_area": seg.min_area,
         "dataset": cfg.get("dataset"),
         "split": cfg.get("split") if isinstance(cfg.get("split"), (str, type(None))) else "custom",
         "metrics": cfg.get("metrics"),
@@ -422,7 +423,7 @@ def create_app(segmenter: Segmenter | str | Path, settings: ServeSettings | None
         return probs, (t0 - t) * 1000, (t1 - t0) * 1000
 
     def mask_of(image: np.ndarray, prob: np.ndarray, threshold: float | None) -> np.ndarray:
-        return seg.postprocess(image, prob) if threshold is None else prob > threshold
+        return seg.postprocess(image, prob, threshold)
 
     def decode(upload: Upload) -> np.ndarray:
         what = "body" if upload.name == "body" else f"file {upload.name!r}"
@@ -697,7 +698,7 @@ def _stream_options(opts: dict[str, Any]) -> dict[str, Any]:
 
 def _stream_answer(seg: Segmenter, image: np.ndarray, prob: np.ndarray, opts: dict[str, Any]) -> dict[str, Any]:
     t = opts["threshold"]
-    mask = seg.postprocess(image, prob) if t is None else prob > t
+    mask = seg.postprocess(image, prob, t)
     out: dict[str, Any] = {"width": int(image.shape[1]), "height": int(image.shape[0]),
                            "threshold": seg.threshold if t is None else t, **analyse(mask, prob)}
     if opts["output"] == "mask":
