@@ -23,7 +23,12 @@ def _line_width(shape: Sequence[int]) -> int:
 def draw_overlay(image: np.ndarray, mask: np.ndarray, color: Sequence[int] = POLYP_COLOR, alpha: float = 0.35,
                  thickness: int | None = None) -> np.ndarray:
     """The image with the mask's region tinted by `color` (blend weight `alpha`) and its
-    outline drawn with OpenCV contours. `mask` is (H, W) bool at the image's resolution."""
+    outline drawn with OpenCV contours. `mask` is (H, W) bool at the image's resolution.
+
+    Inside the mask each pixel becomes `round(v * (1 - alpha) + color * alpha)`; outside it is kept.
+    The outline is the outer edge of every connected region (holes are not outlined), anti-aliased,
+    `thickness` px wide, by default one pixel per 250 px of the image's shorter side, rounded, at least 1.
+    """
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"draw_overlay expects an (H, W, 3) uint8 image, got {image.shape} {image.dtype}")
     if mask.shape != image.shape[:2]:
@@ -44,6 +49,15 @@ def draw_text(image: np.ndarray, lines: Sequence[str], corner: str = "top-left")
     """Draw `lines` of text on a dark box in a corner, in place, and return the image.
 
     Used for the live frames-per-second and latency readout of `resunetpp video`.
+
+    Layout, in pixels, with the font scale `s = max(0.4, min(H, W) / 700)` (the text keeps its size
+    relative to the frame): white, anti-aliased FONT_HERSHEY_SIMPLEX at scale `s` and thickness
+    `max(1, round(2 s))`; a line is `round(8 s)` taller than the tallest line's text (OpenCV's
+    getTextSize height); the box is the widest line plus `round(12 s)` wide and the lines' heights plus
+    `round(6 s)` high, flush with `corner` ("top-left", "top-right", "bottom-left", "bottom-right"; a box
+    larger than the image starts at its top / left edge), and the scene under it is darkened to 0.4 of
+    its value (truncated). Line i's baseline is (i + 1) line heights below the box's top, and it starts
+    `round(6 s)` right of the box's left edge.
     """
     if not lines:
         return image
