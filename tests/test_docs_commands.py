@@ -121,7 +121,8 @@ def parse(command: str) -> None:
     if command.startswith(("python -m pip install", "python -m pytest")):
         assert command.split("#")[0].strip() in (ROOT / ".ci" / "run").read_text()
         return
-    command = re.sub(r"^\w+=\$\(.*?\)\)?'?\)\s+", "", command)  # an environment prefix NAME=$(...)
+    if re.match(r"^\w+=", command):  # an environment prefix NAME=...: the command proper starts at `resunetpp`
+        command = command[command.index(" resunetpp ") + 1:]
     argv = shlex.split(command)
     if argv[0] == "torchrun":
         argv = argv[argv.index("$(which resunetpp)") + 1:]

@@ -311,12 +311,11 @@ def predict_files(segmenter: Segmenter, inputs: Iterable[str | os.PathLike], out
                 except OSError as e:
                     raise PredictStopped(f"{csv_path}: cannot write the CSV ({_os_reason(e)})", summary) from None
                 bar.update(len(batch))
-    except PredictStopped:
+    except (PredictStopped, KeyboardInterrupt) as e:
         summary.not_done = len(listing.files) - len({r["input"] for r in rows} & {str(f) for f in listing.files})
-        summary.stopped = "disk full"
-        raise
-    except KeyboardInterrupt:
-        summary.not_done = len(listing.files) - len({r["input"] for r in rows} & {str(f) for f in listing.files})
+        if isinstance(e, PredictStopped):
+            summary.stopped = "disk full"
+            raise
         summary.stopped = "interrupted"
         raise PredictInterrupted(summary) from None
     return summary
