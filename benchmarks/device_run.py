@@ -56,6 +56,9 @@ JOBS = [("table1-resunetpp", "paper", "table1", "resunetpp"), ("table2-resunetpp
 BEYOND = {"loss": "bce+dice", "optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "schedule": "onecycle",
           "augment": "paper", "batch_size": 16, "eval_every": 2}
 DRY = {"size": 32, "epochs": 2, "limit": 8, "batch_size": 4}
+# eager bf16 img/s of one process (H200, batch 16: benchmarks/RESULTS.md), for fitting the beyond recipe's
+# epochs when `--trainings-only` leaves stage 0 out
+EAGER_IMG_S = 546
 # brought back as fp16 safetensors
 WEIGHTS = ("table1-resunetpp", "table2-resunetpp", "table2-resunetpp-by-sequence", "beyond-kvasir")
 
@@ -201,14 +204,16 @@ def trainings(args, log: Log, deadline: float, workers: int) -> list[dict]:
         left = deadline - time.perf_counter()
         while queue and len(running) < workers and left > args.min_job_seconds:
             name = queue.pop(0)[0]
+            limit = left - args.eval_reserve
+            if name == "beyond-kvasir" and args.beyond_seconds:
+                limit = min(limit, args.beyond_seconds)
             cmd = [sys.executable, __file__, "--job", name, "--data-root", str(args.data_root), "--work",
-                   str(args.work), "--time-limit", f"{left - args.eval_reserve:.0f}", "--epochs",
-                   str(beyond_epochs(args, left))]
+                   str(args.work), "--time-limit", f"{limit:.0f}", "--epochs", str(beyond_epochs(args, limit))]
             if args.dry_run:
                 cmd.append("--dry-run")
             logf = open(args.work / f"{name}.log", "w")
             running[name] = (subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT), time.perf_counter(), logf)
-            log(f"started {name} with {left - args.eval_reserve:.0f} s of training time")
+            log(f"started {name} with {limit:.0f} s of training time")
         if queue and left <= args.min_job_seconds:
             log(f"not started (no time left): {', '.join(j[0] for j in queue)}")
             queue = []
@@ -228,11 +233,11 @@ def trainings(args, log: Log, deadline: float, workers: int) -> list[dict]:
     return done
 
 
-def beyond_epochs(args, left: float) -> int:
-    """Epochs of the beyond recipe that fit the time left at the measured per-worker speed (its one-cycle
-    schedule must end inside the slot to pay off), between 40 and 300."""
+def beyond_epochs(args, seconds: float) -> int:
+    """Epochs of the beyond recipe that fit `seconds` of training at the measured per-worker speed (its
+    one-cycle schedule must end inside the slot to pay off), between 40 and 300."""
     per_epoch = 800 / max(getattr(args, "per_worker_img_s", 0) or 1, 1) * 1.15  # + validation and slack
-    return int(min(300, max(40, (left - args.eval_reserve) / per_epoch)))
+    return int(min(300, max(40, seconds / per_epoch)))
 
 
 def tables(args, log: Log) -> None:
@@ -284,6 +289,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-workers", type=int, default=3)
     ap.add_argument("--jobs", help="comma-separated subset of the trainings")
     ap.add_argument("--min-job-seconds", type=float, default=45)
+    ap.add_argument("--trainings-only", action="store_true",
+                    help="leave out stage 0 (smoke, speed table, profile, latency): one worker")
+    ap.add_argument("--beyond-seconds", type=float, help="training seconds for the beyond recipe (default: all left)")
     ap.add_argument("--eval-reserve", type=float, default=35, help="seconds kept for evaluation and packing")
     ap.add_argument("--job", help=argparse.SUPPRESS)
     ap.add_argument("--time-limit", type=float, help=argparse.SUPPRESS)
@@ -317,10 +325,13 @@ def main(argv: list[str] | None = None) -> int:
         if not args.dry_run and not torch.cuda.is_available():
             raise RuntimeError("no CUDA device: run with --dry-run on a CPU")
         t = time.perf_counter()
-        summary["stages"]["smoke"] = smoke(args, log, stage_dir)
-        workers = speed(args, log, stage_dir)
-        profile(args, log, stage_dir)
-        latency(args, log, stage_dir)
+        if args.trainings_only:  # stage 0 ran in an earlier slot: its time goes to the trainings
+            workers, args.per_worker_img_s = 1, EAGER_IMG_S
+        else:
+            summary["stages"]["smoke"] = smoke(args, log, stage_dir)
+            workers = speed(args, log, stage_dir)
+            profile(args, log, stage_dir)
+            latency(args, log, stage_dir)
         summary["stages"]["stage0_seconds"] = round(time.perf_counter() - t, 1)
     except Exception:
         log("SMOKE FAILED, nothing else runs:\n" + traceback.format_exc())
