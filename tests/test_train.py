@@ -628,3 +628,15 @@ def test_load_checkpoint_takes_exactly_the_four_keys_and_quotes_120_characters_o
     assert str(info.value) == (f"{folder}: damaged or not a checkpoint ({reason[:120]}). The best model so far is "
                                f"still in {tmp_path / 'model.safetensors'}; start a new run (another --out) to "
                                "train again.")
+
+
+def test_compile_auto_only_where_it_was_measured_to_pay():
+    from resunetpp.config import COMPILE_MIN_BATCH, COMPILE_PAYS_FROM, resolve_compile
+
+    long, big = COMPILE_PAYS_FROM, COMPILE_MIN_BATCH
+    assert resolve_compile("auto", True, long, big) == "default"
+    assert resolve_compile("auto", True, long, big - 1) == "off"  # batch 16: no faster compiled (H100)
+    assert resolve_compile("auto", True, long - 1, big) == "off"  # too short to repay the compilation
+    assert resolve_compile("auto", False, long, big) == "off"  # never on a CPU
+    assert resolve_compile("reduce-overhead", False, 1, 1) == "reduce-overhead"  # asked for: as asked
+    assert resolve_compile("off", True, long, big) == "off"

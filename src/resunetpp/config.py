@@ -20,6 +20,17 @@ SCHEDULES = ("sgdr", "cosine", "constant", "onecycle")
 AUGMENTS = ("paper", "light", "none")
 COMPILE_MODES = ("auto", "off", "default", "reduce-overhead", "max-autotune")
 COMPILE_PAYS_FROM = 60_000  # images: 47 s / (1/546 - 1/1084 s per image), H200, ResUNet++ at 256, rounded up
+# per-process batch from which compiling paid: 1.71x at 64 (H200); at 16 an H100 trained ResUNet++ compiled at
+# 561 img/s, no faster than eager (546-557 on an H200), after 60 s of compilation (benchmarks/RESULTS.md)
+COMPILE_MIN_BATCH = 64
+
+
+def resolve_compile(mode: str, cuda: bool, images: int, batch: int) -> str:
+    """The `torch.compile` mode a run uses: "auto" compiles only on CUDA, for runs of at least
+    `COMPILE_PAYS_FROM` training images at a per-process batch of at least `COMPILE_MIN_BATCH`."""
+    if mode != "auto":
+        return mode
+    return "default" if cuda and images >= COMPILE_PAYS_FROM and batch >= COMPILE_MIN_BATCH else "off"
 
 
 @dataclass

@@ -32,9 +32,8 @@ schedule, run folder), then per epoch `train_one_epoch`, `validate` and `checkpo
 - Fixed shapes: each epoch drops its last partial batch (at most batch-1 images, a different few each
   epoch), so a compiled or graph-captured step never meets a new shape. `compile` picks
   `torch.compile` of the model ("default", or "reduce-overhead" for CUDA graphs) or eager ("off");
-  "auto" (the default) compiles on CUDA when the run is long enough to repay the compilation, as
-  measured on an H200 (benchmarks/RESULTS.md: 1.71x the eager img/s after a 47 s warm-up, which pays
-  from about `COMPILE_PAYS_FROM` training images on), and never on a CPU.
+  "auto" (the default) compiles on CUDA where the compilation was measured to repay itself
+  (`resolve_compile`: batch >= 64 and >= 60,000 training images; benchmarks/RESULTS.md), never on a CPU.
 - Speed: validation, `last.pt` and the logs come every `eval_every` epochs (and after the last one);
   the weights' finiteness is checked with one device sync per validation. `time_limit` (seconds) stops
   after the epoch at which another epoch would not fit, writing a resumable `last.pt`.
@@ -67,6 +66,7 @@ from .config import (  # noqa: F401  (re-exported: the training API in one impor
     dataset_name,
     limit_split,
     read_config_file,
+    resolve_compile,
     resolve_split,
 )
 from .hub import save_pretrained
@@ -343,9 +343,7 @@ def setup(cfg: TrainConfig, rt: runtime.Runtime, out: Path, resume: bool, log) -
     steps = shard_len // rank_batch  # the last partial batch is dropped: fixed shapes
     if steps == 0:
         raise ValueError(f"batch size {cfg.batch_size} is larger than the {len(train_idx)} training images")
-    compile_mode = cfg.compile
-    if compile_mode == "auto":
-        compile_mode = "default" if rt.cuda and cfg.epochs * steps * cfg.batch_size >= COMPILE_PAYS_FROM else "off"
+    compile_mode = resolve_compile(cfg.compile, rt.cuda, cfg.epochs * steps * cfg.batch_size, rank_batch)
     if compile_mode != "off":
         model = torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
     loss_fn = get_loss(cfg.loss)
