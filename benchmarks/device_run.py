@@ -18,6 +18,9 @@ Stages, each writing its results as soon as it ends, all stopping cleanly before
    test split.
 5. tables: `reproduce(train_runs=False)` tabulates what finished (table.md, results.json, fig3.png).
 
+`--jobs` picks trainings (in the order given), `--trainings-only` leaves stage 0 out (a later slot, once
+an earlier one measured it), `--beyond-seconds` caps the beyond recipe so the jobs after it get time.
+
 Outputs in `--out` (at most 8 files, 16 MiB each, at most two folders deep): `device_run.log`,
 `summary.md`, `results.tar.gz` (everything but weights and optimiser states, so each run's
 `config.json` too) and the trained ResUNet++ weights as fp16 safetensors (`<run>.safetensors`).
@@ -197,9 +200,7 @@ def latency(args, log: Log, stage_dir: Path) -> None:
 
 def trainings(args, log: Log, deadline: float, workers: int) -> list[dict]:
     """The jobs in priority order on `workers` processes, each with the time left before `deadline`."""
-    queue, running, done = list(JOBS), {}, []
-    if args.jobs:
-        queue = [j for j in JOBS if j[0] in args.jobs.split(",")]
+    queue, running, done = job_queue(args.jobs), {}, []
     while queue or running:
         left = deadline - time.perf_counter()
         while queue and len(running) < workers and left > args.min_job_seconds:
@@ -231,6 +232,17 @@ def trainings(args, log: Log, deadline: float, workers: int) -> list[dict]:
                 del running[name]
         time.sleep(0.2 if args.dry_run else 1.0)
     return done
+
+
+def job_queue(names: str | None) -> list[tuple]:
+    """The `JOBS` named in `names` (comma-separated) in that order; all of them when None."""
+    if not names:
+        return list(JOBS)
+    known = {j[0]: j for j in JOBS}
+    unknown = [n for n in names.split(",") if n not in known]
+    if unknown:
+        raise SystemExit(f"--jobs: unknown {', '.join(unknown)}; the jobs are {', '.join(known)}")
+    return [known[n] for n in names.split(",")]
 
 
 def beyond_epochs(args, seconds: float) -> int:
@@ -287,7 +299,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--work", type=Path, help="working folder (default: OUT/../device-work)")
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--max-workers", type=int, default=3)
-    ap.add_argument("--jobs", help="comma-separated subset of the trainings")
+    ap.add_argument("--jobs", help="comma-separated trainings to run, in that order (default: all, in priority order)")
     ap.add_argument("--min-job-seconds", type=float, default=45)
     ap.add_argument("--trainings-only", action="store_true",
                     help="leave out stage 0 (smoke, speed table, profile, latency): one worker")
@@ -301,6 +313,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    job_queue(args.jobs)  # a misspelt job stops here, before any GPU time is spent
     args.data_root = args.data_root or (ROOT.parent / "shared" / "data" if args.dry_run else ROOT / ".devdata")
     if args.job:
         run_job(args)

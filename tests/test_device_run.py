@@ -72,3 +72,25 @@ def test_dry_run_tables_curves_and_weights(dry_run, tmp_path):
     (run / "config.json").write_text((tmp_path / "table1" / "resunetpp" / "config.json").read_text())
     model = load_model(run)
     assert next(model.parameters()).dtype.is_floating_point
+
+
+def test_jobs_run_in_the_order_given_and_a_misspelt_one_stops_before_anything_runs(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import device_run
+
+    assert [j[0] for j in device_run.job_queue("table1-resunet,beyond-kvasir")] == ["table1-resunet", "beyond-kvasir"]
+    assert device_run.job_queue(None) == device_run.JOBS
+    with pytest.raises(SystemExit, match="unknown table1-resnet; the jobs are table1-resunetpp"):
+        device_run.main(["--dry-run", "--out", str(tmp_path / "out"), "--jobs", "table1-resunet,table1-resnet"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_beyond_epochs_fit_the_seconds_given_at_the_measured_speed():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import argparse
+
+    import device_run
+
+    args = argparse.Namespace(per_worker_img_s=546)
+    assert device_run.beyond_epochs(args, 190) == 112  # the H100 slot's 190 s: 800 images / 546 img/s x 1.15
+    assert device_run.beyond_epochs(args, 10) == 40 and device_run.beyond_epochs(args, 1e5) == 300

@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -43,7 +44,7 @@ def test_quick_table1_writes_every_output(kvasir_dir, tmp_path):
         assert (out / model / "eval" / "metrics.json").is_file()
     with Image.open(out / "fig3.png") as im:
         assert im.width > im.height > 100  # 4 rows x 6 columns
-        full_width = im.width
+        full_width, full_height = im.size
 
     # a second call reuses the finished runs instead of training again (and reports their training time)
     trained = res["models"]["resunetpp"]["train_seconds"]
@@ -65,6 +66,15 @@ def test_quick_table1_writes_every_output(kvasir_dir, tmp_path):
     assert res["models"]["resunetpp"]["parameters"] == 4_062_993 and "--tabulate" in res["command"]
     assert f"{dice:.4f}" in (out / "table.md").read_text()
     assert not (out / "resunetpp" / "model.safetensors").exists()  # nothing was trained again
+    with Image.open(out / "fig3.png") as im:  # ResUNet++ still drawn, from the masks its run kept
+        assert im.size == (full_width, full_height)
+    kept = Image.open(out / "resunetpp" / "fig3_masks.png")
+    assert kept.size == (32, 4 * 32) and len(json.loads(kept.text["ids"])) == 4
+    assert set(np.unique(np.array(kept))) <= {0, 255}
+    # without its kept masks (or with masks of other images) the run is left out of the figure
+    (out / "resunetpp" / "fig3_masks.png").unlink()
+    r = runner.invoke(app, [*args, "--tabulate"])
+    assert r.exit_code == 0, r.output
     with Image.open(out / "fig3.png") as im:
         assert 100 < im.height < im.width < full_width  # one column fewer: the three models that have weights
 
@@ -126,3 +136,15 @@ def test_paper_rows_are_the_papers_tables():
         rows = [re.sub(r"</?b>", "", line).split("\t") for line in block]
         tables[table] = {NAMES[r[0]]: tuple(float(v) for v in r[1:]) for r in rows}
     assert tables == PAPER
+
+
+def test_kept_fig3_masks_round_trip_and_refuse_other_images_or_sizes(tmp_path):
+    from resunetpp.reproduce import _read_fig3_masks, _save_fig3_masks
+
+    masks = torch.rand(3, 1, 8, 6) > 0.5
+    path = tmp_path / "fig3_masks.png"
+    _save_fig3_masks(path, masks, ["a", "b", "c"])
+    assert torch.equal(_read_fig3_masks(path, ["a", "b", "c"], (8, 6)), masks)
+    assert _read_fig3_masks(path, ["a", "b", "d"], (8, 6)) is None  # other images
+    assert _read_fig3_masks(path, ["a", "b", "c"], (6, 8)) is None  # another input size
+    assert _read_fig3_masks(tmp_path / "none.png", ["a"], (8, 6)) is None

@@ -11,7 +11,8 @@ best-on-validation model on the test split and writes, in `out`:
   split (`GROUPED`: CVC-ClinicDB by sequence, Kvasir-SEG by near-duplicate group; `<folder>/<model>/` runs);
 - `results.json`: device, torch version, date, wall time, the command, per-model metrics (mean and
   pooled) and settings;
-- `fig3.png`: test images, ground truth and the four models' masks (the paper's Fig. 3);
+- `fig3.png`: test images, ground truth and the four models' masks (the paper's Fig. 3); each run keeps
+  its masks of those images (`fig3_masks.png`), so a run that comes back without weights is still drawn;
 - one run folder per model (`out/<model>/`) with its `eval/` reports. A finished run is reused and an
   unfinished one resumed, so an interrupted reproduction continues where it stopped.
 
@@ -66,6 +67,7 @@ QUICK = {"size": 64, "epochs": 2, "limit": 16, "batch_size": 8}
 GROUPED = {"table1": ("by near-duplicates", "by-near-duplicates", "near-duplicate images in one part"),
            "table2": ("by sequence", "by-sequence", "whole videos in one part")}
 FIG3_ROWS = 4
+FIG3_MASKS = "fig3_masks.png"  # a run's masks of the fig3 images, stacked top to bottom; their ids in the PNG text
 
 
 def default_data(table: str) -> Path:
@@ -189,7 +191,7 @@ def reproduce(table: str, data: str | os.PathLike | None = None, out: str | os.P
             f"{settings['limit']} ids of each split): a pipeline check, not a reproduction." if quick else "")
     with atomic_path(out / "table.md") as tmp:
         tmp.write_text(table_markdown(table, results, note, leak_free))
-    drawn = tuple(m for m in results if (out / m / "model.safetensors").is_file())
+    drawn = tuple(m for m in results if (out / m / "model.safetensors").is_file() or (out / m / FIG3_MASKS).is_file())
     if drawn:
         ids, _ = resolve_ids(data, "test", out / drawn[0], settings["limit"])
         plot_fig3_for(out, data, drawn, ids[:FIG3_ROWS], dev, TABLES[table]["dataset"])
@@ -235,21 +237,55 @@ def _train_seconds(run: Path) -> float | None:
 
 
 def plot_fig3_for(out: Path, data: Path, models: tuple[str, ...], ids: list[str], device: torch.device,
-                  dataset: str) -> Path:
-    """fig3.png from the runs in `out`: the given test ids, ground truth and each model's mask."""
+                  dataset: str) -> Path | None:
+    """fig3.png from the runs in `out`: the given test ids, ground truth and each model's mask, predicted
+    by its weights (and kept in its `fig3_masks.png`) or, for a run without weights, read from that file.
+    A model with neither, or whose kept masks are of other images or another size, is left out."""
     from .data import load_pairs
     from .figures import plot_fig3
 
     preds = {}
     loaded = {}  # input size -> pairs: the models usually share one, and loading scans the whole dataset
     for model in models:
-        net = load_model(out / model, device)
-        cfg = net.pretrained_config
-        size = tuple(cfg["input_size"])
+        run = out / model
+        size = tuple(json.loads((run / "config.json").read_text())["input_size"])
         if size not in loaded:
             loaded[size] = load_pairs(data, ids=ids, size=size, progress=False)
         pairs = loaded[size]
-        probs = predict_probs(net, pairs.images, cfg["normalization"], device)
-        preds[DISPLAY[model]] = (probs > cfg["threshold"]).cpu()
+        if (run / "model.safetensors").is_file():
+            net = load_model(run, device)
+            cfg = net.pretrained_config
+            masks = (predict_probs(net, pairs.images, cfg["normalization"], device) > cfg["threshold"]).cpu()
+            _save_fig3_masks(run / FIG3_MASKS, masks, pairs.ids)
+        else:
+            masks = _read_fig3_masks(run / FIG3_MASKS, pairs.ids, size)
+            if masks is None:
+                continue
+        preds[DISPLAY[model]] = masks
+    if not preds:
+        return None
     return plot_fig3(pairs.images, pairs.masks, preds, out / "fig3.png", row_labels=pairs.ids,
                      title=f"{dataset}: test images")
+
+
+def _save_fig3_masks(path: Path, masks: torch.Tensor, ids: list[str]) -> None:
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("ids", json.dumps(list(ids)))
+    stacked = (masks[:, 0].reshape(-1, masks.shape[-1]).to(torch.uint8) * 255).numpy()
+    with atomic_path(path) as tmp:
+        Image.fromarray(stacked).save(tmp, format="PNG", pnginfo=info)
+
+
+def _read_fig3_masks(path: Path, ids: list[str], size: tuple[int, int]) -> torch.Tensor | None:
+    """The masks kept in `path` as (K, 1, H, W) bool, or None when missing or not of these ids at this size."""
+    import numpy as np
+    from PIL import Image
+
+    if not path.is_file():
+        return None
+    with Image.open(path) as im:
+        if json.loads(im.text.get("ids", "[]")) != list(ids) or im.size != (size[1], size[0] * len(ids)):
+            return None
+        return torch.from_numpy(np.array(im.convert("L")) > 127).reshape(len(ids), 1, *size)
