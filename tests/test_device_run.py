@@ -23,7 +23,8 @@ def dry_run(tmp_path_factory, kvasir_dir, clinicdb_dir) -> Path:
     # the full job list runs the same code path per job
     cmd = ["bash", str(ROOT / "benchmarks" / "device_run.sh"), "--dry-run", "--budget", "600", "--out", str(out),
            "--data-root", str(kvasir_dir.parent), "--max-workers", "2", "--min-job-seconds", "5",
-           "--jobs", "table1-resunetpp,table2-resunetpp,table2-resunetpp-by-sequence,beyond-kvasir,table1-unet"]
+           "--jobs", "table1-resunetpp,table2-resunetpp,table2-resunetpp-by-sequence,beyond-kvasir,fast-kvasir,"
+           "table1-unet"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**__import__("os").environ,
                                                                                 "PYTHON": sys.executable})
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -65,6 +66,9 @@ def test_dry_run_tables_curves_and_weights(dry_run, tmp_path):
     speed = json.loads((tmp_path / "stage0" / "train_speed.json").read_text())
     assert speed["rows"] and all(r["loss_finite"] for r in speed["rows"])
     assert (tmp_path / "beyond-kvasir" / "eval" / "metrics.json").is_file()
+    fast = (tmp_path / "fast-kvasir" / "train_config.yaml").read_text()  # its own recipe, evaluated too
+    assert "augment: light" in fast and "time_limit: 45" in fast and "compile: 'off'" in fast
+    assert (tmp_path / "fast-kvasir" / "eval" / "metrics.json").is_file()
     # the fp16 weights load back as a model with their config
     run = tmp_path / "w"
     run.mkdir()

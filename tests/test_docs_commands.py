@@ -51,6 +51,7 @@ PARSE_ONLY = {
     "resunetpp data prepare": "a minute per dataset; test_data_cache.py prepares real subsets",
     "python benchmarks/loader.py": "times a full-size training step",
     "bash benchmarks/device_run.sh --budget": "a GPU; test_device_run.py runs the same script with --dry-run",
+    "bash benchmarks/device_run.sh --trainings-only": "a GPU; test_device_run.py runs its jobs with --dry-run",
     "bash benchmarks/device_run.sh --dry-run": "test_device_run.py runs it (two minutes)",
     "bash benchmarks/device_run.sh --fetch-data": "a minute; its two `data prepare` commands are parsed",
     "resunetpp video pan.mp4": "a recorded run of an int8 model that benchmarks/latency.py writes",
