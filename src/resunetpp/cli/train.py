@@ -16,6 +16,7 @@ import typer
 
 from ..config import AUGMENTS, COMPILE_MODES, OPTIMIZERS, SCHEDULES
 from ..evaluate import PROTOCOLS
+from ..inference import MIN_AREA
 from ..losses import LOSSES
 from ..registry import list_models
 from .common import ExitCode, choices, fail
@@ -131,8 +132,8 @@ def evaluate(
     protocol: Protocol = typer.Option(Protocol("default"), "--protocol", help="polyp-benchmark adds mDice, mIoU, wFm, "
                                       "Sm, meanEm, maxEm, MAE by PySODMetrics, at each mask's original size."),
     min_area: float = typer.Option(0.0, min=0.0, max=0.99, help="Drop predicted components smaller than this "
-                                   "fraction of the image first, as predict/video/serve do (0.001 there); 0 = the "
-                                   "paper's protocol."),
+                                   "fraction of the image first, as predict/video/serve do "
+                                   f"({MIN_AREA} there); 0 = the paper's protocol."),
 ) -> None:
     """Score a trained model: Dice, IoU, recall, precision, F2, accuracy, 2-class mIoU (mean and pooled), the
     paper's Keras mIoU, per-polyp detection; `--protocol polyp-benchmark` adds the benchmark's columns."""
