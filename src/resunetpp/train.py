@@ -36,7 +36,8 @@ schedule, run folder), then per epoch `train_one_epoch`, `validate` and `checkpo
   (`resolve_compile`: batch >= 64 and >= 60,000 training images; benchmarks/RESULTS.md), never on a CPU.
 - Speed: validation, `last.pt` and the logs come every `eval_every` epochs (and after the last one);
   the weights' finiteness is checked with one device sync per validation. `time_limit` (seconds) stops
-  after the epoch at which another epoch would not fit, writing a resumable `last.pt`.
+  after the epoch at which another epoch would not fit, writing a resumable `last.pt`; an epoch's length is
+  judged without its first step, which carries the warm-up (cudnn autotuning, compiling).
 """
 
 from __future__ import annotations
@@ -216,6 +217,7 @@ class Run:
     history: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] = field(default_factory=lambda: {"epoch": 0, "dice": -1.0})
     saved_epoch: int = 0
+    epoch_seconds: float = 0.0              # the last epoch's time without its first step (train_one_epoch)
     tb: Any = None
     log: Any = print
 
@@ -242,7 +244,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
             train_loss = train_one_epoch(run, epoch, bar)
             seconds = time.perf_counter() - t0
             out_of_time = agree(rt, cfg.time_limit is not None and epoch < cfg.epochs
-                                and time.perf_counter() - clock + seconds > cfg.time_limit)
+                                and time.perf_counter() - clock + run.epoch_seconds > cfg.time_limit)
             if not (epoch % cfg.eval_every == 0 or epoch == cfg.epochs or out_of_time):
                 continue
             if not weights_finite(run.raw_model, rt.ddp):
@@ -394,9 +396,13 @@ def train_one_epoch(run: Run, epoch: int, bar) -> float:
     runtime.seed_all(cfg.seed * 100_003 + epoch * 101 + rt.rank)  # augmentation randomness, same after a resume
     run.model.train()
     losses = torch.zeros(run.steps, device=rt.device)
+    t0 = time.perf_counter()
     for step in range(run.steps):
         idx = shard[step * run.rank_batch:(step + 1) * run.rank_batch]
         losses[step] = run.step(run.images[idx], run.masks[idx])
+        if step == 0 and run.steps > 1:
+            losses[0].item()  # one sync: a session's first step carries one-off warm-up (cudnn autotuning)
+            t0 = time.perf_counter()
         if (step + 1) % cfg.check_every == 0 or step + 1 == run.steps:
             done = losses[:step + 1].clone()
             if rt.ddp:
@@ -411,6 +417,8 @@ def train_one_epoch(run: Run, epoch: int, bar) -> float:
                     "try a lower --lr or another --loss.")
             bar.update((epoch - 1) * run.steps + step + 1 - bar.n)
             bar.set_postfix(loss=f"{done.mean():.4f}")
+    # what the next epoch will take, for `time_limit`: the steps after the first, scaled to the whole epoch
+    run.epoch_seconds = (time.perf_counter() - t0) * run.steps / max(run.steps - 1, 1)
     return done.mean().item()
 
 
