@@ -98,3 +98,21 @@ def test_beyond_epochs_fit_the_seconds_given_at_the_measured_speed():
     args = argparse.Namespace(per_worker_img_s=546)
     assert device_run.beyond_epochs(args, 190) == 112  # the H100 slot's 190 s: 800 images / 546 img/s x 1.15
     assert device_run.beyond_epochs(args, 10) == 40 and device_run.beyond_epochs(args, 1e5) == 300
+
+
+@pytest.mark.parametrize("job, compiled", [("table2-resunet", True), ("table1-resunet-mod", True),
+                                           ("table2-unet", False), ("table1-resunetpp", False)])
+def test_on_a_gpu_only_the_baselines_measured_to_repay_compiling_are_compiled(job, compiled, tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import device_run
+
+    import resunetpp.reproduce
+
+    seen = {}
+    monkeypatch.setattr(resunetpp.reproduce, "reproduce", lambda *a, **kw: seen.update(kw))
+    for name in ("kvasir-seg-256", "cvc-clinicdb-256"):
+        (tmp_path / name).mkdir()
+    device_run.main(["--job", job, "--data-root", str(tmp_path), "--work", str(tmp_path / "work"),
+                     "--time-limit", "100"])
+    assert seen["device"] == "cuda" and seen["overrides"]["eval_every"] == 2
+    assert (seen["overrides"].get("compile") == "default") is compiled
