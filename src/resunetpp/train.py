@@ -401,7 +401,7 @@ def train_one_epoch(run: Run, epoch: int, bar) -> float:
         idx = shard[step * run.rank_batch:(step + 1) * run.rank_batch]
         losses[step] = run.step(run.images[idx], run.masks[idx])
         if step == 0 and run.steps > 1:
-            losses[0].item()  # one sync: a session's first step carries one-off warm-up (cudnn autotuning)
+            losses[0].item()  # one sync per epoch: a session's first step carries the warm-up (cudnn autotuning)
             t0 = time.perf_counter()
         if (step + 1) % cfg.check_every == 0 or step + 1 == run.steps:
             done = losses[:step + 1].clone()
