@@ -20,8 +20,9 @@ SCHEDULES = ("sgdr", "cosine", "constant", "onecycle")
 AUGMENTS = ("paper", "light", "none")
 COMPILE_MODES = ("auto", "off", "default", "reduce-overhead", "max-autotune")
 COMPILE_PAYS_FROM = 60_000  # images: 47 s / (1/546 - 1/1084 s per image), H200, ResUNet++ at 256, rounded up
-# per-process batch from which compiling paid: 1.71x at 64 (H200); at 16 an H100 trained ResUNet++ compiled at
-# 561 img/s, no faster than eager (546-557 on an H200), after 60 s of compilation (benchmarks/RESULTS.md)
+# per-process batch from which compiling paid: 1.71x at 64 (H200); at 16 H100s trained ResUNet++ at 561 img/s
+# compiled against 432 eager (1.30x) after 60 s of compilation, repaid only after ~110,000 images
+# (benchmarks/RESULTS.md)
 COMPILE_MIN_BATCH = 64
 
 

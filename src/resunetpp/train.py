@@ -400,7 +400,7 @@ def train_one_epoch(run: Run, epoch: int, bar) -> float:
     for step in range(run.steps):
         idx = shard[step * run.rank_batch:(step + 1) * run.rank_batch]
         losses[step] = run.step(run.images[idx], run.masks[idx])
-        if step == 0 and run.steps > 1:
+        if step == 0 and run.steps > 1 and cfg.time_limit is not None:
             losses[0].item()  # one sync per epoch: a session's first step carries the warm-up (cudnn autotuning)
             t0 = time.perf_counter()
         if (step + 1) % cfg.check_every == 0 or step + 1 == run.steps:
@@ -417,7 +417,8 @@ def train_one_epoch(run: Run, epoch: int, bar) -> float:
                     "try a lower --lr or another --loss.")
             bar.update((epoch - 1) * run.steps + step + 1 - bar.n)
             bar.set_postfix(loss=f"{done.mean():.4f}")
-    # what the next epoch will take, for `time_limit`: the steps after the first, scaled to the whole epoch
+    # what the next epoch will take, for `time_limit`: the steps after the first (timed only under a
+    # limit), scaled to the whole epoch
     run.epoch_seconds = (time.perf_counter() - t0) * run.steps / max(run.steps - 1, 1)
     return done.mean().item()
 
