@@ -60,6 +60,7 @@ def test_dry_run_tables_curves_and_weights(dry_run, tmp_path):
     # Table II: the random-split and the sequence-grouped job each trained one run, both tabulated
     t2 = json.loads((tmp_path / "table2" / "results.json").read_text())
     assert set(t2["models"]) == set(t2["models_grouped"]) == {"resunetpp"}
+    assert t2["models_grouped"]["resunetpp"]["settings"]["split"] == "resunetpp/splits/cvc-clinicdb-by-sequence.json"
     assert json.loads((tmp_path / "table2" / "by-sequence" / "resunetpp" / "split.json").read_text())["train"][:2] == \
         json.loads((ROOT / "src" / "resunetpp" / "splits" / "cvc-clinicdb-by-sequence.json").read_text())["train"][:2]
     assert "| ResUNet++ | by sequence | 2 |" in (tmp_path / "table2" / "table.md").read_text()
