@@ -153,7 +153,6 @@ def reproduce(table: str, data: str | os.PathLike | None = None, out: str | os.P
         found: dict[str, dict[str, Any]] = {}
         for model in models:
             extra = {"split": split_file} if split_file else {}
-            split_label = {"split": f"resunetpp/splits/{Path(split_file).name}"} if split_file else {}  # no local path
             cfg = TrainConfig(model=model, data=str(data), out=str(base / model), seed=seed, device=device,
                               progress=progress, time_limit=time_limit, **settings, **extra, **(overrides or {}))
             run = base / model
@@ -176,7 +175,8 @@ def reproduce(table: str, data: str | os.PathLike | None = None, out: str | os.P
                             "epochs_done": _finished_epochs(run),
                             "parameters": count_parameters(create_model(best["model"], **best["model_kwargs"])),
                             "settings": {**{k: v for k, v in asdict(cfg.resolved()).items() if k != "progress"},
-                                         **split_label},
+                                         **({"split": f"resunetpp/splits/{Path(split_file).name}"}  # no local path
+                                            if split_file else {})},
                             "paper": _paper_row(table, model)}
         return found
 
