@@ -50,6 +50,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.websockets import WebSocketDisconnect
 
+from ..findings import describe, threshold_levels
 from ..inference import Segmenter
 from ..overlay import draw_overlay
 from ..version import __version__
@@ -299,11 +300,13 @@ def components(mask: np.ndarray, prob: np.ndarray, polygons: bool = False) -> tu
 
 def analyse(mask: np.ndarray, prob: np.ndarray, polygons: bool = False) -> dict[str, Any]:
     comps, total = components(mask, prob, polygons)
-    inside = prob[mask]
+    finding = describe(mask, prob)  # polyp / no polyp, certainty and the readout, as every front end says them
     return {
         "polyp": bool(total),
         "area_fraction": round(float(mask.mean()), 6),
-        "confidence": round(float(inside.mean()), 4) if inside.size else None,
+        "confidence": finding.confidence,
+        "certainty": finding.certainty,
+        "finding": finding.text,
         "max_probability": round(float(prob.max()), 4),
         "components": comps,
         "components_total": total,
@@ -438,13 +441,15 @@ def create_app(segmenter: Segmenter | str | Path, settings: ServeSettings | None
         return {"name": seg.config.get("model"), "weights": Path(seg.weights).name if seg.weights else None,
                 "backend": seg.backend, "precision": seg.precision, "input_size": list(seg.input_size)}
 
-    def result_json(image, prob, threshold, polygons, want_prob) -> dict[str, Any]:
+    def result_json(image, prob, threshold, polygons, want_prob, want_levels=False) -> dict[str, Any]:
         mask = mask_of(image, prob, threshold)
         out = {"width": int(image.shape[1]), "height": int(image.shape[0]), "model": model_brief(),
                "threshold": seg.threshold if threshold is None else threshold, **analyse(mask, prob, polygons),
                "mask_png": b64(encode_png(mask.astype(np.uint8) * 255))}
         if want_prob:
             out["prob_png"] = b64(encode_prob16(prob))
+        if want_levels and seg.crf is None:  # the page's exact post-processing at every slider threshold
+            out["levels_png"], out["min_area"] = b64(encode_png(threshold_levels(prob))), seg.min_area
         return out
 
     def result_png(image, prob, threshold, output, opacity) -> tuple[bytes, dict[str, str]]:
@@ -493,6 +498,8 @@ def create_app(segmenter: Segmenter | str | Path, settings: ServeSettings | None
         threshold: float | None = Query(None, ge=0.0, le=1.0, description="default: the model's"),
         polygons: bool = Query(False, description="add each component's outline polygon"),
         prob: bool = Query(False, description="add prob_png: the probability map, 16-bit in R (high) and G (low)"),
+        levels: bool = Query(False, description="add levels_png (L: prob > i/100 exactly where L > i) and min_area, "
+                             "for redrawing the post-processed mask at any threshold 0.00-1.00 (not with a CRF)"),
         opacity: float = Query(0.35, ge=0.0, le=1.0, description="overlay tint weight (format=png&output=overlay)"),
     ):
         """Segment one image, sent as multipart/form-data (one file) or as the raw body (Content-Type image/*).
@@ -519,7 +526,7 @@ def create_app(segmenter: Segmenter | str | Path, settings: ServeSettings | None
                     data, headers = await run(work_pool, result_png, image, p, threshold, output, opacity)
                     headers["X-Inference-Ms"] = f"{infer_ms:.1f}"
                     return Response(data, media_type="image/png", headers=headers)
-                out = await run(work_pool, result_json, image, p, threshold, polygons, prob)
+                out = await run(work_pool, result_json, image, p, threshold, polygons, prob, levels)
         except ApiError as e:
             if e.code == "busy":
                 stats.busy_rejections += 1
