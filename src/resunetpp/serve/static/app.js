@@ -126,12 +126,50 @@ async function segmentFiles(files) {
   await Promise.all([worker(), worker()]);  // two at a time: the server queues, it does not batch
 }
 
+const CERTAINTY = [[0.90, "high"], [0.75, "medium"], [0, "low"]];  // as resunetpp.findings.CERTAINTY_LEVELS
+function certainty(conf) {  // conf rounded to 4 decimals first, as the API reports it
+  const c = Math.round(conf * 10000) / 10000;
+  return CERTAINTY.find(([low]) => c >= low)[1];
+}
+
+// 8-connected components of `raw` (0/1 per pixel) with fewer than minArea * W * H pixels dropped, into `out`:
+// resunetpp.inference.drop_small_components, so the page draws the post-processed mask the API returns.
+function dropSmallComponents(raw, W, H, minArea, out) {
+  const n = W * H, min = minArea * n;
+  out.set(raw);
+  if (!(minArea > 0)) return out;
+  const seen = new Uint8Array(n), stack = new Int32Array(n), comp = new Int32Array(n);
+  for (let s = 0; s < n; s++) {
+    if (!raw[s] || seen[s]) continue;
+    let top = 0, size = 0;
+    stack[top++] = s; seen[s] = 1;
+    while (top) {
+      const i = stack[--top];
+      comp[size++] = i;
+      const x = i % W, y = (i - x) / W;
+      for (let dy = -1; dy <= 1; dy++) {
+        const yy = y + dy;
+        if (yy < 0 || yy >= H) continue;
+        for (let dx = -1; dx <= 1; dx++) {
+          const xx = x + dx;
+          if (xx < 0 || xx >= W) continue;
+          const j = yy * W + xx;
+          if (raw[j] && !seen[j]) { seen[j] = 1; stack[top++] = j; }
+        }
+      }
+    }
+    if (size < min) for (let k = 0; k < size; k++) out[comp[k]] = 0;
+  }
+  return out;
+}
+
 function newCard(name) {
   const card = document.createElement("article");
   card.className = "card";
-  card.innerHTML = `<h2></h2><p class="stats">segmenting&hellip;</p>
+  card.innerHTML = `<h2></h2><p class="finding" role="status">segmenting&hellip;</p><p class="stats"></p>
+    <details class="about"><summary>what do these mean?</summary></details>
     <div class="pair"><figure><canvas class="orig"></canvas><figcaption>original</figcaption></figure>
-    <figure><canvas class="overlay"></canvas><figcaption>polyp overlay</figcaption></figure></div>
+    <figure><canvas class="overlay"></canvas><figcaption class="overlay-caption">polyp overlay</figcaption></figure></div>
     <p><button type="button" class="dl-mask">download mask</button> <button type="button" class="dl-overlay">download overlay</button></p>`;
   card.querySelector("h2").textContent = name;
   $("results").prepend(card);
@@ -147,7 +185,7 @@ async function segmentFile(file) {
       const fd = new FormData();
       fd.append("file", file, file.name);
       state.requests++;
-      const r = await fetch("/v1/segment?prob=true", { method: "POST", body: fd, headers: authHeaders() });
+      const r = await fetch("/v1/segment?prob=true&levels=true", { method: "POST", body: fd, headers: authHeaders() });
       j = await r.json();
       if (r.status === 503 && attempt < 20) {  // busy: wait as told, then retry
         await new Promise((ok) => setTimeout(ok, 1000 * Number(r.headers.get("Retry-After") || 1)));
@@ -167,7 +205,18 @@ async function segmentFile(file) {
       orig = new ImageData(W, H);
       orig.data.fill(96);
     }
-    const res = { name: file.webkitRelativePath || file.name, width: W, height: H, prob16, orig,
+    const serverMask = new Uint8Array(W * H);  // the API's post-processed mask at its threshold
+    const maskPx = pixelsOf(await createImageBitmap(b64ToBlob(j.mask_png, "image/png")), W, H).data;
+    for (let i = 0; i < W * H; i++) serverMask[i] = maskPx[4 * i] > 127 ? 1 : 0;
+    let levels = null;  // levels[i] > k exactly where prob > k / 100 (absent with a CRF: then the server redraws)
+    if (j.levels_png) {
+      const lv = pixelsOf(await createImageBitmap(b64ToBlob(j.levels_png, "image/png"),
+                                                  { colorSpaceConversion: "none", premultiplyAlpha: "none" }), W, H).data;
+      levels = new Uint8Array(W * H);
+      for (let i = 0; i < W * H; i++) levels[i] = lv[4 * i];
+    }
+    const res = { name: file.webkitRelativePath || file.name, width: W, height: H, prob16, orig, levels, serverMask,
+                  minArea: j.min_area, file, masks: new Map([[j.threshold, serverMask]]),
                   mask: new Uint8Array(W * H), card, response: j };
     for (const cls of ["orig", "overlay"]) { const c = card.querySelector("canvas." + cls); c.width = W; c.height = H; }
     card.querySelector("canvas.orig").getContext("2d").putImageData(orig, 0, 0);
@@ -176,6 +225,7 @@ async function segmentFile(file) {
     state.results.push(res);
     render(res);
   } catch (e) {
+    card.querySelector(".finding").textContent = "not segmented: see the error below (this is not a \"no polyp\" result)";
     card.querySelector(".stats").innerHTML = "";
     const p = document.createElement("span");
     p.className = "error";
@@ -187,15 +237,64 @@ async function segmentFile(file) {
   }
 }
 
-// The mask at the slider's threshold from the 16-bit probability map, and the overlay, drawn here.
+// The post-processed mask at the slider's threshold, exactly as /v1/segment gives it: the server's own mask at
+// its threshold; at any other slider value (0.00, 0.01, ..., 1.00) the exact levels thresholded and the
+// components under min_area dropped here; with a CRF (no levels) the server is asked for that threshold.
+function maskAt(res, t) {
+  if (res.masks.has(t)) return res.masks.get(t);
+  const k = Math.round(t * 100);
+  if (res.levels && Math.abs(k / 100 - t) < 1e-9) {
+    const raw = new Uint8Array(res.width * res.height);
+    for (let i = 0; i < raw.length; i++) raw[i] = res.levels[i] > k ? 1 : 0;
+    const m = dropSmallComponents(raw, res.width, res.height, res.minArea, new Uint8Array(raw.length));
+    res.masks.clear();  // keep memory bounded: the server's mask and the latest one
+    res.masks.set(res.response.threshold, res.serverMask).set(t, m);
+    return m;
+  }
+  return null;
+}
+
+async function fetchMaskAt(res, t) {  // no levels (a CRF): the server post-processes at this threshold
+  if (res.fetching === t) return;
+  res.fetching = t;
+  try {
+    const fd = new FormData();
+    fd.append("file", res.file, res.file.name);
+    state.requests++;
+    const r = await fetch("/v1/segment?threshold=" + encodeURIComponent(String(t)), { method: "POST", body: fd,
+                                                                                      headers: authHeaders() });
+    const j = await r.json();
+    if (!r.ok) throw new Error(j.message || r.statusText);
+    const px = pixelsOf(await createImageBitmap(b64ToBlob(j.mask_png, "image/png")), res.width, res.height).data;
+    const m = new Uint8Array(res.width * res.height);
+    for (let i = 0; i < m.length; i++) m[i] = px[4 * i] > 127 ? 1 : 0;
+    res.masks.set(t, m);
+  } catch (e) {
+    res.card.querySelector(".stats").textContent = "error: " + e.message;
+  } finally {
+    res.fetching = null;
+  }
+  if (state.threshold === t) render(res);
+}
+
+function pct(f) { return (100 * f).toFixed(1) + " %"; }
+
 function render(res) {
-  const { width: W, height: H, prob16, orig, mask } = res;
-  const t16 = state.threshold * 65535;
+  const { width: W, height: H, prob16, orig } = res;
+  const t = state.threshold;
+  const m = maskAt(res, t);
+  if (m === null) {
+    res.card.querySelector(".finding").textContent = `updating for threshold ${t.toFixed(2)}…`;
+    fetchMaskAt(res, t);
+    return;
+  }
+  const mask = res.mask;
+  mask.set(m);
   let area = 0, sum = 0, max = 0;
   for (let i = 0; i < W * H; i++) {
     const p = prob16[i];
     if (p > max) max = p;
-    if (p > t16) { mask[i] = 1; area++; sum += p; } else mask[i] = 0;
+    if (mask[i]) { area++; sum += p; }
   }
   const out = new ImageData(new Uint8ClampedArray(orig.data), W, H);
   const a = state.opacity, d = out.data;
@@ -212,13 +311,36 @@ function render(res) {
   res.overlay = out;
   res.card.querySelector("canvas.overlay").getContext("2d").putImageData(out, 0, 0);
   res.area = area / (W * H);
+  res.polyp = area > 0;
   res.confidence = area ? sum / area / 65535 : null;
-  const stats = res.card.querySelector(".stats");
-  stats.innerHTML = area
-    ? `polyp area <b>${(100 * res.area).toFixed(2)} %</b> of the image &middot; confidence (mean probability inside) ` +
-      `<b>${res.confidence.toFixed(3)}</b> &middot; ${W}x${H} &middot; threshold ${state.threshold.toFixed(2)}`
-    : `no polyp above threshold ${state.threshold.toFixed(2)} &middot; highest probability ${(max / 65535).toFixed(3)} &middot; ${W}x${H}`;
+  res.certainty = area ? certainty(res.confidence) : null;
+  const minArea = res.minArea === undefined ? (state.model && state.model.min_area) : res.minArea;
+  const specks = minArea > 0 ? `; specks under ${(100 * minArea).toFixed(1)} % of the image are not outlined` : "";
+  const finding = res.card.querySelector(".finding");
+  finding.classList.toggle("none", !res.polyp);
+  res.card.classList.toggle("no-polyp", !res.polyp);
+  res.card.querySelector(".overlay-caption").textContent = res.polyp ? "polyp overlay" : "no polyp found: nothing outlined";
+  if (res.polyp) {
+    finding.innerHTML = `polyp outlined: <b>${pct(res.area)}</b> of the image; model certainty <b>${res.certainty}</b>`;
+    res.finding = `polyp outlined: ${pct(res.area)} of the image; model certainty ${res.certainty}`;
+  } else {
+    finding.innerHTML = "<b>no polyp found</b>";
+    res.finding = "no polyp found";
+  }
+  res.card.querySelector(".stats").innerHTML = res.polyp
+    ? `area ${(100 * res.area).toFixed(2)} % &middot; confidence (mean probability inside) ${res.confidence.toFixed(3)} ` +
+      `&middot; ${W}x${H} &middot; threshold ${t.toFixed(2)}`
+    : `nothing above threshold ${t.toFixed(2)} outlined &middot; highest probability ${(max / 65535).toFixed(3)} ` +
+      `&middot; ${W}x${H}`;
+  res.card.querySelector("details.about").innerHTML = `<summary>what do these mean?</summary>
+    <p><b>Polyp outlined</b>: the share of the image inside the green outline, where the model's probability is above
+    the threshold (${t.toFixed(2)})${specks}. <b>No polyp found</b>: nothing is left to outline.</p>
+    <p><b>Model certainty</b> is the mean of the model's probability over the outlined pixels (the confidence above):
+    high at 0.90 or more, medium from 0.75, low below 0.75. It says how sure the model is of the pixels it outlined,
+    not how likely the finding is a polyp.</p>
+    <p>Research software, not a medical device: a second look, never a diagnosis.</p>`;
   res.card.dataset.area = String(res.area);
+  res.card.dataset.polyp = String(res.polyp);
 }
 
 function maskImageData(res) {
@@ -321,7 +443,7 @@ class Live {
     const fps = this.times.length > 1 ? (this.times.length - 1) / ((now - this.times[0]) / 1000) : 0;
     this.fps = fps;
     this.readout.textContent = `${fps.toFixed(1)} frames/s segmented · latency ${this.latency === null ? "?" : this.latency.toFixed(0)} ms ` +
-      `(server ${j.latency_ms} ms) · dropped ${j.dropped} stale frame(s) · polyp area ${(100 * j.area_fraction).toFixed(1)} %`;
+      `(server ${j.latency_ms} ms) · dropped ${j.dropped} stale frame(s) · ${j.finding || pct(j.area_fraction)}`;
     const px = pixelsOf(await createImageBitmap(b64ToBlob(j.mask_png, "image/png")), j.width, j.height);
     const layer = new ImageData(j.width, j.height);
     const alpha = Math.round(255 * state.opacity);
