@@ -1,0 +1,142 @@
+"""`serve`: the live stream's per-stream threshold really decides its masks, and the upload limit counts the
+whole body as it streams in (chunked, no Content-Length), not each chunk.
+
+Expected masks are computed here from the model's probabilities with numpy and OpenCV: threshold, then the
+8-connected components smaller than min_area x the image dropped (the documented post-processing)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import warnings
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install 'resunetpp[serve]'")
+pytest.importorskip("python_multipart", reason="the serve extra is not installed: pip install 'resunetpp[serve]'")
+httpx = pytest.importorskip("httpx", reason="FastAPI's test client needs httpx (the dev extra)")
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # starlette's "use httpx2" notice
+    from fastapi.testclient import TestClient
+
+from resunetpp import Segmenter  # noqa: E402
+from resunetpp.serve import ServeSettings, create_app  # noqa: E402
+from test_infer_common import disc_image, save_disc_checkpoint  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def seg(tmp_path_factory):
+    return Segmenter(save_disc_checkpoint(tmp_path_factory.mktemp("stream-ckpt")))
+
+
+def _png(image: np.ndarray) -> bytes:
+    b = io.BytesIO()
+    Image.fromarray(image).save(b, "PNG")
+    return b.getvalue()
+
+
+def _mask(data: str) -> np.ndarray:
+    return cv2.imdecode(np.frombuffer(base64.b64decode(data), np.uint8), cv2.IMREAD_UNCHANGED) > 0
+
+
+def _expected(prob: np.ndarray, threshold: float, min_area: float) -> np.ndarray:
+    mask = (prob > threshold).astype(np.uint8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    out = np.zeros(mask.shape, bool)
+    for i in range(1, n):
+        if stats[i, cv2.CC_STAT_AREA] >= min_area * mask.size:
+            out |= labels == i
+    return out
+
+
+# ------------------------------------------------------------------------------ the stream's threshold
+
+def test_stream_masks_follow_the_threshold_of_the_stream(seg):
+    image = disc_image(np.random.default_rng(11), 64, 80)[0]
+    (prob,) = seg.probabilities([image])
+    # thresholds whose masks differ from the model's own (0.5) and from each other on this image
+    low, high = 0.02, 0.98
+    masks = {t: _expected(prob, t, seg.min_area) for t in (low, seg.threshold, high)}
+    assert masks[low].sum() > masks[seg.threshold].sum() > masks[high].sum() > 0
+    app = create_app(seg)
+    with TestClient(app) as c:
+        with c.websocket_connect(f"/v1/stream?threshold={high}") as ws:  # set when connecting
+            ws.send_bytes(_png(image))
+            a = ws.receive_json()
+            assert a["threshold"] == high
+            assert _mask(a["mask_png"]).tolist() == masks[high].tolist()
+            assert a["area_fraction"] == pytest.approx(masks[high].mean(), abs=5e-7)
+            ws.send_text(f'{{"threshold": {low}}}')  # changed mid-stream
+            ws.send_bytes(_png(image))
+            b = ws.receive_json()
+            assert b["threshold"] == low
+            assert _mask(b["mask_png"]).tolist() == masks[low].tolist()
+            assert b["area_fraction"] == pytest.approx(masks[low].mean(), abs=5e-7)
+            ws.send_text('{"threshold": 1.0}')  # nothing can be above 1: no polyp
+            ws.send_bytes(_png(image))
+            none = ws.receive_json()
+            assert none["polyp"] is False and not _mask(none["mask_png"]).any() and none["area_fraction"] == 0
+        with c.websocket_connect("/v1/stream") as ws:  # another stream: the model's threshold, not the last one's
+            ws.send_bytes(_png(image))
+            d = ws.receive_json()
+            assert d["threshold"] == seg.threshold
+            assert _mask(d["mask_png"]).tolist() == masks[seg.threshold].tolist()
+
+
+# ------------------------------------------------------------------------------ the upload limit
+
+def _multipart(parts: list[bytes], boundary: str = "resunetpp-test-boundary") -> tuple[bytes, str]:
+    body = b""
+    for i, data in enumerate(parts):
+        body += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{i}.png\"\r\n"
+                 "Content-Type: image/png\r\n\r\n").encode() + data + b"\r\n"
+    return body + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def _post_chunked(c: TestClient, app, path: str, body: bytes, content_type: str, chunk: int) -> httpx.Response:
+    """POST `body` in `chunk`-byte pieces with Transfer-Encoding: chunked (no Content-Length), as a client
+    streaming a file does; the app runs as TestClient started it (its lifespan), on TestClient's loop."""
+    async def pieces():
+        for i in range(0, len(body), chunk):
+            yield body[i:i + chunk]
+            await asyncio.sleep(0)
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as ac:
+            r = await ac.post(path, content=pieces(), headers={"content-type": content_type})
+            await r.aread()
+            return r
+
+    return c.portal.call(go)
+
+
+def test_upload_limit_counts_the_whole_streamed_body(seg):
+    rng = np.random.default_rng(0)
+    parts = [_png(rng.integers(0, 256, (120, 120, 3), dtype=np.uint8)) for _ in range(3)]  # noise: ~43 KB each
+    body, ctype = _multipart(parts)
+    limit = 100_000
+    assert all(len(p) < limit for p in parts) and len(body) > limit  # each part fits; the body does not
+    app = create_app(seg, ServeSettings(max_bytes=limit))
+    with TestClient(app) as c:
+        r = _post_chunked(c, app, "/v1/segment/batch", body, ctype, chunk=8192)
+        assert "content-length" not in r.request.headers  # the limit is checked while streaming
+        assert r.status_code == 413, r.text
+        assert r.json()["error"] == "body_too_large" and "100,000" in r.json()["message"]
+        # the same body under a limit it fits: accepted, all three images segmented
+        roomy = create_app(seg, ServeSettings(max_bytes=len(body)))
+        with TestClient(roomy) as c2:
+            ok = _post_chunked(c2, roomy, "/v1/segment/batch", body, ctype, chunk=8192)
+            assert ok.status_code == 200, ok.text
+            assert ok.json()["images"] == 3 and ok.json()["failed"] == 0
+        # one byte over: refused
+        tight = create_app(seg, ServeSettings(max_bytes=len(body) - 1))
+        with TestClient(tight) as c3:
+            r = _post_chunked(c3, tight, "/v1/segment/batch", body, ctype, chunk=8192)
+            assert r.status_code == 413 and r.json()["error"] == "body_too_large"
