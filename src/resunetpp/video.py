@@ -4,10 +4,15 @@ Conventions
 -----------
 * Source: a video file, or a camera index given as an integer string ("0"). Frames are decoded
   with OpenCV (BGR) and converted to RGB for the `Segmenter`.
-* Output: an MP4 (cv2.VideoWriter, fourcc "mp4v") with the source's size and fps (30 when the
-  source does not say), each frame the overlay of `resunetpp.overlay.draw_overlay` plus a
-  readout in the top-left corner: processing rate (frames/s over the last 30 frames) and the
-  frame's latency. A per-frame CSV has frame, timestamp_s, polyp, area_fraction, latency_ms.
+* Output: an MP4 with the source's size and fps (30 when the source does not say), each frame the
+  overlay of `resunetpp.overlay.draw_overlay` plus a readout in the top-left corner: processing rate
+  (frames/s over the last 30 frames), the frame's latency and its finding ("polyp 11.3 %, certainty
+  high" or "no polyp found", `resunetpp.findings`). The codec is H.264 (libx264, yuv420p, CRF 18, the
+  index at the front) through PyAV, which browsers play inline; without PyAV (or when it cannot encode)
+  it falls back to OpenCV's "mp4v" (MPEG-4 Part 2, which browsers do not play) and says so
+  (`VideoStats.codec`, `VideoStats.notice`; `codec="mp4v"` asks for it). H.264 in yuv420p needs even
+  sizes: an odd width or height is encoded one pixel larger, the last column / row repeated.
+  A per-frame CSV has frame, timestamp_s, polyp, area_fraction, latency_ms, certainty, finding.
 * Latency: from the moment the frame was grabbed to the moment its overlay was written, so
   batching (frames waiting for their batch to fill) is included. Timestamps are frame / fps for
   files and seconds since the start for cameras.
@@ -31,16 +36,94 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from .findings import describe
 from .inference import Segmenter
 from .overlay import draw_overlay, draw_text
 
-CSV_COLUMNS = ("frame", "timestamp_s", "polyp", "area_fraction", "latency_ms")
+CSV_COLUMNS = ("frame", "timestamp_s", "polyp", "area_fraction", "latency_ms", "certainty", "finding")
 DEFAULT_FPS = 30.0
+CODECS = ("auto", "h264", "mp4v")
+H264 = "H.264 (libx264 through PyAV)"
+MP4V = "mp4v (MPEG-4 Part 2 through OpenCV)"
+MP4V_NOTICE = ("the video is mp4v, which browsers do not play inline; install PyAV (pip install av, a "
+               "dependency of resunetpp) for H.264")
+
+
+class _H264Writer:
+    """H.264 in MP4 through PyAV (its wheels ship libx264): what browsers play."""
+
+    def __init__(self, path: Path, fps: float, size: tuple[int, int]):
+        import av
+
+        self.size = size
+        self.even = (size[0] + size[0] % 2, size[1] + size[1] % 2)
+        self.container = av.open(str(path), mode="w", format="mp4", options={"movflags": "+faststart"})
+        try:
+            self.stream = self.container.add_stream("libx264", rate=Fraction(round(fps * 1000), 1000))
+            self.stream.width, self.stream.height = self.even
+            self.stream.pix_fmt = "yuv420p"
+            self.stream.options = {"crf": "18", "preset": "veryfast"}
+            self._frame = av.VideoFrame
+        except Exception:
+            self.container.close()
+            raise
+
+    def write(self, rgb: np.ndarray) -> None:
+        if rgb.shape[1::-1] != self.even:
+            rgb = cv2.copyMakeBorder(rgb, 0, self.even[1] - rgb.shape[0], 0, self.even[0] - rgb.shape[1],
+                                     cv2.BORDER_REPLICATE)
+        for packet in self.stream.encode(self._frame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")):
+            self.container.mux(packet)
+
+    def release(self) -> None:
+        try:
+            for packet in self.stream.encode(None):  # flush the encoder's delayed frames
+                self.container.mux(packet)
+        finally:
+            self.container.close()
+
+
+class _Mp4vWriter:
+    def __init__(self, path: Path, fps: float, size: tuple[int, int]):
+        self.writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
+        if not self.writer.isOpened():
+            self.writer.release()
+            raise OSError("OpenCV cannot write an mp4v video here")
+
+    def write(self, rgb: np.ndarray) -> None:
+        self.writer.write(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+
+    def release(self) -> None:
+        self.writer.release()
+
+
+def open_writer(path: Path, fps: float, size: tuple[int, int], codec: str = "auto"):
+    """(writer, codec description, notice or "") for an MP4 at `path`: H.264 through PyAV unless
+    `codec="mp4v"`, or PyAV is missing or fails ("auto" then falls back to mp4v with a notice)."""
+    if codec not in CODECS:
+        raise ValueError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
+    reason = ""
+    if codec in ("auto", "h264"):
+        try:
+            return _H264Writer(path, fps, size), H264, ""
+        except ImportError:
+            reason = "PyAV is not installed"
+        except Exception as e:  # e.g. a PyAV build without libx264
+            reason = f"PyAV cannot encode H.264 here ({type(e).__name__}: {e})"
+        if codec == "h264":
+            raise OSError(f"{path}: cannot write H.264: {reason}")
+        path.unlink(missing_ok=True)
+    try:
+        writer = _Mp4vWriter(path, fps, size)
+    except OSError as e:
+        raise OSError(f"{path}: {e}" + (f"; and {reason}" if reason else "")) from None
+    return writer, MP4V, (f"{reason}: " if reason else "") + MP4V_NOTICE if codec == "auto" else ""
 
 
 @dataclass
@@ -53,6 +136,8 @@ class VideoStats:
     interrupted: bool
     out_path: Path
     csv_path: Path
+    codec: str = H264  # which encoder wrote out_path (H264 or MP4V)
+    notice: str = ""  # why it is not H.264, when it fell back
 
 
 def lag_frames(alpha: float, threshold: float = 0.5) -> int:
@@ -105,12 +190,15 @@ class _Stop:
 
 def process_video(segmenter: Segmenter, source: str | int | os.PathLike, out: str | os.PathLike,
                   csv_path: str | os.PathLike | None = None, batch_size: int | None = None, smooth: float = 0.0,
-                  max_frames: int | None = None, readout: bool = True, progress: bool = True) -> VideoStats:
+                  max_frames: int | None = None, readout: bool = True, progress: bool = True,
+                  codec: str = "auto") -> VideoStats:
     """Segment every frame of `source` and write the overlay video `out` and its CSV.
 
     batch_size defaults to 1 for cameras (lowest latency) and 4 for files (throughput).
-    csv_path defaults to `out` with ".csv".
+    csv_path defaults to `out` with ".csv". codec: "auto" (H.264, else mp4v with a notice), "h264", "mp4v".
     """
+    if codec not in CODECS:
+        raise ValueError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
     from .progress import progress_bar
 
     if not 0 <= smooth < 1:
@@ -131,7 +219,8 @@ def process_video(segmenter: Segmenter, source: str | int | os.PathLike, out: st
     total = min(total, max_frames) if (total > 0 and max_frames) else (max_frames or total or None)
 
     tmp = out.with_name(f".{out.stem}.partial.mp4")  # the container is chosen from the extension
-    writer: cv2.VideoWriter | None = None
+    writer = None
+    codec_used, notice = "", ""
     size: tuple[int, int] = (0, 0)
     ema: np.ndarray | None = None
     written = 0
@@ -161,17 +250,17 @@ def process_video(segmenter: Segmenter, source: str | int | os.PathLike, out: st
                     break
                 if writer is None:
                     size = (frames[0].shape[1], frames[0].shape[0])
-                    opened = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
-                    if not opened.isOpened():  # kept out of `writer`: `finally` must not rename a missing file
-                        opened.release()
-                        raise OSError(f"{out}: OpenCV cannot write an mp4v video here")
-                    writer = opened
+                    try:  # kept out of `writer` until open: `finally` must not rename a missing file
+                        writer, codec_used, notice = open_writer(tmp, fps, size, codec)
+                    except OSError as e:
+                        raise OSError(str(e).replace(str(tmp), str(out))) from None
                 probs = segmenter.probabilities(frames)
                 for frame, prob, t_grab in zip(frames, probs, grabbed):
                     if smooth > 0:
                         ema = prob if ema is None or ema.shape != prob.shape else smooth * ema + (1 - smooth) * prob
                         prob = ema
                     mask = segmenter.postprocess(frame, prob)
+                    finding = describe(mask, prob)
                     view = draw_overlay(frame, mask)
                     if view.shape[1::-1] != size:  # a stream that changes size mid-way
                         view = cv2.resize(view, size, interpolation=cv2.INTER_AREA)
@@ -179,13 +268,15 @@ def process_video(segmenter: Segmenter, source: str | int | os.PathLike, out: st
                     latency = (now - t_grab) * 1000
                     if readout:
                         rate = (len(done_times) / (now - done_times[0])) if len(done_times) > 1 else float("nan")
-                        text = [f"{rate:5.1f} fps" if rate == rate else "  --- fps", f"{latency:5.0f} ms"]
+                        text = [f"{rate:5.1f} fps" if rate == rate else "  --- fps", f"{latency:5.0f} ms",
+                                finding.short]
                         draw_text(view, text)
-                    writer.write(cv2.cvtColor(view, cv2.COLOR_RGB2BGR))
+                    writer.write(view)
                     done_times.append(time.perf_counter())
                     latencies.append(latency)
                     stamp = (t_grab - start) if live else written / fps
-                    rows.writerow([written, f"{stamp:.3f}", int(mask.any()), f"{mask.mean():.6f}", f"{latency:.1f}"])
+                    rows.writerow([written, f"{stamp:.3f}", int(finding.polyp), f"{finding.area_fraction:.6f}",
+                                   f"{latency:.1f}", finding.certainty or "", finding.text])
                     written += 1
                 bar.update(len(frames))
     except KeyboardInterrupt:
@@ -203,4 +294,4 @@ def process_video(segmenter: Segmenter, source: str | int | os.PathLike, out: st
     elapsed = time.perf_counter() - start
     return VideoStats(frames=written, source_fps=fps, size=size, mean_latency_ms=float(np.mean(latencies)),
                       processing_fps=written / elapsed if elapsed > 0 else float("nan"), interrupted=interrupted,
-                      out_path=out, csv_path=csv_path)
+                      out_path=out, csv_path=csv_path, codec=codec_used, notice=notice)

@@ -75,6 +75,9 @@ def predict(
     overlay: bool = typer.Option(True, "--overlay/--no-overlay", help="Write overlays/ images."),
     threads: int | None = typer.Option(None, min=1, help="onnxruntime / OpenVINO threads."),
     precision: Precision = typer.Option(Precision("fp32"), help=PRECISION_HELP),
+    coco: Path | None = typer.Option(None, "--coco", help="Also write the predicted polyps as COCO instance "
+                                     "annotations (RLE masks, one image entry per input) to this JSON file: "
+                                     "pre-annotations for labelling tools."),
 ) -> None:
     """Segment polyps in images: masks/, overlays/ (and probs/) under --out, plus predictions.csv.
 
@@ -88,7 +91,7 @@ def predict(
     seg = _segmenter(weights, backend, device, tta, crf, crf_mode, threshold, threads, precision, min_area)
     try:
         summary = predict_files(seg, inputs, out, batch_size=batch_size,
-                                save_prob=prob_format.value if save_prob else None, overlay=overlay)
+                                save_prob=prob_format.value if save_prob else None, overlay=overlay, coco=coco)
     except PredictOutputError as e:
         raise fail(str(e), ExitCode.BAD_INPUT) from None
     except PredictStopped as e:
@@ -141,7 +144,9 @@ def video(
     stop = "interrupted" if stats.interrupted else "done"
     typer.echo(f"{stop}: {stats.frames} frames {stats.size[0]}x{stats.size[1]} at {stats.source_fps:g} fps -> "
                f"{stats.out_path}; processing {stats.processing_fps:.1f} frames/s, mean latency "
-               f"{stats.mean_latency_ms:.0f} ms; per-frame CSV {stats.csv_path}")
+               f"{stats.mean_latency_ms:.0f} ms; per-frame CSV {stats.csv_path}; codec {stats.codec}")
+    if stats.notice:
+        typer.echo(f"note: {stats.notice}", err=True)
     if stats.interrupted:
         raise typer.Exit(ExitCode.INTERRUPTED)
 
