@@ -4,15 +4,17 @@ import csv
 import json
 import shutil
 
+import cv2
+import numpy as np
 import pytest
+import torch
+import torchmetrics.functional.classification as C
 from typer.testing import CliRunner
 
 from resunetpp import load_model
 from resunetpp.cli import app
-from resunetpp.data import load_pairs
 from resunetpp.evaluate import evaluate
-from resunetpp.metrics import BENCHMARK_NAMES, METRIC_NAMES, confusion, miou_keras, summarize
-from resunetpp.preprocess import predict_probs as predict
+from resunetpp.metrics import BENCHMARK_NAMES, METRIC_NAMES
 from resunetpp.train import TrainConfig, train
 from test_train import TINY, write_discs
 
@@ -44,18 +46,44 @@ def test_reports_and_consistency(trained, tmp_path):
     md = (tmp_path / "ev" / "metrics.md").read_text()
     assert "| dice |" in md and "| miou_2class |" in md
 
-    # the same numbers by hand: load, predict, threshold, count
+    # the same numbers from a second implementation: OpenCV reads the files (32x32: no resizing), the model's
+    # forward by hand (normalisation mean 0, std 1), torchmetrics scores
     model = load_model(run)
-    pairs = load_pairs(data, ids=split["test"], size=32, progress=False)
-    probs = predict(model, pairs.images, model.pretrained_config["normalization"])
-    assert summarize(confusion(probs > 0.5, pairs.masks.bool())) == {k: res.summary[k] for k in ("mean", "pooled",
-                                                                                              "images")}
-    assert res.summary["miou_keras"] == pytest.approx(miou_keras(probs, pairs.masks)) == m["miou_keras"]
+    assert model.pretrained_config["normalization"] == {"mean": [0.0] * 3, "std": [1.0] * 3}
+    images = np.stack([cv2.imread(str(data / "images" / f"{i}.png"))[:, :, ::-1] for i in split["test"]])
+    truth = torch.from_numpy(np.stack([cv2.imread(str(data / "masks" / f"{i}.png"), cv2.IMREAD_GRAYSCALE) > 127
+                                       for i in split["test"]])).long()
+    assert truth.flatten(1).any(1).all()  # every test image has a polyp: no empty-mask convention involved
+    with torch.no_grad():
+        probs = torch.sigmoid(model(torch.from_numpy(images.copy()).permute(0, 3, 1, 2).float() / 255))[:, 0]
+    pred = (probs > 0.5).long()
+    tm = _torchmetrics_scores(pred, truth)
+    for name in METRIC_NAMES:
+        assert res.summary["mean"][name] == pytest.approx(tm["mean"][name], abs=1e-6), name
+        assert res.summary["pooled"][name] == pytest.approx(tm["pooled"][name], abs=1e-6), name
+        assert [r[name] for r in res.per_image] == pytest.approx(tm["per_image"][name], abs=1e-6), name
+    # the paper's Keras MeanIoU(2): class = int(p), so only p == 1.0 is polyp; pooled over the set, mean of 2 classes
+    keras = C.multiclass_jaccard_index((probs >= 1.0).long().flatten(), truth.flatten(), num_classes=2).item()
+    assert res.summary["miou_keras"] == pytest.approx(keras, abs=1e-6) and m["miou_keras"] == res.summary["miou_keras"]
     d = m["detection"]
     assert d["images"] == 2 and d["polyps"] == sum(r["polyps"] for r in rows_as_ints(rows, "polyps"))
     assert sum(d["polyp_dice_histogram"]["counts"]) == d["polyps"]
     assert "miou_keras" in md and "Per-polyp Dice histogram" in md and "sensitivity, IoU >= 0.5" in md
     assert (tmp_path / "ev" / "polyp_dice.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _torchmetrics_scores(pred: torch.Tensor, truth: torch.Tensor) -> dict:
+    """Per image, their mean and pooled over all pixels, by torchmetrics (not resunetpp.metrics)."""
+    def one(p, t):
+        return {"dice": C.binary_f1_score(p, t).item(), "iou": C.binary_jaccard_index(p, t).item(),
+                "recall": C.binary_recall(p, t).item(), "precision": C.binary_precision(p, t).item(),
+                "f2": C.binary_fbeta_score(p, t, beta=2.0).item(), "accuracy": C.binary_accuracy(p, t).item(),
+                "miou_2class": C.multiclass_jaccard_index(p, t, num_classes=2, average="macro").item()}
+
+    rows = [one(p.flatten(), t.flatten()) for p, t in zip(pred, truth)]
+    per_image = {k: [r[k] for r in rows] for k in METRIC_NAMES}
+    return {"per_image": per_image, "mean": {k: float(np.mean(v)) for k, v in per_image.items()},
+            "pooled": one(pred.flatten(), truth.flatten())}
 
 
 def test_polyp_dice_figure_draws_the_histogram_and_the_found_line(tmp_path, monkeypatch):
