@@ -186,7 +186,7 @@ def test_native_size_scoring(trained, tmp_path):
     assert native.settings["scored_at"] == "native mask size"
     assert all(r["tp"] + r["fp"] + r["fn"] + r["tn"] == 48 * 48 for r in native.per_image)
     assert all(r["tp"] + r["fp"] + r["fn"] + r["tn"] == 32 * 32 for r in at_input.per_image)
-    # the scores themselves are recomputed by hand at native size in test_catch_evaluate.py
+    # the scores themselves are recomputed by hand at native size in test_evaluate_native_size_and_split_files.py
 
 
 def test_cli_evaluate(trained, tmp_path):

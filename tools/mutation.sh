@@ -34,7 +34,7 @@ fi
 # export-parity takes the fast parity tests only: the shared dynamo export + int8 fixture would make each
 # mutant a minute long)
 SPECS=(
-  "metrics|src/resunetpp/metrics.py|resunetpp.metrics.x_confusion__* resunetpp.metrics.x__ratio__* resunetpp.metrics.x_scores__* resunetpp.metrics.x_summarize__*|tests/test_metrics.py tests/test_catch_metrics.py"
+  "metrics|src/resunetpp/metrics.py|resunetpp.metrics.x_confusion__* resunetpp.metrics.x__ratio__* resunetpp.metrics.x_scores__* resunetpp.metrics.x_summarize__*|tests/test_metrics.py tests/test_metrics_edge_cases.py"
   "losses|src/resunetpp/losses.py|resunetpp.losses.*|tests/test_losses.py"
   "schedule|src/resunetpp/train.py|resunetpp.train.x_make_scheduler__* resunetpp.train.x_make_optimizer__* resunetpp.train.x_epoch_shard__*|tests/test_train.py"
   "checkpoint|src/resunetpp/train.py src/resunetpp/runtime.py src/resunetpp/hub.py src/resunetpp/utils.py|resunetpp.train.x_load_checkpoint__* resunetpp.train.x_validate__* resunetpp.runtime.x_rng_state__* resunetpp.runtime.x_set_rng_state__* resunetpp.runtime.x_weights_finite__* resunetpp.hub.x_save_pretrained__* resunetpp.hub.x_load_config__* resunetpp.hub.x_load_model__* resunetpp.hub.x_state_mismatch__* resunetpp.hub.x__files__* resunetpp.utils.x_atomic_path__*|tests/test_train.py tests/test_train_failures.py tests/test_hub.py tests/test_utils_figures.py"

@@ -1,4 +1,4 @@
-"""Metrics edge cases found by mutation testing (tools/mutation.sh): denominators of exactly 1, per-image
+"""Metrics edge cases: denominators of exactly 1, per-image
 accuracy in a batch, and summarize's refusal. (A new file beside tests/test_metrics.py.)"""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """evaluate: native-size scoring recomputed by hand, --native refused on a cache, JSON and text split files.
 
-(New file beside tests/test_evaluate.py, which belongs to the metrics/evaluation work.)
+(Beside tests/test_evaluate.py.)
 """
 
 from __future__ import annotations

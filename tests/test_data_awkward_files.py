@@ -1,4 +1,4 @@
-"""Data traps: empty folders, 0/1 and soft masks, compressed TIFFs, broken symlinks, huge images."""
+"""Awkward dataset files: empty folders, 0/1 and soft masks, compressed TIFFs, broken symlinks, huge images."""
 
 from __future__ import annotations
 
