@@ -1,4 +1,5 @@
-"""`resunetpp models`: the registry as a table."""
+"""`resunetpp models`: the registry's architectures, then the bundled trained weights (found in the package's
+weights/ folder, `resunetpp.catalog`), each usable as `--weights NAME`."""
 
 from __future__ import annotations
 
@@ -10,12 +11,15 @@ def register(app: typer.Typer) -> None:
 
 
 def models() -> None:
-    """List the available models with their parameter counts and default losses."""
+    """List the architectures (parameters, default loss) and the bundled trained weights (name, architecture,
+    dataset, test Dice, size on disk)."""
     from rich.console import Console
     from rich.table import Table
 
+    from ..catalog import bundled, default_name
     from ..registry import count_parameters, create_model, list_models, model_info
 
+    console = Console(width=140)
     table = Table(title="resunetpp models")
     for col in ("name", "parameters", "default loss", "description"):
         table.add_column(col, justify="right" if col == "parameters" else "left")
@@ -23,4 +27,17 @@ def models() -> None:
         info = model_info(name)
         n = count_parameters(create_model(name))
         table.add_row(name, f"{n:,}", info.default_loss, info.description)
-    Console(width=140).print(table)
+    console.print(table)
+    weights = bundled()
+    table = Table(title="bundled trained weights (--weights NAME; research use only)")
+    for col in ("name", "architecture", "dataset", "test Dice", "size"):
+        table.add_column(col, justify="right" if col in ("test Dice", "size") else "left")
+    for w in weights:
+        table.add_row(w.name, w.model or "?", w.dataset or "?", "?" if w.test_dice is None else f"{w.test_dice:.4f}",
+                      f"{w.size_mib:.1f} MiB")
+    if weights:
+        console.print(table)
+        typer.echo(f"default (no --weights): {default_name()}; model cards: "
+                   f"{weights[0].folder.parent}/NAME/MODEL_CARD.md")
+    else:
+        typer.echo("no bundled trained weights in this install")
