@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import cv2
@@ -425,25 +424,42 @@ def test_time_limit_stops_resumably_and_resume_matches_an_unbroken_run(discs, tm
     assert_same_state(model_state(cut), model_state(whole))
 
 
+class _FakeClock:
+    """A stand-in for the `time` module inside resunetpp.train: `perf_counter()` reads a clock that moves only
+    when the test says so, so the time-limit arithmetic is exact whatever the machine's load."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
 def test_time_limit_does_not_count_the_first_steps_warm_up_as_an_epochs_length(discs, tmp_path, monkeypatch):
-    # a 3 s first step (as cudnn autotuning or compiling on a GPU) must not make the loop think that an
-    # epoch takes 3 s: with a 5 s limit, all three epochs (a fraction of a second each) still fit
-    make_step, calls = T.training_step, []
+    # a 3 s first step (as cudnn autotuning or compiling on a GPU), then 0.01 s per step, 5 steps per epoch:
+    # an epoch is judged at 0.05 s, so with a 5 s limit all three epochs fit (3.04 + 0.05 after epoch 1,
+    # 3.09 + 0.05 after epoch 2); judged with its first step it would be 3.8 s and stop after epoch 1
+    clock, make_step, calls = _FakeClock(), T.training_step, []
 
     def slow_first_step(*args, **kwargs):
         step = make_step(*args, **kwargs)
 
-        def run(x, y):
+        def run(x, y, *rest):
             calls.append(1)
-            if len(calls) == 1:
-                time.sleep(3.0)
-            return step(x, y)
+            clock.now += 3.0 if len(calls) == 1 else 0.01
+            return step(x, y, *rest)
         return run
 
+    monkeypatch.setattr(T, "time", clock)
     monkeypatch.setattr(T, "training_step", slow_first_step)
     run = train(tiny(discs, tmp_path / "run", epochs=3, time_limit=5.0, eval_every=3))
     assert [int(r["epoch"]) for r in read_csv(run / "metrics.csv")] == [3]
-    assert len(calls) > 3  # more than one step per epoch, so the first epoch had steps after the slow one
+    assert len(calls) == 15  # 5 steps per epoch, so the first epoch had steps after the slow one
+    # and a limit that the epochs do not fit stops resumably: 3.04 + 0.05 > 3.08
+    clock.now, calls[:] = 1000.0, []
+    cut = train(tiny(discs, tmp_path / "cut", epochs=3, time_limit=3.08, eval_every=3))
+    assert [int(r["epoch"]) for r in read_csv(cut / "metrics.csv")] == [1]
+    assert torch.load(cut / "last.pt", weights_only=True)["epoch"] == 1
 
 
 def test_weights_finite_sees_one_nan_parameter():
