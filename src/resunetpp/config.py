@@ -91,7 +91,35 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> TrainCon
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"{source}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    types = {f.name: str(f.type) for f in fields(TrainConfig)}
+    for name, value in values.items():
+        problem = _type_problem(types[name], value)
+        if problem:
+            raise ValueError(f"{source}: setting {name!r}: {problem}, got {value!r}")
     return TrainConfig(**values)
+
+
+def _type_problem(annotation: str, value: Any) -> str:
+    """"" when `value` fits a TrainConfig field's annotation ("int", "float | None", ...), else what it must be."""
+    parts = [p.strip() for p in annotation.split("|")]
+    if value is None:
+        return "" if "None" in parts else "must not be empty"
+    for part in parts:
+        if part == "int" and isinstance(value, int) and not isinstance(value, bool):
+            return ""
+        if part == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return "" if value == value and abs(value) != float("inf") else "must be a finite number"
+        if part == "bool" and isinstance(value, bool):
+            return ""
+        if part == "str" and isinstance(value, str):
+            return ""
+        if part.startswith("dict") and isinstance(value, dict):
+            return ""
+        if part not in ("int", "float", "bool", "str", "None") and not part.startswith("dict"):
+            return ""  # a type this check does not know: left to the setting's own check
+    names = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+    return "must be " + " or ".join(names.get(p, "a mapping" if p.startswith("dict") else p)
+                                    for p in parts if p != "None")
 
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:

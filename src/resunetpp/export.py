@@ -39,7 +39,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .inference import DEFAULT_CONFIG, ONNX_CONFIG_KEY
+from .inference import ONNX_CONFIG_KEY
+from .spec import ModelSpec
 from .utils import atomic_path, write_json
 
 EXPORTERS = ("dynamo", "legacy")
@@ -49,6 +50,20 @@ PARITY_ATOL = 1e-4
 
 class ParityError(RuntimeError):
     """The exported model disagrees with PyTorch by more than the tolerance."""
+
+
+class OpsetError(ValueError):
+    """An opset the exporter cannot emit: refused before exporting, or when the exporter gave another one."""
+
+
+def opset_range(exporter: str) -> tuple[int, int]:
+    """(lowest, highest) ONNX opset `exporter` emits with this torch: dynamo 18.., legacy 17..20 (torch 2.x)."""
+    from torch.onnx import _constants
+
+    top = getattr(_constants, "ONNX_MAX_OPSET", 20)
+    if exporter == "legacy":
+        top = getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", top)
+    return (18 if exporter == "dynamo" else 17), int(top)
 
 
 @dataclass
@@ -132,20 +147,26 @@ def export_onnx(weights: str | os.PathLike | nn.Module, out: str | os.PathLike, 
 
     if exporter not in EXPORTERS:
         raise ValueError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
+    low, high = opset_range(exporter)
+    if isinstance(opset, bool) or not isinstance(opset, int):
+        raise OpsetError(f"opset must be an integer, got {opset!r}")
     if opset < 17:
-        raise ValueError(f"opset {opset} is too old: use 17 or newer")
+        raise OpsetError(f"opset {opset} is too old: use 17 or newer")
     if exporter == "dynamo" and opset < 18:
-        raise ValueError("the dynamo exporter emits opset 18 or newer; use --opset 18 or --exporter legacy for 17")
+        raise OpsetError("the dynamo exporter emits opset 18 or newer; use opset 18, or the legacy exporter for 17")
+    if opset > high:
+        raise OpsetError(f"opset {opset} is newer than the {exporter} exporter of torch {torch.__version__} emits "
+                         f"({low}..{high}); nothing was exported")
     if isinstance(weights, nn.Module):
         # a CPU float32 copy: the caller's model may be on a GPU or in training mode, and stays as it was
         model = copy.deepcopy(weights).float().cpu().eval()
         cfg = dict(config or getattr(weights, "pretrained_config", {}) or {})
+        cfg = ModelSpec.from_dict(cfg, "config", require_model=False).to_dict()
     else:
         from .hub import load_model
 
-        model = load_model(weights)
-        cfg = dict(config or model.pretrained_config)
-    cfg = {**DEFAULT_CONFIG, **cfg}
+        model = load_model(weights)  # the spec and the weights checked (resunetpp.spec)
+        cfg = ModelSpec.from_dict(config, "config").to_dict() if config else dict(model.pretrained_config)
     out = Path(out)
     if out.suffix != ".onnx":
         raise ValueError(f"{out}: the output file name must end in .onnx")
@@ -180,6 +201,10 @@ def export_onnx(weights: str | os.PathLike | nn.Module, out: str | os.PathLike, 
                 torch.onnx.export(model, (example,), buf, dynamo=False, opset_version=opset, input_names=["image"],
                                   output_names=["logits"], dynamic_axes={"image": axes, "logits": axes})
             proto = onnx.load_from_string(buf.getvalue())
+    actual_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset)
+    if actual_opset != opset:  # a requested opset is never silently replaced by another
+        raise OpsetError(f"the {exporter} exporter produced opset {actual_opset}, not the requested {opset}; "
+                         f"nothing was written to {out}")
     embed_config(proto, {**cfg, "onnx": {"exporter": exporter, "opset": opset, "precision": "fp32"}})
     diff = float("nan")
     with atomic_path(out) as tmp:  # checked before it is renamed into place: a failed export leaves no model
@@ -197,7 +222,6 @@ def export_onnx(weights: str | os.PathLike | nn.Module, out: str | os.PathLike, 
     if not out.with_name("config.json").exists():
         config_path = out.with_name("config.json")
         write_json(config_path, cfg)
-    actual_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset)
     return ExportReport(out, exporter, int(actual_opset), diff, [tuple(s) for s in shapes], config_path)
 
 

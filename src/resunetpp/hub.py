@@ -1,17 +1,20 @@
 """Checkpoints as `config.json` + `model.safetensors` (the segmentation_models_pytorch layout).
 
-`config.json` holds everything inference needs to repeat training's preprocessing:
+`config.json` is the model's `resunetpp.spec.ModelSpec` (architecture and its arguments, input size,
+normalisation, threshold, min-area, and provenance such as dataset, split and metrics):
 
-    {"model": "resunetpp", "model_kwargs": {...}, "input_size": [256, 256],
-     "normalization": {"mean": [...], "std": [...]}, "threshold": 0.5,
+    {"spec_version": 1, "model": "resunetpp", "model_kwargs": {...}, "input_size": [256, 256],
+     "normalization": {"mean": [...], "std": [...]}, "threshold": 0.5, "min_area": 0.001,
      "dataset": ..., "split": ..., "metrics": {...}, "version": "..."}
 
+`load_model` is the one load path of every front end: it validates the spec (a `ModelSpecError` names
+the file and the field), builds the network, checks that the input size fits its stride and that every
+tensor of the weights is finite, and refuses anything else with a `ModelError` naming the file.
 Weights load through safetensors only: no pickle is ever read.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -20,8 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .preprocess import default_normalization
 from .registry import create_model
+from .spec import ModelError, ModelSpec, ModelSpecError
 from .utils import atomic_path, write_json
 
 WEIGHTS_NAME = "model.safetensors"
@@ -78,56 +81,74 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, config: dict
         raise ValueError(f"refusing to save non-finite weights ({len(bad)} tensors, e.g. {bad[0]})")
     from .version import __version__
 
-    full = {"model_kwargs": {}, "input_size": [256, 256], "normalization": default_normalization(),
-            "threshold": 0.5, "version": __version__, **config}
+    spec = ModelSpec.from_dict({"version": __version__, **config}, directory / CONFIG_NAME)  # nothing invalid saved
     with atomic_path(directory / WEIGHTS_NAME) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt", "model": str(full["model"])})
-    write_json(directory / CONFIG_NAME, full)
+        save_file(state, str(tmp), metadata={"format": "pt", "model": spec.model})
+    write_json(directory / CONFIG_NAME, spec.to_dict())
     return directory
 
 
-def load_config(path: str | os.PathLike) -> dict[str, Any]:
+def load_spec(path: str | os.PathLike) -> ModelSpec:
+    """The validated `ModelSpec` of a run folder, `.safetensors` file or config.json (module docstring)."""
     _, cfg_path = _files(path)
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path}: no config.json beside the weights; cannot tell which model they are")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
-    if "model" not in cfg:
-        raise ValueError(f"{cfg_path}: has no 'model' key")
-    return cfg
+    return ModelSpec.from_file(cfg_path)
+
+
+def load_config(path: str | os.PathLike) -> dict[str, Any]:
+    """`load_spec(path).to_dict()`: the validated config.json as a dict."""
+    return load_spec(path).to_dict()
 
 
 def load_model(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a model from a run folder, a `.safetensors` file with `config.json` beside it, the
     name of a bundled model (`list_pretrained()`) or (path=None) the default bundled weights.
-    Returns it in eval mode, float32, with its config as `model.pretrained_config`."""
+    Returns it in eval mode, float32, with its validated `ModelSpec` as `model.spec` (and as a dict,
+    `model.pretrained_config`). A damaged model is refused here, for every front end: `ModelSpecError`
+    for a bad config.json field, `ModelError` for weights that are unreadable, do not match the spec
+    or hold NaN/inf, `FileNotFoundError` for missing files."""
     if path is None:
         path = bundled_weights()
-    weights, _ = _files(path)
-    cfg = load_config(path)
+    weights, cfg_path = _files(path)
+    spec = load_spec(path)
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: weights file not found")
-    kwargs = cfg.get("model_kwargs", {})
-    try:
-        model = create_model(cfg["model"], **_listify(kwargs if isinstance(kwargs, dict) else {}))
-    except (TypeError, ValueError, KeyError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        raise ValueError(f"{_files(path)[1]}: cannot build model {cfg['model']!r} with model_kwargs {kwargs} "
-                         f"({msg})") from None
+    model = build_model(spec, cfg_path)
     try:
         state = load_file(str(weights))
     except Exception as e:  # safetensors raises its own error types
-        raise ValueError(f"{weights}: not a readable safetensors file ({e})") from None
-    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        raise ModelError(f"{weights}: not a readable safetensors file ({e})") from None
     problem = state_mismatch(model.state_dict(), state)
     if problem:
-        raise ValueError(f"{weights}: weights do not match {cfg['model']} {kwargs} of its config.json: {problem}; "
-                         "use the config.json written with these weights") from None
+        raise ModelError(f"{weights}: weights do not match {spec.model} {spec.model_kwargs} of its config.json: "
+                         f"{problem}; use the config.json written with these weights")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ModelError(f"{weights}: damaged weights: {len(bad)} tensor(s) hold NaN or inf (e.g. {bad[0]}); "
+                         "a model like this answers nothing useful, so it is refused")
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     model.load_state_dict(state)
-    model.pretrained_config = cfg
+    model.spec = spec
+    model.pretrained_config = spec.to_dict()
     return model.to(device).eval()
+
+
+def build_model(spec: ModelSpec, source: str | os.PathLike = "model spec") -> nn.Module:
+    """The untrained network a spec describes; a `ModelSpecError` naming `source` when its arguments or its
+    input size do not fit the architecture."""
+    try:
+        model = create_model(spec.model, **_listify(spec.model_kwargs))
+    except (TypeError, ValueError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        raise ModelSpecError(str(source), "model_kwargs", f"cannot build model {spec.model!r} with "
+                             f"model_kwargs {spec.model_kwargs} ({msg})") from None
+    stride = int(getattr(model, "total_stride", 1))
+    h, w = spec.input_size
+    if h % stride or w % stride:
+        raise ModelSpecError(str(source), "input_size", f"{h}x{w} is impossible for {spec.model}: height and "
+                             f"width must be multiples of its stride {stride}")
+    return model
 
 
 def state_mismatch(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], show: int = 2) -> str:

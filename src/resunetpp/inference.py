@@ -36,14 +36,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from .preprocess import default_normalization, forward, normalize, resize_image
+from .preprocess import forward, normalize, resize_image
 from .runtime import resolve_device
+from .spec import MIN_AREA, ModelError, ModelSpec, ModelSpecError  # noqa: F401  (MIN_AREA re-exported)
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
 PRECISIONS = ("fp32", "bf16")
 ONNX_CONFIG_KEY = "resunetpp_config"  # metadata_props key holding config.json in exported models
-MIN_AREA = 0.001  # fraction of the image: smaller predicted components are dropped (module docstring)
-DEFAULT_CONFIG: dict[str, Any] = {"input_size": [256, 256], "normalization": default_normalization(), "threshold": 0.5}
+# MIN_AREA (from resunetpp.spec): fraction of the image; smaller predicted components are dropped (module docstring)
+DEFAULT_CONFIG: dict[str, Any] = {k: v for k, v in ModelSpec("").to_dict().items()
+                                  if k in ("input_size", "normalization", "threshold")}
 
 
 def resize_prob(prob: np.ndarray, size: Sequence[int]) -> np.ndarray:
@@ -76,14 +78,17 @@ def onnx_config(path: str | os.PathLike) -> dict[str, Any]:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:
-        raise ValueError(f"{path}: not a readable ONNX model ({e})") from None
+        raise ModelError(f"{path}: not a readable ONNX model ({e})") from None
     for prop in model.metadata_props:
         if prop.key == ONNX_CONFIG_KEY:
-            return json.loads(prop.value)
+            try:
+                return json.loads(prop.value)
+            except ValueError as e:
+                raise ModelSpecError(f"{path} (embedded {ONNX_CONFIG_KEY})", None, f"not valid JSON ({e})") from None
     beside = path.with_name("config.json")
     if beside.is_file():
-        return json.loads(beside.read_text())
-    raise ValueError(f"{path}: has no embedded resunetpp config and no config.json beside it; "
+        return ModelSpec.from_file(beside).to_dict()
+    raise ModelError(f"{path}: has no embedded resunetpp config and no config.json beside it; "
                      "export it with `resunetpp export` or put the checkpoint's config.json next to it")
 
 
@@ -149,7 +154,7 @@ class _OrtRunner:
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=providers)
         except Exception as e:
-            raise ValueError(f"{path}: onnxruntime cannot load it ({e})") from None
+            raise ModelError(f"{path}: onnxruntime cannot load it ({e})") from None
         self.input_name = self.session.get_inputs()[0].name
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -204,7 +209,7 @@ class Segmenter:
                  backend: str | None = None, tta: bool = False, crf: str | None = None,
                  threshold: float | None = None, config: dict[str, Any] | None = None,
                  threads: int | None = None, channels_last: bool = False, precision: str = "fp32",
-                 min_area: float = MIN_AREA):
+                 min_area: float | None = None):
         from .crf import CRF_MODES, CRFUnavailableError, crf_available
 
         device = resolve_device(device)
@@ -212,7 +217,8 @@ class Segmenter:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-        self.min_area = check_min_area(min_area)
+        if min_area is not None:
+            check_min_area(min_area)
         if crf is not None:
             if crf not in CRF_MODES:
                 raise ValueError(f"unknown CRF mode {crf!r}; choose one of {', '.join(CRF_MODES)}")
@@ -227,6 +233,7 @@ class Segmenter:
                 raise ValueError(f"the {backend} backend needs an .onnx file, not an nn.Module")
             self.backend = "torch"
             cfg = config or getattr(weights, "pretrained_config", None) or {}
+            source = "config" if config else "the module's pretrained_config"
             self._run = _TorchRunner(weights, device, channels_last, precision == "bf16")
             self.weights = None
         else:
@@ -242,6 +249,7 @@ class Segmenter:
                 if not path.is_file():
                     raise FileNotFoundError(f"{path}: ONNX model not found")
                 cfg = config or onnx_config(path)
+                source = "config" if config else f"{path} (its config)"
                 if self.backend == "openvino":
                     self._run = _OpenVinoRunner(path, threads, precision)
                 else:
@@ -256,13 +264,16 @@ class Segmenter:
 
                 model = load_model(path, device)
                 cfg = config or model.pretrained_config
+                source = "config" if config else f"{path} (config.json)"
                 self._run = _TorchRunner(model, device, channels_last, precision == "bf16")
             self.weights = path
-        self.config = {**DEFAULT_CONFIG, **cfg}
-        self.input_size = tuple(int(v) for v in self.config["input_size"])
-        norm = self.config.get("normalization") or default_normalization()
-        self.mean, self.std = list(norm["mean"]), list(norm["std"])
-        self.threshold = check_threshold(self.config["threshold"] if threshold is None else threshold)
+        # the one check of the model's contract (resunetpp.spec): an nn.Module may come without a registry name
+        self.spec = ModelSpec.from_dict(cfg, source, require_model=False)  # load_model has required "model"
+        self.config = self.spec.to_dict()
+        self.input_size = tuple(self.spec.input_size)
+        self.mean, self.std = list(self.spec.mean), list(self.spec.std)
+        self.threshold = check_threshold(self.spec.threshold if threshold is None else threshold)
+        self.min_area = self.spec.min_area if min_area is None else check_min_area(min_area)
         self.tta = tta
         self.crf = crf
         self.precision = precision

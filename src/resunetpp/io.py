@@ -6,12 +6,13 @@ Every failure raises `ImageReadError`, whose message starts with the file's path
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 MAX_PIXELS = 100_000_000  # larger images are refused rather than exhausting memory
@@ -19,12 +20,17 @@ MASK_VALUES = ("auto", "255", "01")  # how mask files encode the polyp (see read
 
 
 class ImageReadError(ValueError):
-    """An image or mask file that cannot be used; `path` names it."""
+    """An image or mask that cannot be used; `path` names it (a file, or what a server received), `code` says
+    why in one stable word (empty, not_an_image, truncated, corrupt_image, too_many_pixels, not_found)."""
 
-    def __init__(self, path: str | os.PathLike, reason: str):
+    def __init__(self, path: str | os.PathLike, reason: str, code: str = "not_an_image"):
         self.path = Path(path)
         self.reason = reason
+        self.code = code
         super().__init__(f"{path}: {reason}")
+
+
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 
 def _to_uint8(a: np.ndarray) -> np.ndarray:
@@ -45,48 +51,112 @@ def _to_uint8(a: np.ndarray) -> np.ndarray:
 
 def _read_array(path: Path) -> np.ndarray:
     if not path.is_file():
-        raise ImageReadError(path, "file not found")
+        raise ImageReadError(path, "file not found", "not_found")
     if path.stat().st_size == 0:
-        raise ImageReadError(path, "empty file (0 bytes)")
-    if path.suffix.lower() in (".tif", ".tiff"):
-        import tifffile
+        raise ImageReadError(path, "empty file (0 bytes)", "empty")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ImageReadError(path, f"unreadable file ({e.strerror or e})", "not_found") from None
+    return decode_array(data, path)
 
+
+def _too_many(what, w: int, h: int, limit: int) -> ImageReadError:
+    return ImageReadError(what, f"image too large: {w}x{h} = {w * h:,} pixels, over the limit of {limit:,} "
+                          "(refused before decoding)", "too_many_pixels")
+
+
+def decode_array(data: bytes, what: str | os.PathLike = "image", max_pixels: int | None = None) -> np.ndarray:
+    """The one image decoder of the CLI and the server: encoded bytes (JPEG, PNG, BMP, TIFF, WebP) -> the
+    decoded array (any dtype and channels; `to_rgb` makes it RGB), or `ImageReadError` naming `what`.
+    The pixel count is read from the header and checked against `max_pixels` (default `MAX_PIXELS`)
+    before decoding, so a decompression bomb is refused without allocating its pixels. TIFFs that
+    Pillow cannot open (CVC-ClinicDB's 3-sample ones) go through tifffile. A TIFF of several pages
+    (a stack, not one image) is refused, by every front end alike."""
+    limit = MAX_PIXELS if max_pixels is None else max_pixels
+    if not data:
+        raise ImageReadError(what, "empty (0 bytes)", "empty")
+    if data[:4] in TIFF_MAGIC:
         try:
-            a = tifffile.imread(path)
-        except Exception as e:
-            # LZW / JPEG-compressed TIFFs need imagecodecs in tifffile; Pillow decodes them itself
-            a = _read_with_pillow(path, fallback_of=e)
-        if a.ndim == 3 and a.shape[0] in (3, 4) and a.shape[-1] not in (3, 4):
-            a = np.moveaxis(a, 0, -1)  # planar (C, H, W) TIFF
-        if a.ndim > 3 or (a.ndim == 3 and a.shape[-1] not in (1, 3, 4)):
-            raise ImageReadError(path, f"unsupported TIFF layout {a.shape} (expected one 2-D image)")
-        if a.size > MAX_PIXELS * 4:
-            raise ImageReadError(path, f"image too large ({a.shape})")
-        return a
-    return _read_with_pillow(path)
+            return _decode_pil(data, what, limit)
+        except ImageReadError as e:
+            if e.code in ("too_many_pixels", "multi_page"):
+                raise
+            return _decode_tiff(data, what, limit, e)  # e.g. CVC-ClinicDB's TIFFs, which Pillow cannot open
+    return _decode_pil(data, what, limit)
 
 
-def _read_with_pillow(path: Path, fallback_of: Exception | None = None) -> np.ndarray:
+def _decode_tiff(data: bytes, what, limit: int, pillow_error: ImageReadError) -> np.ndarray:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            pages = [p for p in tif.pages if not getattr(p, "is_reduced", False)]
+            if len(pages) > 1:
+                raise _multi_page(what, len(pages))
+            page = tif.pages[0]
+            shape = tuple(page.shape)
+            planar = len(shape) == 3 and shape[0] in (3, 4) and shape[-1] not in (3, 4)
+            h, w = (shape[1], shape[2]) if planar else (shape[0], shape[1])
+            if h * w > limit:
+                raise _too_many(what, w, h, limit)
+            a = page.asarray()
+    except ImageReadError:
+        raise
+    except Exception as e:
+        raise ImageReadError(what, f"unreadable TIFF ({type(e).__name__}: {e}; Pillow: {pillow_error.reason})",
+                             "not_an_image") from None
+    if a.ndim == 3 and a.shape[0] in (3, 4) and a.shape[-1] not in (3, 4):
+        a = np.moveaxis(a, 0, -1)  # planar (C, H, W) TIFF
+    if a.ndim > 3 or a.ndim < 2 or (a.ndim == 3 and a.shape[-1] not in (1, 3, 4)):
+        raise ImageReadError(what, f"unsupported TIFF layout {a.shape} (expected one 2-D image)", "not_an_image")
+    return a
+
+
+def _multi_page(what, pages: int) -> ImageReadError:
+    return ImageReadError(what, f"a TIFF of {pages} pages (a stack, not one image); save each page as its own "
+                          "file", "multi_page")
+
+
+def _decode_pil(data: bytes, what, limit: int) -> np.ndarray:
     try:
         with warnings.catch_warnings():  # huge images get our own clean error below, not Pillow's warning
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(path)
-        with im:
-            if im.width * im.height > MAX_PIXELS:
-                raise ImageReadError(path, f"image too large ({im.width}x{im.height} pixels, limit {MAX_PIXELS:,})")
+            im = Image.open(io.BytesIO(data))  # reads the header only
+    except Image.DecompressionBombError as e:
+        raise ImageReadError(what, f"image too large ({e})", "too_many_pixels") from None
+    except UnidentifiedImageError:
+        raise ImageReadError(what, "not a readable image (not an image Pillow or tifffile can read: send a JPEG, "
+                             "PNG, BMP, TIFF or WebP file)", "not_an_image") from None
+    except Exception as e:
+        raise _load_error(what, e) from None
+    with im:
+        if im.width * im.height > limit:
+            raise _too_many(what, im.width, im.height, limit)
+        if im.format == "TIFF" and getattr(im, "n_frames", 1) > 1:
+            raise _multi_page(what, im.n_frames)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                im.load()
             if im.mode == "P":
                 im = im.convert("RGBA" if "transparency" in im.info else "RGB")
             elif im.mode in ("1", "CMYK", "YCbCr", "LAB", "HSV", "LA", "PA"):
                 im = im.convert("RGBA" if im.mode in ("LA", "PA") else "RGB")
             return np.asarray(im)
-    except ImageReadError:
-        raise
-    except Image.DecompressionBombError as e:
-        raise ImageReadError(path, f"image too large ({e})") from None
-    except Exception as e:
-        if fallback_of is not None:
-            raise ImageReadError(path, f"unreadable TIFF ({fallback_of})") from None
-        raise ImageReadError(path, f"not a readable image ({type(e).__name__}: {e})") from None
+        except Image.DecompressionBombError as e:
+            raise ImageReadError(what, f"image too large ({e})", "too_many_pixels") from None
+        except Exception as e:
+            raise _load_error(what, e) from None
+
+
+def _load_error(what, e: Exception) -> ImageReadError:
+    text = str(e)
+    if "truncat" in text.lower() or isinstance(e, EOFError):
+        return ImageReadError(what, f"not a readable image: the image data is truncated (an incomplete upload or "
+                              f"file): {text}", "truncated")
+    return ImageReadError(what, f"not a readable image: its header was read but its data cannot be decoded "
+                          f"({type(e).__name__}: {text})", "corrupt_image")
 
 
 def to_rgb(a: np.ndarray) -> np.ndarray:

@@ -74,6 +74,7 @@ from .hub import save_pretrained
 from .losses import get_loss
 from .metrics import METRIC_NAMES, confusion, summarize
 from .preprocess import default_normalization, forward, normalize
+from .progress import progress_bar
 from .registry import create_model
 from .runtime import (  # noqa: F401
     normalization_on,
@@ -235,8 +236,9 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
     run = None
     try:
         run = setup(cfg, rt, out, bool(resume), log)
-        bar = tqdm(total=cfg.epochs * run.steps, initial=run.start_epoch * run.steps, unit="step",
-                   disable=not (rt.master and cfg.progress), dynamic_ncols=True)
+        # a bar on a terminal, a plain line every 30 s in a log (RESUNETPP_PROGRESS=tty|log|off forces one)
+        bar = progress_bar(total=cfg.epochs * run.steps, initial=run.start_epoch * run.steps, unit="step",
+                           disable=not (rt.master and cfg.progress), dynamic_ncols=True, desc="train")
         clock, before = time.perf_counter(), (run.history[-1].get("elapsed", 0.0) if run.history else 0.0)
         for epoch in range(run.start_epoch + 1, cfg.epochs + 1):
             bar.set_description(f"epoch {epoch}/{cfg.epochs}")
@@ -428,6 +430,7 @@ def checkpoint(run: Run, row: dict[str, Any], epoch: int) -> None:
     TensorBoard. Every file is written atomically: a failed write leaves the previous one whole."""
     out = run.out
     run.history.append(row)
+    best_before, wrote_last = dict(run.best), False
     try:
         if row["val_dice"] > run.best["dice"]:
             run.best = {"epoch": epoch, "dice": row["val_dice"]}
@@ -438,17 +441,43 @@ def checkpoint(run: Run, row: dict[str, Any], epoch: int) -> None:
             torch.save({"model": run.raw_model.state_dict(), "optimizer": run.opt.state_dict(),
                         "scheduler": run.sched.state_dict(), "epoch": epoch, "best": run.best,
                         "history": run.history, "rng": rng_state(), "config": asdict(run.cfg)}, tmp)
+        wrote_last = True
         write_metrics_csv(out / "metrics.csv", run.history)
     except (OSError, RuntimeError, SafetensorError) as e:
-        raise CheckpointWriteError(
-            f"{out}: could not write the checkpoint of epoch {epoch} ({str(e).splitlines()[0][:160]}). "
-            f"The files of epoch {run.saved_epoch or 'none'} are intact; free some space, then continue "
-            f"with: resunetpp train --resume {out}") from None
+        best = run.best if run.best["epoch"] != best_before["epoch"] and (out / "model.safetensors").is_file() \
+            else best_before
+        raise CheckpointWriteError(write_failure(out, epoch, e, epoch if wrote_last else run.saved_epoch,
+                                                 best["epoch"])) from None
     run.saved_epoch = epoch
     for k, v in row.items():
         if k != "epoch":
             run.tb.add_scalar(k.replace("val_", "val/").replace("train_", "train/"), v, epoch)
     run.tb.flush()
+
+
+def write_failure(out: Path, epoch: int, error: BaseException, resumable: int, best_epoch: int) -> str:
+    """The one line of a failed checkpoint write: its real cause, which epoch's files are intact, and advice
+    that works (`--resume` only when a `last.pt` exists to resume from)."""
+    import errno
+    import shutil
+
+    text = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+    try:
+        free = shutil.disk_usage(out).free
+    except OSError:
+        free = None
+    full = (getattr(error, "errno", None) == errno.ENOSPC or "no space left" in text.lower()
+            or (free is not None and free < 16 * 2**20))
+    cause = f"no space left on device ({text})" if full else text
+    best = f"model.safetensors holds the best model (epoch {best_epoch})" if best_epoch else ""
+    fix = "free some space" if full else "fix the cause"
+    if resumable:
+        kept = f"The files of epoch {resumable} are intact (last.pt{'; ' + best if best else ''})"
+        advice = f"{fix}, then continue with: resunetpp train --resume {out}"
+    else:
+        kept = "No last.pt was written yet, so there is nothing to resume" + (f"; {best}" if best else "")
+        advice = f"{fix}, then start the run again in an empty folder"
+    return f"{out}: could not write the checkpoint of epoch {epoch}: {cause}. {kept}; {advice}"
 
 
 def finish(run: Run) -> None:

@@ -13,6 +13,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import math
+from collections.abc import Iterator
 from enum import IntEnum
 
 import typer
@@ -30,6 +34,88 @@ def fail(message: str, code: int = ExitCode.BAD_INPUT) -> typer.Exit:
     """Print `error: message` on stderr and return the `typer.Exit` to raise (`raise fail(...) from None`)."""
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(int(code))
+
+
+def _error_table() -> list[tuple[tuple[type[BaseException], ...], ExitCode]]:
+    """The one mapping from library exceptions to exit codes (docs/cli.md's table), most specific first.
+    Imported lazily: the command modules load fast, and optional extras stay optional."""
+    from ..crf import CRFUnavailableError
+    from ..data import DatasetCheckError
+    from ..data.download import DownloadError
+    from ..data.layouts import DataLayoutError
+    from ..export import ParityError
+    from ..io import ImageReadError
+    from ..predict import PredictOutputError
+    from ..runtime import DeviceError
+    from ..spec import ModelError
+    from ..train import CheckpointError, CheckpointWriteError, NonFiniteError
+
+    return [
+        # 1: the command ran and stopped part-way (its last good files kept) or its result failed a check
+        ((NonFiniteError, CheckpointWriteError, ParityError), ExitCode.PARTIAL),
+        # 2: an option (or a setting) this machine or this command cannot take
+        ((DeviceError, CRFUnavailableError, ImportError), ExitCode.USAGE),
+        # 3: what was given cannot be used: weights, a spec, images, data, a checkpoint, a path
+        ((ModelError, ImageReadError, DatasetCheckError, DataLayoutError, CheckpointError, DownloadError,
+          PredictOutputError, OSError), ExitCode.BAD_INPUT),
+    ]
+
+
+def exit_code(e: BaseException, plain: ExitCode = ExitCode.USAGE) -> ExitCode:
+    """The exit code of a library exception: the typed ones by `_error_table`; a plain ValueError, KeyError or
+    TypeError (a setting out of range, an unknown name) by `plain`: USAGE, except in `data`, whose plain
+    errors are about the dataset (BAD_INPUT); anything else (a RuntimeError mid-run) is PARTIAL."""
+    for types, code in _error_table():
+        if isinstance(e, types):
+            return code
+    if isinstance(e, (ValueError, KeyError, TypeError)):
+        return plain
+    return ExitCode.PARTIAL
+
+
+def error_message(e: BaseException) -> str:
+    """One line for an exception: a KeyError's own text (not its repr), the real cause of a full disk."""
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    msg = str(msg) or type(e).__name__
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC and "no space left" not in msg.lower():
+        msg += " (no space left on device)"
+    if isinstance(e, OSError) and e.filename and str(e.filename) not in msg:
+        msg = f"{e.filename}: {msg}"
+    return msg.strip() or type(e).__name__
+
+
+HANDLED = (ValueError, KeyError, TypeError, OSError, RuntimeError, ImportError)
+
+
+@contextlib.contextmanager
+def errors(plain: ExitCode = ExitCode.USAGE) -> Iterator[None]:
+    """Every command's body runs in this: a library exception becomes one `error:` line and the exit code of
+    `exit_code` (never a traceback). typer.Exit and Ctrl-C pass through."""
+    try:
+        yield
+    except (typer.Exit, KeyboardInterrupt):
+        raise
+    except HANDLED as e:
+        raise fail(error_message(e), exit_code(e, plain)) from None
+
+
+def number(minimum: float | None = None, maximum: float | None = None, *, above: bool = False,
+           below: bool = False):
+    """A typer callback checking a numeric option at parse time: finite (no nan, inf), >= `minimum` (> with
+    `above`) and <= `maximum` (< with `below`); None (not given) passes. A bad value is a usage error (2)."""
+
+    def check(value):
+        if value is None:
+            return value
+        if isinstance(value, float) and not math.isfinite(value):
+            raise typer.BadParameter(f"{value} is not a finite number")
+        if minimum is not None and (value <= minimum if above else value < minimum):
+            raise typer.BadParameter(f"{value} is not {'>' if above else '>='} {minimum:g}")
+        if maximum is not None and (value >= maximum if below else value > maximum):
+            raise typer.BadParameter(f"{value} is not {'<' if below else '<='} {maximum:g}")
+        return value
+
+    return check
 
 
 def choices(name: str, values) -> type:

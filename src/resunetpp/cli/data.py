@@ -11,7 +11,7 @@ import typer
 from ..data.augment import PRESETS
 from ..data.layouts import LAYOUTS
 from ..io import MASK_VALUES
-from .common import ExitCode, choices
+from .common import ExitCode, choices, errors
 
 Layout = choices("Layout", LAYOUTS)
 Preset = choices("Preset", PRESETS)
@@ -30,20 +30,15 @@ def register(app: typer.Typer) -> None:
 
 @contextmanager
 def _friendly_errors():
-    """Known failures become one 'error:' line (exit 3, bad input); warnings print as 'warning:' lines."""
-    from ..data.download import DownloadError
-    from ..io import ImageReadError
-
+    """Failures become one 'error:' line with the exit code of `common.exit_code` (the dataset layer's plain
+    ValueErrors are about the data: bad input, 3); warnings print as 'warning:' lines."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         try:
-            yield
-        except (ValueError, KeyError, FileNotFoundError, FileExistsError, DownloadError, ImageReadError) as e:
+            with errors(plain=ExitCode.BAD_INPUT):
+                yield
+        finally:
             _flush(caught)
-            msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-            typer.echo(f"error: {msg}", err=True)
-            raise typer.Exit(ExitCode.BAD_INPUT) from None
-        _flush(caught)
 
 
 def _flush(caught) -> None:
@@ -98,7 +93,7 @@ def check(root: Path = typer.Argument(..., help="Dataset folder (or prepared cac
 @data_app.command("split")
 def split(root: Path = typer.Argument(..., help="Dataset folder (or prepared cache)."),
           out: Path = typer.Option(..., "--out", help="Split JSON to write."),
-          seed: int = typer.Option(0, "--seed"),
+          seed: int = typer.Option(0, "--seed", min=0),
           fractions: str = typer.Option("0.8,0.1,0.1", "--fractions", help="train,val,test fractions."),
           layout: Layout | None = typer.Option(None, "--layout", help=LAYOUT_HELP),
           skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave unusable pairs out instead of failing."),
@@ -184,9 +179,9 @@ def prepare(root: Path = typer.Argument(..., help="Dataset folder."),
 @data_app.command("show")
 def show(root: Path = typer.Argument(..., help="Dataset folder (or prepared cache)."),
          out: Path = typer.Option(Path("grid.png"), "--out", help="Picture to write (PNG)."),
-         n: int = typer.Option(16, "--n", help="Number of pairs."),
+         n: int = typer.Option(16, "--n", min=1, help="Number of pairs."),
          augment: Preset | None = typer.Option(None, "--augment", help="Also show each pair after this preset."),
-         seed: int = typer.Option(0, "--seed", help="Picks the pairs and the augmentation."),
+         seed: int = typer.Option(0, "--seed", min=0, help="Picks the pairs and the augmentation."),
          size: str = typer.Option("256", "--size", help="Side (256) or HxW."),
          layout: Layout | None = typer.Option(None, "--layout", help=LAYOUT_HELP),
          skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave unusable pairs out instead of failing.")

@@ -14,9 +14,9 @@ import typer
 
 from ..crf import CRF_MODES
 from ..export import CALIB_METHODS, EXPORTERS
-from ..inference import BACKENDS, MIN_AREA, PRECISIONS
+from ..inference import BACKENDS, PRECISIONS
 from ..predict import PROB_FORMATS
-from .common import ExitCode, choices, fail
+from .common import ExitCode, choices, errors, fail, number
 
 # choices generated from the library's own tuples, so the CLI can never offer what the library refuses
 Backend = choices("Backend", BACKENDS)
@@ -31,7 +31,7 @@ WEIGHTS_HELP = ("Checkpoint folder (config.json + model.safetensors), .safetenso
 DEVICE_HELP = "auto (cuda if available, else cpu) | cpu | cuda | cuda:N."
 BACKEND_HELP = "Default: onnxruntime for .onnx weights, else torch. openvino (an .onnx file) needs the openvino extra."
 MIN_AREA_HELP = ("Drop predicted components smaller than this fraction of the image (false-alarm specks); "
-                 "0 keeps all.")
+                 "0 keeps all. Default: the checkpoint's min_area (0.001 unless its config.json sets one).")
 PRECISION_HELP = ("bf16: torch autocast or OpenVINO bf16 (fastest accurate CPU choice with --backend openvino); "
                   "onnxruntime runs the model file's own precision.")
 
@@ -42,18 +42,15 @@ def register(app: typer.Typer) -> None:
     app.command("export")(export)
 
 
-def _segmenter(weights, backend, device, tta, crf, crf_mode, threshold, threads, precision, min_area):
-    from ..crf import CRFUnavailableError
+def make_segmenter(weights, backend, device, tta, crf, crf_mode, threshold, threads, precision, min_area):
+    """The `Segmenter` of predict, video and serve; a damaged model, a missing extra or a device this machine
+    lacks is one `error:` line with the exit code of `common.exit_code` (3, 2 and 2)."""
     from ..inference import Segmenter
 
-    try:
+    with errors():
         return Segmenter(weights, device=device, backend=backend.value if backend else None, tta=tta,
                          crf=crf_mode.value if crf else None, threshold=threshold, threads=threads,
                          precision=precision.value, min_area=min_area)
-    except (CRFUnavailableError, ImportError) as e:  # an optional package is missing: install it
-        raise fail(str(e), ExitCode.USAGE) from None
-    except (FileNotFoundError, ValueError, KeyError, TypeError, OSError) as e:
-        raise fail(str(e), ExitCode.BAD_INPUT) from None
 
 
 def predict(
@@ -63,13 +60,14 @@ def predict(
     backend: Backend | None = typer.Option(None, help=BACKEND_HELP),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     batch_size: int = typer.Option(4, "--batch-size", "-b", min=1, help="Images per forward pass."),
-    threshold: float | None = typer.Option(None, min=0.0, max=1.0, help="Default: the checkpoint's config."),
+    threshold: float | None = typer.Option(None, min=0.0, max=1.0, callback=number(0, 1),
+                                           help="Default: the checkpoint's config."),
     tta: bool = typer.Option(False, "--tta", help="Average identity, horizontal- and vertical-flip predictions."),
     crf: bool = typer.Option(False, "--crf",
                              help=r"Dense-CRF post-processing (needs the crf extra: pip install 'resunetpp\[crf]')."),
     crf_mode: CrfMode = typer.Option(CrfMode("mask"), help="mask: the ResUNet++ follow-up's settings; bilateral: "
                                      "soft probabilities + colour term."),
-    min_area: float = typer.Option(MIN_AREA, min=0.0, max=0.99, help=MIN_AREA_HELP),
+    min_area: float | None = typer.Option(None, min=0.0, max=0.99, callback=number(0, 0.99), help=MIN_AREA_HELP),
     save_prob: bool = typer.Option(False, "--save-prob", help="Also write the probability maps under probs/."),
     prob_format: ProbFormat = typer.Option(ProbFormat("png"), help="png: 8-bit, round(255 p); npy: float32."),
     overlay: bool = typer.Option(True, "--overlay/--no-overlay", help="Write overlays/ images."),
@@ -85,15 +83,14 @@ def predict(
     Inputs that fail are named on stderr and in the CSV; the others are still done (exit code 1).
     Ctrl-C stops after the current image and prints what was written (exit code 130).
     """
-    from ..predict import IMAGE_EXTENSIONS, PredictInterrupted, PredictOutputError, PredictStopped, predict_files
+    from ..predict import IMAGE_EXTENSIONS, PredictInterrupted, PredictStopped, predict_files
     from ..progress import LogProgress
 
-    seg = _segmenter(weights, backend, device, tta, crf, crf_mode, threshold, threads, precision, min_area)
+    seg = make_segmenter(weights, backend, device, tta, crf, crf_mode, threshold, threads, precision, min_area)
     try:
-        summary = predict_files(seg, inputs, out, batch_size=batch_size,
-                                save_prob=prob_format.value if save_prob else None, overlay=overlay, coco=coco)
-    except PredictOutputError as e:
-        raise fail(str(e), ExitCode.BAD_INPUT) from None
+        with errors():  # an --out that cannot be written: PredictOutputError, bad input
+            summary = predict_files(seg, inputs, out, batch_size=batch_size,
+                                    save_prob=prob_format.value if save_prob else None, overlay=overlay, coco=coco)
     except PredictStopped as e:
         typer.echo(f"error: {e}; stopped. Free some space (or choose another --out) and run again", err=True)
         typer.echo(e.summary.line(out))
@@ -117,13 +114,15 @@ def video(
     device: str = typer.Option("auto", help=DEVICE_HELP),
     batch_size: int | None = typer.Option(None, "--batch-size", "-b", min=1,
                                           help="Frames per forward pass. Default: 1 for cameras, 4 for files."),
-    smooth: float = typer.Option(0.0, min=0.0, max=0.99, help="EMA weight of the previous frames' probabilities "
+    smooth: float = typer.Option(0.0, min=0.0, max=0.99, callback=number(0, 0.99),
+                                 help="EMA weight of the previous frames' probabilities "
                                  "(0 = off); less flicker, more lag (0.5: +1 frame, 0.8: +3)."),
     max_frames: int | None = typer.Option(None, min=1, help="Stop after this many frames."),
     csv_path: Path | None = typer.Option(None, "--csv", help="Per-frame CSV. Default: OUT with .csv."),
-    threshold: float | None = typer.Option(None, min=0.0, max=1.0, help="Default: the checkpoint's config."),
+    threshold: float | None = typer.Option(None, min=0.0, max=1.0, callback=number(0, 1),
+                                           help="Default: the checkpoint's config."),
     tta: bool = typer.Option(False, "--tta", help="Flip test-time augmentation (3x the compute)."),
-    min_area: float = typer.Option(MIN_AREA, min=0.0, max=0.99, help=MIN_AREA_HELP),
+    min_area: float | None = typer.Option(None, min=0.0, max=0.99, callback=number(0, 0.99), help=MIN_AREA_HELP),
     threads: int | None = typer.Option(None, min=1, help="onnxruntime / OpenVINO threads."),
     precision: Precision = typer.Option(Precision("fp32"), help=PRECISION_HELP),
     readout: bool = typer.Option(True, "--readout/--no-readout", help="Draw fps and latency in the corner."),
@@ -134,13 +133,11 @@ def video(
     """
     from ..video import process_video
 
-    seg = _segmenter(weights, backend, device, tta, False, CrfMode("mask"), threshold, threads, precision,
+    seg = make_segmenter(weights, backend, device, tta, False, CrfMode("mask"), threshold, threads, precision,
                      min_area)
-    try:
+    with errors(plain=ExitCode.BAD_INPUT):  # a source OpenCV cannot open is bad input
         stats = process_video(seg, source, out, csv_path=csv_path, batch_size=batch_size, smooth=smooth,
                               max_frames=max_frames, readout=readout)
-    except (FileNotFoundError, ValueError, OSError) as e:
-        raise fail(str(e), ExitCode.BAD_INPUT) from None
     stop = "interrupted" if stats.interrupted else "done"
     typer.echo(f"{stop}: {stats.frames} frames {stats.size[0]}x{stats.size[1]} at {stats.source_fps:g} fps -> "
                f"{stats.out_path}; processing {stats.processing_fps:.1f} frames/s, mean latency "
@@ -156,7 +153,8 @@ def export(
     weights: str | None = typer.Option(None, "--weights", "-w",
                                        help="Checkpoint folder or .safetensors. Default: the bundled weights."),
     fmt: str = typer.Option("onnx", "--format", help="Export format (only onnx)."),
-    opset: int = typer.Option(18, min=17, help="ONNX opset (the dynamo exporter needs >= 18)."),
+    opset: int = typer.Option(18, min=17, help="ONNX opset (the dynamo exporter needs >= 18); one the exporter "
+                              "cannot emit is refused, never replaced by another."),
     exporter: Exporter = typer.Option(Exporter("dynamo"), help="torch.onnx exporter: dynamo (torch.export) or legacy "
                                       "(TorchScript)."),
     int8: bool = typer.Option(False, "--int8", help="Static int8 quantisation (QDQ, per-channel); --out is then the "
@@ -166,7 +164,7 @@ def export(
     calib_method: CalibMethod = typer.Option(CalibMethod("minmax"), help="Calibration method."),
 ) -> None:
     """Export to ONNX (dynamic batch/height/width), check parity with PyTorch, optionally quantise to int8."""
-    from ..export import ParityError, export_onnx, quantize_int8
+    from ..export import export_onnx, quantize_int8
     from ..hub import bundled_weights
 
     if fmt != "onnx":
@@ -177,14 +175,10 @@ def export(
         raise fail("--int8 needs --calib DIR: a folder of training images to calibrate on", ExitCode.USAGE)
     if calib is not None and not calib.exists():
         raise fail(f"{calib}: calibration folder not found", ExitCode.BAD_INPUT)
-    try:
+    with errors():  # a damaged model 3, an opset the exporter cannot emit 2, a failed parity check 1
         src = weights if weights is not None else bundled_weights()
         fp32 = out.with_name(f"{out.stem}-fp32.onnx") if int8 else out
         report = export_onnx(src, fp32, opset=opset, exporter=exporter.value)
-    except ParityError as e:
-        raise fail(str(e), ExitCode.PARTIAL) from None
-    except (FileNotFoundError, ValueError, KeyError, TypeError, OSError) as e:
-        raise fail(str(e), ExitCode.BAD_INPUT) from None
     typer.echo(f"exported {report.path} ({report.exporter} exporter, opset {report.opset}); parity vs PyTorch on "
                f"{', '.join('x'.join(map(str, s)) for s in report.checked_shapes)}: max |logit diff| "
                f"{report.max_abs_diff:.2e} (limit 1e-4)")
@@ -192,9 +186,10 @@ def export(
         typer.echo(f"wrote {report.config_path}")
     if int8:
         try:
-            quantize_int8(fp32, out, calib, count=calib_count, method=calib_method.value)
-        except (FileNotFoundError, ValueError) as e:
-            raise fail(str(e), ExitCode.BAD_INPUT) from None
+            with errors(plain=ExitCode.BAD_INPUT):
+                quantize_int8(fp32, out, calib, count=calib_count, method=calib_method.value)
+        except typer.Exit:
+            raise
         except Exception as e:  # onnxruntime's quantiser raises bare Exceptions
             raise fail(f"int8 quantisation of {fp32} failed: {type(e).__name__}: {e}", ExitCode.PARTIAL) from None
         typer.echo(f"int8 model {out} (calibrated on up to {calib_count} images from {calib}, {calib_method.value})")

@@ -1,7 +1,8 @@
 """`resunetpp serve`: a thin layer over `resunetpp.serve.create_app` and uvicorn.
 
-Exit codes: 0 after a clean stop (Ctrl-C); 2 when the server cannot start (no or unusable weights,
-a bad option, a missing optional package, a non-local address without a token).
+Exit codes: 0 after a clean stop (Ctrl-C); otherwise the table of `resunetpp.cli.common`, as for every
+command: 3 for no or unusable weights, 2 for a bad option, a missing optional package or a non-local
+address without a token.
 """
 
 from __future__ import annotations
@@ -11,19 +12,14 @@ import os
 
 import typer
 
-from ..inference import MIN_AREA
-from .infer import BACKEND_HELP, MIN_AREA_HELP, PRECISION_HELP, Backend, Precision
+from .common import ExitCode, errors, fail, number
+from .infer import BACKEND_HELP, MIN_AREA_HELP, PRECISION_HELP, Backend, Precision, make_segmenter
 
 TOKEN_ENV = "RESUNETPP_TOKEN"  # the same name as resunetpp.serve.TOKEN_ENV (not imported: fastapi is optional)
 
 
 def register(app: typer.Typer) -> None:
     app.command("serve")(serve)
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code)
 
 
 def is_loopback(host: str) -> bool:
@@ -45,17 +41,28 @@ def serve(
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda."),
     precision: Precision = typer.Option(Precision("fp32"), help=PRECISION_HELP),
     threads: int | None = typer.Option(None, min=1, help="onnxruntime / OpenVINO threads."),
-    threshold: float | None = typer.Option(None, min=0.0, max=1.0, help="Default: the checkpoint's config."),
+    threshold: float | None = typer.Option(None, min=0.0, max=1.0, callback=number(0, 1),
+                                           help="Default: the checkpoint's config."),
     tta: bool = typer.Option(False, "--tta", help="Flip test-time augmentation (3x the compute)."),
-    min_area: float = typer.Option(MIN_AREA, min=0.0, max=0.99, help=MIN_AREA_HELP),
+    min_area: float | None = typer.Option(None, min=0.0, max=0.99, callback=number(0, 0.99), help=MIN_AREA_HELP),
     token: str | None = typer.Option(None, envvar=TOKEN_ENV, show_envvar=True,
                                      help="Require 'Authorization: Bearer TOKEN' on the API. Required when --host "
                                      "is not a loopback address."),
     max_bytes: int = typer.Option(32 * 1024 * 1024, min=1, help="Largest request body (bytes)."),
     max_pixels: int = typer.Option(25_000_000, min=1, help="Largest image (pixels), checked before decoding."),
-    queue_size: int = typer.Option(8, min=1, help="Requests inside the server at once; one more gets 503."),
+    queue_size: int = typer.Option(64, min=1, help="Requests inside the server at once (a memory bound); one more "
+                                   "gets 503."),
+    max_queue_s: float = typer.Option(30.0, "--max-queue-s", callback=number(0, above=True),
+                                      help="Admission: a request expected to wait longer than this many seconds for "
+                                      "the model (images waiting x recent time per image) gets 503 + Retry-After."),
+    infer_batch: int = typer.Option(8, "--infer-batch", min=1, help="Images per forward pass: concurrent requests "
+                                    "are batched up to this."),
+    batch_wait_ms: float = typer.Option(5.0, "--batch-wait-ms", callback=number(0, 10_000),
+                                        help="Once the model is free, wait at most this long for more images."),
     max_batch: int = typer.Option(16, min=1, help="Images per /v1/segment/batch request."),
     max_streams: int = typer.Option(4, min=1, help="Concurrent WebSocket streams."),
+    stream_idle_s: float = typer.Option(60.0, "--stream-idle-s", callback=number(0, above=True),
+                                        help="Close a WebSocket stream silent for this many seconds (frees its slot)."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
 ) -> None:
     """Serve the browser page (/) and the HTTP API (/v1/..., OpenAPI at /docs) for polyp segmentation.
@@ -67,23 +74,22 @@ def serve(
 
         from ..serve import ServeSettings, create_app
     except ImportError as e:
-        raise _fail(f"the serve command needs the optional packages fastapi, uvicorn and python-multipart "
-                    f"({e}): pip install \"resunetpp[serve]\"") from None
-    from ..inference import Segmenter
+        raise fail(f"the serve command needs the optional packages fastapi, uvicorn and python-multipart "
+                   f"({e}): pip install \"resunetpp[serve]\"", ExitCode.USAGE) from None
 
     if not is_loopback(host):
         typer.echo(f"warning: binding to {host} makes the API reachable from other machines; requests must carry "
                    "the token, and traffic is not encrypted (put a TLS proxy in front).", err=True)
         if not token:
-            raise _fail(f"--host {host} is not a loopback address, so a token is required: pass --token or set "
-                        f"{TOKEN_ENV}, e.g. {TOKEN_ENV}=$(python -c 'import secrets; print(secrets.token_urlsafe())')")
-    try:
-        seg = Segmenter(weights, device=device, backend=backend.value if backend else None, tta=tta,
-                        threshold=threshold, threads=threads, precision=precision.value, min_area=min_area)
-    except (FileNotFoundError, ValueError, KeyError, ImportError) as e:
-        raise _fail(str(e)) from None
-    settings = ServeSettings(max_bytes=max_bytes, max_pixels=max_pixels, queue_size=queue_size, max_batch=max_batch,
-                             max_streams=max_streams, token=token or None)
+            raise fail(f"--host {host} is not a loopback address, so a token is required: pass --token or set "
+                       f"{TOKEN_ENV}, e.g. {TOKEN_ENV}=$(python -c 'import secrets; print(secrets.token_urlsafe())')",
+                       ExitCode.USAGE)
+    seg = make_segmenter(weights, backend, device, tta, False, None, threshold, threads, precision, min_area)
+    with errors():
+        settings = ServeSettings(max_bytes=max_bytes, max_pixels=max_pixels, queue_size=queue_size,
+                                 max_queue_s=max_queue_s, infer_batch=infer_batch, batch_wait_ms=batch_wait_ms,
+                                 max_batch=max_batch, max_streams=max_streams, stream_idle_s=stream_idle_s,
+                                 token=token or None)
     app = create_app(seg, settings)
     ws = "auto"
     try:

@@ -19,7 +19,7 @@ from ..evaluate import PROTOCOLS
 from ..inference import MIN_AREA
 from ..losses import LOSSES
 from ..registry import list_models
-from .common import ExitCode, choices, fail
+from .common import ExitCode, choices, errors, number
 
 # the choices are the library's own tuples: a model, loss or schedule added there is offered here at once
 Model = choices("Model", list_models())
@@ -30,91 +30,78 @@ AugmentPreset = choices("AugmentPreset", AUGMENTS)
 Compile = choices("Compile", COMPILE_MODES)
 Protocol = choices("Protocol", PROTOCOLS)
 
-_ERRORS = (ValueError, OSError, KeyError, RuntimeError)
-
-
 def register(app: typer.Typer) -> None:
     app.command("train")(train)
     app.command("evaluate")(evaluate)
     app.command("reproduce")(reproduce)
 
 
-def _fail(e: BaseException) -> None:
-    """One line and the README's exit code: 3 what was given can't be used (data, weights, a checkpoint),
-    2 a setting is wrong, 1 the run stopped part-way (non-finite loss, disk full: its last files kept)."""
-    from ..data import DatasetCheckError
-    from ..train import CheckpointError, CheckpointWriteError, NonFiniteError
-
-    msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-    if isinstance(e, (NonFiniteError, CheckpointWriteError)):
-        code = ExitCode.PARTIAL
-    elif isinstance(e, (FileNotFoundError, FileExistsError, DatasetCheckError, CheckpointError, OSError)):
-        code = ExitCode.BAD_INPUT
-    elif isinstance(e, (ValueError, KeyError)):
-        code = ExitCode.USAGE
-    else:
-        code = ExitCode.PARTIAL
-    raise fail(msg, code) from None
-
-
 def train(
     model: Model | None = typer.Option(None, help="Registry name (default resunetpp)."),
     data: str | None = typer.Option(None, "--data", help="Dataset folder or prepared cache."),
     split: str | None = typer.Option(None, help="Split JSON (default: the committed split of a known dataset)."),
-    size: int | None = typer.Option(None, help="Square input size (default 256)."),
-    epochs: int | None = typer.Option(None, help="Epochs (default 120)."),
-    batch_size: int | None = typer.Option(None, help="Global batch size over all processes (default 16)."),
-    lr: float | None = typer.Option(None, help="Learning rate (default 1e-4)."),
+    size: int | None = typer.Option(None, min=1, help="Square input size (default 256)."),
+    epochs: int | None = typer.Option(None, min=1, help="Epochs (default 120)."),
+    batch_size: int | None = typer.Option(None, min=1, help="Global batch size over all processes (default 16)."),
+    lr: float | None = typer.Option(None, callback=number(0, above=True), help="Learning rate (default 1e-4)."),
     optimizer: Optimizer | None = typer.Option(None, help="Default adam."),
     loss: Loss | None = typer.Option(None, help="Default: the model's own loss."),
     schedule: Schedule | None = typer.Option(None, help="Default sgdr."),
     augment: AugmentPreset | None = typer.Option(None, help="Default paper."),
-    seed: int | None = typer.Option(None, help="Random seed (default 0)."),
+    seed: int | None = typer.Option(None, min=0, help="Random seed (default 0)."),
     device: str | None = typer.Option(None, help="auto | cpu | cuda | cuda:N (default auto)."),
     amp: bool | None = typer.Option(None, "--amp/--no-amp", help="bf16 autocast (default on for CUDA, off for CPU)."),
     out: str | None = typer.Option(None, "--out", help="Run folder (default runs/resunetpp)."),
     config: Path | None = typer.Option(None, "--config", help="YAML or TOML file of settings; flags override it."),
     resume: Path | None = typer.Option(None, "--resume", help="Continue the run in this folder from its last.pt."),
     skip_bad: bool | None = typer.Option(None, "--skip-bad", help="Train on the good pairs of a failing dataset."),
-    early_stop: int | None = typer.Option(None, "--early-stop", help="Patience in epochs (0: off)."),
-    limit: int | None = typer.Option(None, help="Use only the first N train/val/test ids."),
+    early_stop: int | None = typer.Option(None, "--early-stop", min=0, help="Patience in epochs (0: off)."),
+    limit: int | None = typer.Option(None, min=1, help="Use only the first N train/val/test ids."),
     compile: Compile | None = typer.Option(None, "--compile", help="torch.compile the model (reduce-overhead: CUDA "
                                            "graphs); default auto: on CUDA for long runs."),
-    eval_every: int | None = typer.Option(None, "--eval-every", help="Validate and write last.pt every N epochs "
-                                          "(default 1; the last epoch always)."),
-    time_limit: float | None = typer.Option(None, "--time-limit", help="Seconds: stop resumably before an epoch "
-                                            "that would not fit."),
+    eval_every: int | None = typer.Option(None, "--eval-every", min=1, help="Validate and write last.pt every N "
+                                          "epochs (default 1; the last epoch always)."),
+    time_limit: float | None = typer.Option(None, "--time-limit", callback=number(0, above=True),
+                                            help="Seconds: stop resumably before an epoch that would not fit."),
     sync_bn: bool | None = typer.Option(None, "--sync-bn", help="SyncBatchNorm across torchrun's CUDA processes."),
+    teacher: str | None = typer.Option(None, "--teacher", help="Distil from this model (a bundled name or run "
+                                       "folder): its probabilities join the masks as targets."),
+    distill_weight: float | None = typer.Option(None, "--distill-weight", min=0.0, max=1.0,
+                                                help="Share of the teacher's term in the loss (default 0.5)."),
 ) -> None:
     """Train a model (paper recipe by default). Works as is under `torchrun --nproc_per_node=N`."""
-    from ..train import TrainConfig, config_from_dict, read_config_file
-    from ..train import train as run_train
-
     flags = {"model": model, "data": data, "split": split, "size": size, "epochs": epochs, "batch_size": batch_size,
              "lr": lr, "optimizer": optimizer, "loss": loss, "schedule": schedule, "augment": augment, "seed": seed,
              "device": device, "amp": amp, "out": out, "skip_bad": skip_bad, "early_stop": early_stop, "limit": limit,
              "compile": compile, "eval_every": eval_every, "time_limit": time_limit,
-             "sync_bn": sync_bn}
+             "sync_bn": sync_bn, "teacher": teacher, "distill_weight": distill_weight}
     flags = {k: v.value if hasattr(v, "value") else v for k, v in flags.items()}  # choices are str Enums
     try:
-        values: dict = {}
-        if resume is not None:
-            saved = resume / "train_config.yaml"
-            if not saved.is_file():
-                raise FileNotFoundError(f"{saved}: not found; --resume takes a run folder written by `resunetpp train`")
-            known = TrainConfig.__dataclass_fields__
-            values = {k: v for k, v in read_config_file(saved).items() if k in known}
-        if config is not None:
-            values.update(read_config_file(config))
-        values.update({k: v for k, v in flags.items() if v is not None})
-        cfg = config_from_dict(values, str(config or "settings"))
-        run = run_train(cfg, resume=resume)
-    except _ERRORS as e:
-        _fail(e)
+        with errors():
+            run = _run_train(flags, config, resume)
     except KeyboardInterrupt:  # train() has said where the last checkpoint is
         raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
     if os.environ.get("RANK", "0") == "0":  # under torchrun, once
         typer.echo(f"run folder: {run}")
+
+
+def _run_train(flags: dict, config: Path | None, resume: Path | None) -> Path:
+    """Settings: the defaults (or the resumed run's), then the config file, then the flags; then train."""
+    from ..train import TrainConfig, config_from_dict, read_config_file
+    from ..train import train as run_train
+
+    values: dict = {}
+    if resume is not None:
+        saved = resume / "train_config.yaml"
+        if not saved.is_file():
+            raise FileNotFoundError(f"{saved}: not found; --resume takes a run folder written by `resunetpp train`")
+        known = TrainConfig.__dataclass_fields__
+        values = {k: v for k, v in read_config_file(saved).items() if k in known}
+    if config is not None:
+        values.update(read_config_file(config))
+    values.update({k: v for k, v in flags.items() if v is not None})
+    cfg = config_from_dict(values, str(config or "settings"))
+    return run_train(cfg, resume=resume)
 
 
 def evaluate(
@@ -123,15 +110,16 @@ def evaluate(
     data: Path = typer.Option(..., "--data", help="Dataset folder or prepared cache (any dataset)."),
     split: str = typer.Option("test", help="test | val | train | all | a split JSON | a text file of ids."),
     out: Path | None = typer.Option(None, "--out", help="Report folder (default WEIGHTS/eval/DATASET-SPLIT)."),
-    threshold: float | None = typer.Option(None, help="Override config.json's threshold."),
+    threshold: float | None = typer.Option(None, callback=number(0, 1), help="Override config.json's threshold."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
-    batch_size: int = typer.Option(16, help="Images per forward pass."),
-    limit: int | None = typer.Option(None, help="Only the first N ids of the split."),
+    batch_size: int = typer.Option(16, min=1, help="Images per forward pass."),
+    limit: int | None = typer.Option(None, min=1, help="Only the first N ids of the split."),
     native: bool = typer.Option(False, "--native", help="Score at each mask's original size."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave out pairs that fail the dataset check."),
     protocol: Protocol = typer.Option(Protocol("default"), "--protocol", help="polyp-benchmark adds mDice, mIoU, wFm, "
                                       "Sm, meanEm, maxEm, MAE by PySODMetrics, at each mask's original size."),
-    min_area: float = typer.Option(0.0, min=0.0, max=0.99, help="Drop predicted components smaller than this "
+    min_area: float = typer.Option(0.0, min=0.0, max=0.99, callback=number(0, 0.99),
+                                   help="Drop predicted components smaller than this "
                                    "fraction of the image first, as predict/video/serve do "
                                    f"({MIN_AREA} there); 0 = the paper's protocol."),
 ) -> None:
@@ -144,7 +132,7 @@ def evaluate(
     from ..evaluate import evaluate as run_evaluate
     from ..metrics import BENCHMARK_NAMES, METRIC_NAMES
 
-    try:
+    with errors():
         from ..hub import DEFAULT_PRETRAINED, PRETRAINED
 
         if out is None:  # beside a run; bundled models' reports go under runs/eval/, not into the package
@@ -154,8 +142,6 @@ def evaluate(
         result = run_evaluate(weights, data, split=split, out=out, threshold=threshold, device=device,
                               batch_size=batch_size, limit=limit, native=native, skip_bad=skip_bad,
                               protocol=protocol.value, min_area=min_area)
-    except _ERRORS as e:
-        _fail(e)
     s = result.settings
     table = Table(title=f"{s['model']} on {s['dataset']} ({s['split']}, {result.summary['images']} images)")
     for col in ("metric", "mean over images", "pooled"):
@@ -182,13 +168,13 @@ def evaluate(
 def reproduce(
     table: str = typer.Argument(..., help="table1 (Kvasir-SEG) or table2 (CVC-ClinicDB)."),
     data: Path | None = typer.Option(None, "--data", help="Dataset folder (default ../shared/data/<dataset>)."),
-    epochs: int | None = typer.Option(None, help="Epochs per model (default 120; 2 with --quick)."),
+    epochs: int | None = typer.Option(None, min=1, help="Epochs per model (default 120; 2 with --quick)."),
     out: Path | None = typer.Option(None, "--out", help="Output folder (default runs/reproduce-<table>)."),
     quick: bool = typer.Option(False, "--quick", help="64x64, 2 epochs, 16 ids per split: a CPU pipeline check."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
-    size: int | None = typer.Option(None, help="Override the input size."),
-    limit: int | None = typer.Option(None, help="Override the number of ids per split."),
-    batch_size: int | None = typer.Option(None, help="Override the batch size."),
+    size: int | None = typer.Option(None, min=1, help="Override the input size."),
+    limit: int | None = typer.Option(None, min=1, help="Override the number of ids per split."),
+    batch_size: int | None = typer.Option(None, min=1, help="Override the batch size."),
     models: str | None = typer.Option(None, help="Comma-separated subset of unet,resunet,resunet-mod,resunetpp."),
     grouped: bool | None = typer.Option(None, "--grouped/--no-grouped", help="Also train and test on the leak-free "
                                         "split (default: table2 yes, by sequence; table1 no)."),
@@ -209,12 +195,10 @@ def reproduce(
             command.append(flag)
         elif value not in (None, False) and not (flag == "--device" and value == "auto"):
             command += [flag, str(value)]
-    try:
+    with errors():
         chosen = tuple(m.strip() for m in models.split(",")) if models else MODELS
         path = run_reproduce(table, data=data, out=out, epochs=epochs, quick=quick, device=device, size=size,
                              limit=limit, batch_size=batch_size, models=chosen, command=shlex.join(command),
                              grouped=grouped, train_runs=not tabulate)
-    except _ERRORS as e:
-        _fail(e)
     typer.echo((path / "table.md").read_text())
     typer.echo(f"outputs: {path}")

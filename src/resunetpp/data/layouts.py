@@ -105,7 +105,7 @@ def _read_manifest(folder: Path) -> dict | None:
     try:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: unreadable cache manifest ({e})") from None
+        raise DataLayoutError(f"{path}: unreadable cache manifest ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != CACHE_FORMAT:
         return None
     return manifest
@@ -122,13 +122,18 @@ def _detect_here(folder: Path) -> str | None:
     return None
 
 
+class DataLayoutError(ValueError):
+    """A dataset path that is not a usable dataset (no layout, not a folder, several datasets, a bad cache):
+    bad input, `resunetpp` exits 3."""
+
+
 def _no_layout_error(root: Path) -> ValueError:
     try:
         subs = sorted(p.name + "/" for p in root.iterdir() if p.is_dir())
     except OSError:
         subs = []
     found = ", ".join(subs[:12]) if subs else "no subfolders"
-    return ValueError(
+    return DataLayoutError(
         f"{root}: no dataset layout found (found {found}). Expected images/ + masks/ (Kvasir-SEG or any folder), "
         "Original/ + Ground Truth/ (CVC-ClinicDB, also under PNG/ or TIF/), or a cache made by "
         "`resunetpp data prepare` (manifest.json)."
@@ -140,7 +145,7 @@ def _resolve(root: str | os.PathLike) -> tuple[Path, str]:
     if not root.exists():
         raise FileNotFoundError(f"{root}: folder not found")
     if not root.is_dir():
-        raise ValueError(f"{root}: not a folder (a dataset is a folder with images/ and masks/)")
+        raise DataLayoutError(f"{root}: not a folder (a dataset is a folder with images/ and masks/)")
     layout = _detect_here(root)
     if layout:
         return root, layout
@@ -154,7 +159,7 @@ def _resolve(root: str | os.PathLike) -> tuple[Path, str]:
         return hits[0]
     if len(hits) > 1:
         names = ", ".join(p.name + "/" for p, _ in hits)
-        raise ValueError(f"{root}: holds several datasets ({names}); point at one of them")
+        raise DataLayoutError(f"{root}: holds several datasets ({names}); point at one of them")
     raise _no_layout_error(root)
 
 
@@ -178,7 +183,7 @@ def locate(root: str | os.PathLike, layout: str | None = None) -> Source:
             raise FileNotFoundError(f"{root}: folder not found")
         folder = root
         if layout == "cache" and _read_manifest(root) is None:
-            raise ValueError(f"{root}: not a prepared cache (no valid {CACHE_MANIFEST})")
+            raise DataLayoutError(f"{root}: not a prepared cache (no valid {CACHE_MANIFEST})")
         if _pair_dirs(root, layout) is None and layout != "cache":
             # allow pointing at the download folder with an explicit layout
             kids = [c for c in sorted(root.iterdir()) if c.is_dir() and _pair_dirs(c, layout)]

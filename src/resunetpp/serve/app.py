@@ -9,18 +9,24 @@ Design
 * Requests are decoded in memory (`decode.decode_image`); nothing is written to disk. Multipart
   bodies are parsed in memory too (python-multipart's streaming parser, not Starlette's spooled
   temporary files). The body size is capped while it streams in (`max_bytes`).
-* Admission: at most `queue_size` requests are inside the server at once (receiving, waiting,
-  running). One more gets 503 with `Retry-After` (seconds, from the recent time per request). The
-  model runs on one worker thread (its own intra-op threads use the cores); decoding and encoding
-  run on a second small pool, so they overlap with the model.
-* `WS /v1/stream`: the client sends encoded frames (binary messages). A receiver task always keeps
-  only the newest unprocessed frame, so when the model is slower than the camera stale frames are
-  dropped (each answer's `dropped` counts the frames skipped so far on this stream) and the answer
-  is always for the newest frame. Frames are numbered from 1 in the order they arrive (`frame`).
+* Dynamic batching: images of concurrent requests (and stream frames) are gathered into one forward
+  pass (`Batcher`): up to `infer_batch` images, waiting at most `batch_wait_ms` for more once the model
+  is free. The model runs on one worker thread (its own intra-op threads use the cores); decoding and
+  encoding run on a second small pool, so they overlap with the model. Each answer reports its time
+  in the queue (`timing_ms.queue`, `X-Queue-Ms`) and how many images shared its forward pass.
+* Admission by expected waiting time: a request is refused with 503 and `Retry-After` when the
+  images already waiting, at the recent model time per image, would keep it queued longer than
+  `max_queue_s`; `queue_size` is only a memory bound on requests inside the server at once.
+* `WS /v1/stream`: the client sends encoded frames (binary messages); a client silent for longer than
+  `stream_idle_s` is sent `{"error": "idle_timeout"}` and closed, so idle clients cannot hold the
+  `max_streams` slots. A receiver task always keeps only the newest unprocessed frame, so when the
+  model is slower than the camera stale frames are dropped (each answer's `dropped` counts the frames
+  skipped so far on this stream) and the answer is always for the newest frame. Frames are numbered
+  from 1 in the order they arrive (`frame`).
 * Errors are JSON `{"error": code, "message": text, "status": http}`; bad input gets a 4xx naming
   the problem (codes: empty, not_an_image, truncated, corrupt_image, too_many_pixels, body_too_large,
   unsupported_media_type, bad_multipart, no_image, too_many_images, missing_token, invalid_token,
-  invalid_parameter, busy).
+  invalid_parameter, busy; on the stream also idle_timeout).
 * With a token set, every `/v1/*` route but `/v1/health` needs `Authorization: Bearer <token>`
   (compared with `hmac.compare_digest`); the WebSocket also accepts `?token=` (browsers cannot set
   headers on a WebSocket). The page and its files are public; they hold no data.
@@ -30,11 +36,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import hmac
 import json
+import math
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -68,10 +77,26 @@ class ServeSettings:
 
     max_bytes: int = 32 * 1024 * 1024  # request body (one image, a batch, or one stream frame)
     max_pixels: int = 25_000_000  # per image, read from the header before decoding
-    queue_size: int = 8  # requests inside the server at once; one more gets 503
+    queue_size: int = 64  # requests inside the server at once (a memory bound); one more gets 503
+    max_queue_s: float = 30.0  # a request expected to wait longer than this for the model gets 503
+    infer_batch: int = 8  # images per forward pass: concurrent requests are batched up to this
+    batch_wait_ms: float = 5.0  # once the model is free, wait at most this long for more images to batch
     max_batch: int = 16  # images per /v1/segment/batch request
     max_streams: int = 4  # concurrent WebSocket streams
+    stream_idle_s: float = 60.0  # a stream silent this long is closed (frees its max_streams slot)
     token: str | None = None  # required as a Bearer token when set
+
+    def __post_init__(self) -> None:
+        for name in ("max_bytes", "max_pixels", "queue_size", "infer_batch", "max_batch", "max_streams"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("max_queue_s", "stream_idle_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        if not isinstance(self.batch_wait_ms, (int, float)) or not 0 <= self.batch_wait_ms <= 10_000:
+            raise ValueError(f"batch_wait_ms must lie in [0, 10000], got {self.batch_wait_ms!r}")
 
 
 @dataclass
@@ -83,23 +108,46 @@ class _Stats:
     frames_received: int = 0
     frames_processed: int = 0
     frames_dropped: int = 0
+    streams_idle_closed: int = 0
 
 
 class Gate:
-    """A counter of requests in the server; `slot()` raises 503 (with Retry-After) when full."""
+    """Admission: a counter of requests in the server (at most `capacity`) and the expected wait for the
+    model (`expected_wait_s`: images waiting times the recent model seconds per image, at most
+    `max_wait_s`). `slot()` raises 503 (with Retry-After) when either is exceeded."""
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, max_wait_s: float = math.inf):
         if capacity < 1:
             raise ValueError(f"queue_size must be >= 1, got {capacity}")
         self.capacity = capacity
+        self.max_wait_s = max_wait_s
         self.pending = 0
+        self.images_waiting = 0  # submitted to the model, not yet answered (the Batcher counts them)
+        self.s_per_image: float | None = None  # running mean of model seconds per image, None until measured
         self.mean_s = 0.25  # running mean seconds per request, for Retry-After
         self._lock = threading.Lock()
+        self.refusal = ""
+
+    def expected_wait_s(self, extra: int = 1) -> float:
+        """Seconds a new request of `extra` images would wait for the model, from the recent batches."""
+        if self.s_per_image is None:
+            return 0.0
+        return (max(self.images_waiting, self.pending) + extra) * self.s_per_image
+
+    def observe_batch(self, images: int, seconds: float) -> None:
+        per = seconds / max(1, images)
+        with self._lock:
+            self.s_per_image = per if self.s_per_image is None else 0.7 * self.s_per_image + 0.3 * per
 
     def try_enter(self, force: bool = False) -> bool:
         with self._lock:
-            if self.pending >= self.capacity and not force:
-                return False
+            if not force:
+                if self.pending >= self.capacity:
+                    self.refusal = "full"
+                    return False
+                if self.expected_wait_s() > self.max_wait_s:
+                    self.refusal = "wait"
+                    return False
             self.pending += 1
             return True
 
@@ -109,19 +157,127 @@ class Gate:
             self.mean_s = 0.8 * self.mean_s + 0.2 * seconds
 
     def retry_after(self) -> int:
+        if self.refusal == "wait":
+            return max(1, math.ceil(self.expected_wait_s() - self.max_wait_s))
         return max(1, int(np.ceil(self.mean_s * max(1, self.pending))))
 
     @contextlib.contextmanager
     def slot(self, force: bool = False):
         if not self.try_enter(force):
             seconds = self.retry_after()
-            raise ApiError(503, "busy", f"server busy: {self.pending} request(s) in progress, queue size "
-                           f"{self.capacity}; retry after {seconds} s", headers={"Retry-After": str(seconds)})
+            if self.refusal == "wait":
+                why = (f"server busy: a new request would wait about {self.expected_wait_s():.1f} s for the model, "
+                       f"over the limit of {self.max_wait_s:g} s")
+            else:
+                why = f"server busy: {self.pending} request(s) in progress, queue size {self.capacity}"
+            raise ApiError(503, "busy", f"{why}; retry after {seconds} s", headers={"Retry-After": str(seconds)})
         t = time.perf_counter()
         try:
             yield
         finally:
             self.leave(time.perf_counter() - t)
+
+
+@dataclass
+class Batched:
+    """What the model gave one submission: its probabilities, and how it was run."""
+
+    probs: list[np.ndarray]
+    queue_ms: float  # from submission to the start of its forward pass
+    infer_ms: float  # the forward pass (shared with the others of its batch)
+    batch_images: int  # images in that forward pass
+
+
+class Batcher:
+    """Dynamic batching: the images of concurrent submissions go through `run_model` (a list of images ->
+    a list of probability maps) together, up to `max_images` per pass. When the model frees up, whatever
+    is waiting is taken at once; if that is fewer than `max_images`, it waits at most `max_wait_s` for more.
+    A submission is never split (a /v1/segment/batch request larger than `max_images` runs alone). The
+    model runs on `pool` (one thread); `gate` is told the images waiting and the model time per image."""
+
+    def __init__(self, run_model: Callable[[list[np.ndarray]], list[np.ndarray]], pool: ThreadPoolExecutor,
+                 gate: Gate, max_images: int = 8, max_wait_s: float = 0.005,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.run_model, self.pool, self.gate = run_model, pool, gate
+        self.max_images, self.max_wait_s, self.clock = max_images, max_wait_s, clock
+        self.batches = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _start(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is loop and not self._worker.done():
+            return
+        self._loop = loop  # a new event loop (a test client without lifespan): start afresh on it
+        self._items: collections.deque = collections.deque()
+        self._wake = asyncio.Event()
+        self._worker = loop.create_task(self._work())
+
+    async def submit(self, images: list[np.ndarray]) -> Batched:
+        self._start()
+        future = self._loop.create_future()
+        self._items.append((images, future, self.clock()))
+        self.gate.images_waiting += len(images)
+        self._wake.set()
+        return await future
+
+    def _take(self, batch: list, n: int) -> int:
+        while self._items and n + len(self._items[0][0]) <= self.max_images:
+            item = self._items.popleft()
+            batch.append(item)
+            n += len(item[0])
+        return n
+
+    async def _work(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._items:
+                first = self._items.popleft()
+                batch = [first]
+                n = self._take(batch, len(first[0]))
+                deadline = self.clock() + self.max_wait_s
+                while n < self.max_images and self.max_wait_s > 0 and (left := deadline - self.clock()) > 0:
+                    self._wake.clear()
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), left)
+                    before = n
+                    n = self._take(batch, n)
+                    if n == before and self._items:  # the next one does not fit: run what we have
+                        break
+                await self._run(batch, n)
+
+    async def _run(self, batch: list, n: int) -> None:
+        images = [im for item in batch for im in item[0]]
+        started = self.clock()
+
+        def job():
+            t0 = time.perf_counter()
+            probs = self.run_model(images)
+            return probs, time.perf_counter() - t0
+
+        try:
+            probs, seconds = await self._loop.run_in_executor(self.pool, job)
+        except Exception as e:  # every request of the batch gets the error (a JSON 500); the server goes on
+            for _, future, _ in batch:
+                if not future.done():
+                    future.set_exception(e)
+            return
+        finally:
+            self.gate.images_waiting -= n
+        self.batches += 1
+        self.gate.observe_batch(n, seconds)
+        i = 0
+        for item_images, future, submitted in batch:
+            k = len(item_images)
+            if not future.done():  # a client gone meanwhile cancelled its future
+                future.set_result(Batched(probs[i:i + k], (started - submitted) * 1000, seconds * 1000, n))
+            i += k
+
+    def close(self) -> None:
+        worker = getattr(self, "_worker", None)
+        if worker is not None and not worker.done():
+            with contextlib.suppress(RuntimeError):  # its loop already closed
+                worker.get_loop().call_soon_threadsafe(worker.cancel)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,24 +528,30 @@ def _model_card(seg: Segmenter, settings: ServeSettings) -> dict[str, Any]:
     }
 
 
-def create_app(segmenter: Segmenter | str | Path, settings: ServeSettings | None = None) -> FastAPI:
-    """The FastAPI app serving `segmenter` (a `Segmenter`, or weights to build one with defaults)."""
+def create_app(segmenter: Segmenter | str | Path, settings: ServeSettings | None = None,
+               clock: Callable[[], float] = time.monotonic, idle_poll_s: float = 1.0) -> FastAPI:
+    """The FastAPI app serving `segmenter` (a `Segmenter`, or weights to build one with defaults).
+    `clock` (seconds) judges a stream's idleness, checked every `idle_poll_s`; tests inject both."""
     seg = segmenter if isinstance(segmenter, Segmenter) else Segmenter(segmenter)
     settings = settings or ServeSettings()
-    gate = Gate(settings.queue_size)
+    gate = Gate(settings.queue_size, settings.max_queue_s)
     stats = _Stats()
     infer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="resunetpp-infer")
     work_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="resunetpp-io")
+    batcher = Batcher(lambda images: seg.probabilities(images), infer_pool, gate, settings.infer_batch,
+                      settings.batch_wait_ms / 1000)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
         yield
+        batcher.close()
         infer_pool.shutdown(wait=False, cancel_futures=True)
         work_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="resunetpp", version=__version__, lifespan=lifespan,
                   description="ResUNet++ polyp segmentation over HTTP. " + DISCLAIMER)
     app.state.segmenter, app.state.settings, app.state.gate, app.state.stats = seg, settings, gate, stats
+    app.state.batcher = batcher
 
     @app.exception_handler(ApiError)
     async def _api_error(_request, exc: ApiError):
@@ -414,16 +576,8 @@ def create_app(segmenter: Segmenter | str | Path, settings: ServeSettings | None
     async def run(pool, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
-    async def probabilities(images: list[np.ndarray]) -> tuple[list[np.ndarray], float, float]:
-        t = time.perf_counter()
-
-        def job():
-            t0 = time.perf_counter()
-            return seg.probabilities(images), t0
-
-        probs, t0 = await run(infer_pool, job)
-        t1 = time.perf_counter()
-        return probs, (t0 - t) * 1000, (t1 - t0) * 1000
+    async def probabilities(images: list[np.ndarray]) -> Batched:
+        return await batcher.submit(images)  # batched with the other requests' images (`Batcher`)
 
     def mask_of(image: np.ndarray, prob: np.ndarray, threshold: float | None) -> np.ndarray:
         return seg.postprocess(image, prob, threshold)
@@ -478,8 +632,13 @@ def create_app(segmenter: Segmenter | str | Path, settings: ServeSettings | None
     async def health():
         """Liveness and load; no token needed."""
         return {"status": "ok", "version": __version__, "auth_required": bool(settings.token),
-                "queue": {"pending": gate.pending, "capacity": gate.capacity}, "streams": stats.streams,
-                "uptime_s": round(time.time() - stats.started, 1)}
+                "queue": {"pending": gate.pending, "capacity": gate.capacity},
+                "batching": {"images_waiting": gate.images_waiting,
+                             "expected_wait_s": round(gate.expected_wait_s(), 2), "max_queue_s": settings.max_queue_s,
+                             "infer_batch": settings.infer_batch, "batches": batcher.batches,
+                             "model_ms_per_image": None if gate.s_per_image is None else
+                             round(gate.s_per_image * 1000, 1)},
+                "streams": stats.streams, "uptime_s": round(time.time() - stats.started, 1)}
 
     @app.get("/v1/model", tags=["service"], responses={401: ERROR_DOC})
     async def model(request: Request):
@@ -521,12 +680,15 @@ def create_app(segmenter: Segmenter | str | Path, settings: ServeSettings | None
                 t_dec = time.perf_counter()
                 image = await run(work_pool, decode, uploads[0])
                 decode_ms = (time.perf_counter() - t_dec) * 1000
-                (p,), wait_ms, infer_ms = await probabilities([image])
+                done = await probabilities([image])
+                (p,), wait_ms, infer_ms = done.probs, done.queue_ms, done.infer_ms
                 if format == "png":
                     data, headers = await run(work_pool, result_png, image, p, threshold, output, opacity)
-                    headers["X-Inference-Ms"] = f"{infer_ms:.1f}"
+                    headers.update({"X-Inference-Ms": f"{infer_ms:.1f}", "X-Queue-Ms": f"{wait_ms:.1f}",
+                                    "X-Batch-Images": str(done.batch_images)})
                     return Response(data, media_type="image/png", headers=headers)
                 out = await run(work_pool, result_json, image, p, threshold, polygons, prob, levels)
+                out["batch_images"] = done.batch_images
         except ApiError as e:
             if e.code == "busy":
                 stats.busy_rejections += 1
@@ -567,7 +729,8 @@ def create_app(segmenter: Segmenter | str | Path, settings: ServeSettings | None
                     except ApiError as e:
                         decoded.append(e)
                 good = [i for i, d in enumerate(decoded) if isinstance(d, np.ndarray)]
-                probs, wait_ms, infer_ms = await probabilities([decoded[i] for i in good]) if good else ([], 0, 0)
+                done = await probabilities([decoded[i] for i in good]) if good else Batched([], 0.0, 0.0, 0)
+                probs, wait_ms, infer_ms = done.probs, done.queue_ms, done.infer_ms
                 results: list[dict[str, Any]] = []
                 by_index = dict(zip(good, probs))
                 for i, (u, d) in enumerate(zip(uploads, decoded)):
@@ -581,6 +744,7 @@ def create_app(segmenter: Segmenter | str | Path, settings: ServeSettings | None
                 stats.busy_rejections += 1
             raise
         return {"results": results, "images": len(results), "failed": len(results) - len(good),
+                "batch_images": done.batch_images,
                 "timing_ms": {"queue": round(wait_ms, 1), "inference": round(infer_ms, 1),
                               "total": round((time.perf_counter() - t) * 1000, 1)}}
 
@@ -611,10 +775,23 @@ def create_app(segmenter: Segmenter | str | Path, settings: ServeSettings | None
         state = {"seq": 0, "dropped": 0, "closed": False}
         wake = asyncio.Event()
 
+        last_heard = [clock()]
+
         async def receive():
             try:
                 while True:
-                    msg = await ws.receive()
+                    try:
+                        msg = await asyncio.wait_for(ws.receive(), min(idle_poll_s, settings.stream_idle_s))
+                    except asyncio.TimeoutError:
+                        if clock() - last_heard[0] < settings.stream_idle_s:
+                            continue
+                        stats.streams_idle_closed += 1
+                        await ws.send_text(json.dumps({"error": "idle_timeout", "status": 408, "message":
+                                                       f"no frame or message for {settings.stream_idle_s:g} s: "
+                                                       "stream closed (reconnect to go on)"}))
+                        await ws.close(code=1001)
+                        break
+                    last_heard[0] = clock()
                     if msg["type"] == "websocket.disconnect":
                         break
                     if msg.get("bytes") is not None:
@@ -665,9 +842,12 @@ def create_app(segmenter: Segmenter | str | Path, settings: ServeSettings | None
                         answer = dec
                     else:
                         image = dec["image"]
-                        (p,), _, infer_ms = await probabilities([image])
+                        done = await probabilities([image])
+                        (p,), infer_ms = done.probs, done.infer_ms
                         answer = await run(work_pool, _stream_answer, seg, image, p, dict(opts))
                         answer.update(frame=seq, inference_ms=round(infer_ms, 1))
+                if "image" in dec:
+                    answer.update(queue_ms=round(done.queue_ms, 1))
                 answer.update(dropped=state["dropped"], latency_ms=round((time.perf_counter() - t_recv) * 1000, 1))
                 stats.frames_processed += 1
                 if state["closed"]:
