@@ -37,7 +37,7 @@ def models() -> None:
                       f"{w.size_mib:.1f} MiB")
     if weights:
         console.print(table)
-        typer.echo(f"default (no --weights): {default_name()}; model cards: "
-                   f"{weights[0].folder.parent}/NAME/MODEL_CARD.md")
+        typer.echo(f"default (no --weights): {default_name()}; each has a model card: "
+                   "resunetpp/weights/NAME/MODEL_CARD.md")
     else:
         typer.echo("no bundled trained weights in this install")
