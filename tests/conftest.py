@@ -4,6 +4,33 @@ from pathlib import Path
 import pytest
 import torch
 
+# Slow tests (`@pytest.mark.slow`: real datasets in full, subprocess trainings, the docs' commands, the browser,
+# exports) run with `--slow`, or when CI=true (`.ci/run`); the default `python -m pytest` stays a few minutes.
+# A run that selects only slow tests (`python -m pytest tests/test_bundled.py`) runs them: asked for by name.
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", default=False,
+                     help="also run the tests marked slow (the default when the environment has CI=true)")
+
+
+def _run_slow(config) -> bool:
+    return config.getoption("--slow") or os.environ.get("CI", "").lower() in ("true", "1", "yes")
+
+
+def pytest_collection_modifyitems(config, items):
+    if _run_slow(config) or all("slow" in item.keywords for item in items):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --slow (CI=true runs it too)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+def pytest_report_header(config):
+    return "slow tests: " + ("included" if _run_slow(config) else "skipped (--slow or CI=true runs them)")
+
+
 # Test models are tiny: one thread is as fast as two, and far faster when the two cores are shared.
 torch.set_num_threads(1)
 

@@ -9,6 +9,8 @@ import pytest
 from resunetpp.evaluate import evaluate
 from resunetpp.hub import bundled_weights
 
+pytestmark = pytest.mark.slow  # the full-size bundled models over 161 real test images
+
 
 @pytest.mark.parametrize("name, dataset, images", [("resunetpp-kvasir-seg", "kvasir_dir", 100),
                                                    ("resunetpp-cvc-clinicdb", "clinicdb_dir", 61)])

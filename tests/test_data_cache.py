@@ -119,6 +119,7 @@ def test_lossy_jpeg_cache_still_available(tmp_path):
         prepare_cache(raw, tmp_path / "bad", quality=0, progress=False)
 
 
+@pytest.mark.slow
 def test_real_cache_is_bit_identical(clinicdb_dir, tmp_path):
     from resunetpp.data import SegmentationFolder as Folder
 

@@ -105,6 +105,7 @@ def test_cli_split_group_by_and_check_warning(tmp_path):
     assert r.exit_code == 3 and "seq.json: 1 id(s)" in r.output and "in no sequence, e.g. 10" in r.output
 
 
+@pytest.mark.slow
 def test_real_clinicdb_check_warns_about_the_random_split(clinicdb_dir):
     from resunetpp.data.check import audit_split, scan
     from resunetpp.data.layouts import locate

@@ -21,16 +21,17 @@ def dry_run(tmp_path_factory, kvasir_dir, clinicdb_dir) -> Path:
     out = tmp_path_factory.mktemp("device") / "out"
     # one job of each stage (both tables' ResUNet++, the beyond recipe, one baseline) keeps CI short;
     # the full job list runs the same code path per job
-    cmd = ["bash", str(ROOT / "benchmarks" / "device_run.sh"), "--dry-run", "--budget", "600", "--out", str(out),
+    cmd = ["bash", str(ROOT / "benchmarks" / "device_run.sh"), "--dry-run", "--budget", "86400", "--out", str(out),
            "--data-root", str(kvasir_dir.parent), "--max-workers", "2", "--min-job-seconds", "5",
            "--jobs", "table1-resunetpp,table2-resunetpp,table2-resunetpp-by-sequence,beyond-kvasir,fast-kvasir,"
            "table1-unet"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**__import__("os").environ,
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=7200, env={**__import__("os").environ,
                                                                                 "PYTHON": sys.executable})
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return out
 
 
+@pytest.mark.slow  # the dry run: several trainings in subprocesses
 def test_dry_run_outputs_fit_the_transfer_limits(dry_run):
     files = [p for p in dry_run.rglob("*") if p.is_file()]
     assert 4 <= len(files) <= 8
@@ -44,6 +45,7 @@ def test_dry_run_outputs_fit_the_transfer_limits(dry_run):
     assert "smoke: trained and evaluated" in log and "SMOKE FAILED" not in log and "FAILED" not in log
 
 
+@pytest.mark.slow  # the dry run: several trainings in subprocesses
 def test_dry_run_tables_curves_and_weights(dry_run, tmp_path):
     with tarfile.open(dry_run / "results.tar.gz") as tar:
         names = set(tar.getnames())

@@ -13,10 +13,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_docs_site_builds_strictly(tmp_path):
     pytest.importorskip("mkdocs", reason="mkdocs is not installed (the `docs` extra)")
     res = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path / "site")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300, env={"NO_MKDOCS_2_WARNING": "1",
+                         cwd=ROOT, capture_output=True, text=True, timeout=3600, env={"NO_MKDOCS_2_WARNING": "1",
                                                                                       **__import__("os").environ})
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     api = (tmp_path / "site" / "api" / "index.html").read_text()

@@ -40,6 +40,7 @@ def exported(tmp_path_factory):
     return {"root": root, "ckpt": ckpt, "int8": out, "fp32": out.with_name("model-fp32.onnx"), "output": r.output}
 
 
+@pytest.mark.slow
 def test_export_parity_dynamic_shapes_and_config(exported):
     fp32 = exported["fp32"]
     m = re.search(r"max \|logit diff\| ([0-9.e+-]+)", exported["output"])
@@ -57,6 +58,7 @@ def test_export_parity_dynamic_shapes_and_config(exported):
     assert json.loads((fp32.parent / "config.json").read_text())["input_size"] == [32, 32]
 
 
+@pytest.mark.slow
 def test_onnxruntime_backend_matches_torch(exported, tmp_path):
     rng = np.random.default_rng(11)
     (tmp_path / "in").mkdir()
@@ -85,6 +87,7 @@ def test_onnxruntime_backend_matches_torch(exported, tmp_path):
         Segmenter(exported["ckpt"], backend="onnxruntime")
 
 
+@pytest.mark.slow
 def test_int8_model_is_calibrated_and_agrees(exported):
     int8, fp32 = exported["int8"], exported["fp32"]
     proto = onnx.load(str(int8))
@@ -118,6 +121,7 @@ def test_legacy_exporter_opset17_and_parity_failure(tmp_path):
         export_onnx(model, tmp_path / "x.onnx", opset=17, exporter="dynamo", config=cfg)
 
 
+@pytest.mark.slow
 def test_export_cli_errors(tmp_path, exported):
     r = runner.invoke(app, ["export", "-w", str(exported["ckpt"]), "--out", str(tmp_path / "m.onnx"), "--int8"])
     assert r.exit_code == 2 and "--calib" in r.output
@@ -131,6 +135,7 @@ def test_export_cli_errors(tmp_path, exported):
     assert r.exit_code == 2 and "must end in .onnx" in r.output and not list(tmp_path.glob("m*"))
 
 
+@pytest.mark.slow
 def test_openvino_backend_matches_onnxruntime(exported):
     pytest.importorskip("openvino", reason="the openvino extra is not installed")
     rng = np.random.default_rng(13)
@@ -273,11 +278,13 @@ def _quantised_convs(path) -> tuple[int, int]:
     return len(int8), len(after_cat)
 
 
+@pytest.mark.slow
 def test_int8_keeps_the_concat_fed_convolutions_in_float(exported):
     quantised, after_concat = _quantised_convs(exported["int8"])
     assert quantised >= 10 and after_concat == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["entropy", "percentile"])
 def test_int8_calibration_methods(exported, tmp_path, method):
     from resunetpp.export import quantize_int8

@@ -19,6 +19,7 @@ runner = CliRunner()
 
 
 
+@pytest.mark.slow
 def test_quick_table1_writes_every_output(kvasir_dir, tmp_path):
     out = tmp_path / "t1"
     # the exact models (U-Net's 31 M parameters included) at 32x32 on 8 ids per split, one epoch
@@ -82,6 +83,7 @@ def test_quick_table1_writes_every_output(kvasir_dir, tmp_path):
 @pytest.mark.parametrize("table, flag, label, split_file", [
     ("table2", [], "by sequence", "cvc-clinicdb-by-sequence.json"),
     ("table1", ["--grouped"], "by near-duplicates", "kvasir-seg-by-near-duplicates.json")])
+@pytest.mark.slow
 def test_leak_free_rows_train_and_test_on_the_grouped_split(table, flag, label, split_file, kvasir_dir, clinicdb_dir,
                                                             tmp_path):
     data = {"table1": kvasir_dir, "table2": clinicdb_dir}[table]

@@ -37,6 +37,8 @@ from resunetpp import Segmenter  # noqa: E402
 from resunetpp.serve import create_app  # noqa: E402
 from test_infer_common import disc_image, save_disc_checkpoint  # noqa: E402
 
+pytestmark = pytest.mark.slow  # Chromium
+
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("RESUNETPP_ARTIFACTS", ROOT / "build" / "test-artifacts"))
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
