@@ -3,6 +3,12 @@
     python benchmarks/serve_load.py --clients 8 --duration 30                  # starts its own server
     python benchmarks/serve_load.py --weights runs/kvasir --clients 16 --duration 60 --bad-fraction 0.1
     python benchmarks/serve_load.py --url http://127.0.0.1:8000 --clients 4    # a server already running
+    python benchmarks/serve_load.py --clients 20 --images 200 --baseline      # issue 25's goal (see below)
+
+With --images N each phase sends exactly N requests (no time limit); --baseline first sends the same N
+images from one client, one by one, to the same server, so the table compares concurrent throughput
+with sequential throughput measured in the same run (the goal: >= 1.5x with 0 errors and 0 refusals).
+The server runs with its default settings unless --queue-size is given.
 
 Without --url it starts `resunetpp serve` in a subprocess on a free port with --weights, or with a
 randomly initialised checkpoint (--model default: the full 4.06 M-parameter ResUNet++ at 256x256, the
@@ -93,8 +99,9 @@ def free_port() -> int:
 
 def start_server(args, weights: Path, port: int) -> subprocess.Popen:
     cmd = [sys.executable, "-c", "from resunetpp.cli import app; app()", "serve", "--weights", str(weights),
-           "--port", str(port), "--queue-size", str(args.queue_size), "--log-level", "warning",
-           "--precision", args.precision]
+           "--port", str(port), "--log-level", "warning", "--precision", args.precision]
+    if args.queue_size is not None:
+        cmd += ["--queue-size", str(args.queue_size)]
     if args.device:
         cmd += ["--device", args.device]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -192,7 +199,11 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=30.0, help="seconds of load (after warm-up)")
     p.add_argument("--max-requests", type=int, default=100_000, help="stop after this many requests")
     p.add_argument("--image-size", default="384x288", help="WxH of the synthetic JPEG")
-    p.add_argument("--queue-size", type=int, default=8, help="--queue-size of the server it starts")
+    p.add_argument("--queue-size", type=int, default=None, help="--queue-size of the server it starts (default: "
+                   "the server's)")
+    p.add_argument("--images", type=int, default=None, help="send exactly this many requests per phase (no time "
+                   "limit)")
+    p.add_argument("--baseline", action="store_true", help="first send the same images from one client, one by one")
     p.add_argument("--bad-fraction", type=float, default=0.0, help="share of requests with broken bodies")
     p.add_argument("--timeout", type=float, default=60.0, help="client timeout per request (s)")
     p.add_argument("--token", default=os.environ.get("RESUNETPP_TOKEN"))
@@ -219,6 +230,21 @@ def main() -> None:
             r = httpx.post(url + "/v1/segment", content=good, headers=headers, timeout=args.timeout)
             r.raise_for_status()
         model = httpx.get(url + "/v1/model", headers=headers, timeout=10).json()
+        if args.images:
+            args.max_requests, args.duration = args.images, 1e9
+        base = None
+        if args.baseline:  # one client, the same images one by one, same server, same run
+            one = Tally()
+            t0 = time.monotonic()
+            client_loop(url, good, (w, h), args, one, t0 + args.duration, [args.max_requests], 10_000)
+            wall1 = time.monotonic() - t0
+            lat1 = np.array(one.ok_latencies) * 1000
+            base = {"sent": one.sent, "ok": len(lat1), "wall_s": round(wall1, 1),
+                    "requests_per_s": round(len(lat1) / wall1, 3),
+                    "p50_ms": round(float(np.percentile(lat1, 50)), 1) if len(lat1) else None,
+                    "p99_ms": round(float(np.percentile(lat1, 99)), 1) if len(lat1) else None,
+                    "busy_503": one.busy, "errors": len(one.errors)}
+            print("sequential:", json.dumps(base), flush=True)
         mem_before = rss_kib(proc.pid) if proc else {}
         peak = [mem_before.get("VmRSS", 0)]
         done = threading.Event()
@@ -261,7 +287,8 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"), "url": url, "model": model.get("model"),
         "model_kwargs": model.get("model_kwargs"), "input_size": model.get("input_size"),
         "parameters": model.get("parameters"), "backend": model.get("backend"), "precision": model.get("precision"),
-        "clients": args.clients, "image": f"{w}x{h} JPEG ({len(good):,} bytes)", "queue_size": args.queue_size,
+        "clients": args.clients, "image": f"{w}x{h} JPEG ({len(good):,} bytes)",
+        "queue_size": args.queue_size or "server default",
         "bad_fraction": args.bad_fraction, "wall_s": round(wall, 1), "sent": tally.sent, "ok": len(lat),
         "requests_per_s": round(len(lat) / wall, 2), "p50_ms": pct[50], "p90_ms": pct[90], "p99_ms": pct[99],
         "busy_503": tally.busy, "expected_4xx": tally.expected_4xx, "errors": len(tally.errors), "lost": lost,
@@ -269,6 +296,8 @@ def main() -> None:
         "rss_mib_end": round(mem_after.get("VmRSS", 0) / 1024, 1) if mem_after else None,
         "rss_mib_peak": round(peak[0] / 1024, 1) if proc else None,
         "server_pending_after": health["queue"]["pending"], "cpu_count": os.cpu_count(),
+        "server_batching": health.get("batching"), "sequential": base,
+        "speedup_vs_sequential": round(len(lat) / wall / base["requests_per_s"], 2) if base and base["ok"] else None,
     }
     print(json.dumps(res, indent=2))
     for e in tally.errors[:10]:
@@ -279,6 +308,9 @@ def main() -> None:
           f"(peak {res['rss_mib_peak']})")
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))
+    if base:
+        print(f"sequential (1 client, same images): {base['requests_per_s']} req/s, p50 {base['p50_ms']} ms, "
+              f"p99 {base['p99_ms']} ms; concurrent / sequential = {res['speedup_vs_sequential']}x")
     if tally.errors or lost:
         raise SystemExit(1)
 
