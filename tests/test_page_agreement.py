@@ -227,3 +227,58 @@ def test_page_readout_equals_the_api_at_every_threshold_shown(server, browser):
     assert "mean of the model's probability" in about.text and "0.90" in about.text
     severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE" and "favicon" not in e["message"]]
     assert not severe, severe
+
+
+@pytest.mark.slow
+def test_page_agrees_on_kvasir_images_where_the_min_area_filter_matters(kvasir_dir, browser, tmp_path):
+    """The bundled model on the (up to 3) Kvasir-SEG test images where the filter changes the mask the most,
+    "no polyp" after the filter first: the page's mask, state and readout equal /v1/segment's and the library's."""
+    import json
+    from pathlib import Path
+
+    from resunetpp.io import read_image
+
+    split = json.loads((Path(__file__).resolve().parents[1] / "src/resunetpp/splits/kvasir-seg.json").read_text())
+    seg = Segmenter()
+    changed = []
+    for name in split["test"]:
+        f = kvasir_dir / "images" / f"{name}.jpg"
+        image = read_image(f)
+        (p,) = seg.probabilities([image])
+        post, raw = seg.postprocess(image, p), p > seg.threshold
+        if (post != raw).any():
+            changed.append((not post.any(), float((post != raw).mean()), f, image, p))
+    assert changed, "no test image where the min-area filter changes the mask"
+    changed.sort(key=lambda c: (not c[0], -c[1]))
+    picked = changed[:3]
+    app = create_app(seg)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    try:
+        end = time.monotonic() + 20
+        while not srv.started:
+            assert time.monotonic() < end and thread.is_alive(), "the server did not start"
+            time.sleep(0.05)
+        base = f"http://127.0.0.1:{port}"
+        browser.get(base + "/")
+        wait(browser, "window.resunetpp.model !== null")
+        drop_files(browser, {c[2].name: c[2].read_bytes() for c in picked})
+        wait(browser, f"window.resunetpp.results.length === {len(picked)} && window.resunetpp.pending === 0", 300)
+        for _, _, f, image, p in picked:
+            r = browser.execute_script("""
+                const r = window.resunetpp.results.find((x) => x.name === arguments[0]);
+                let n = 0; for (const v of r.mask) n += v;
+                return {polyp: r.polyp, n: n, shown: r.card.querySelector(".finding").textContent};
+            """, f.name)
+            post = seg.postprocess(image, p)
+            api = api_reading(base, f.read_bytes(), seg.threshold)
+            assert r["polyp"] == bool(post.any()) == api["polyp"], f
+            assert r["n"] == int(api["mask"].sum()) == int(post.sum()), f
+            assert r["shown"] == describe(post, p).text == api["finding"], (f, r["shown"])
+    finally:
+        srv.should_exit = True
+        thread.join(10)
