@@ -164,5 +164,23 @@ def test_attention_gate_with_hand_set_weights_has_no_sigmoid():
     assert expected.max() == (63 - 20 + 2) * 2  # 90: far beyond what a sigmoid gate (at most 1 * x) could give
 
 
-def test_version_string():
-    assert resunetpp.__version__.count(".") >= 2
+def test_version_is_the_projects_and_the_cli_and_checkpoints_report_it(tmp_path):
+    """The version is pyproject.toml's (through the installed metadata), `resunetpp --version` prints it, and a
+    saved model records it (so a checkpoint says which code wrote it)."""
+    import json
+    import re
+    from importlib.metadata import version
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from resunetpp.cli import app
+
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    project = re.search(r'^version = "([^"]+)"', pyproject, re.M).group(1)
+    assert resunetpp.__version__ == version("resunetpp") == project, "reinstall: pip install -e ."
+    r = CliRunner().invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.output.split()[-1] == project
+    resunetpp.save_pretrained(create_model("unet", filters=(4, 4, 4, 4, 4)), tmp_path / "m",
+                              {"model": "unet", "model_kwargs": {"filters": [4, 4, 4, 4, 4]}})
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["version"] == project

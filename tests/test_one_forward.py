@@ -44,15 +44,37 @@ def test_validation_evaluation_and_segmenter_agree():
     assert val["val_dice"] == expected["dice"] and val["val_iou"] == expected["iou"]
 
 
-def test_the_readme_python_example_runs(tmp_path):
-    """The README's three lines, on a synthetic frame, with the bundled weights."""
+def test_the_readme_python_example_finds_the_polyp(kvasir_dir, tmp_path):
+    """The README's three lines with the bundled weights on real Kvasir-SEG test images (the committed split):
+    the mask overlaps the image's own ground truth (read here with OpenCV, grey > 127) far better than another
+    image's, and it is the probability map above the model's threshold with components under 0.1 % of the
+    image dropped (recomputed here with OpenCV)."""
+    import json
+
     import cv2
 
     import resunetpp
+    from resunetpp.data import default_split
 
-    frame = np.zeros((120, 160, 3), np.uint8)
-    cv2.circle(frame, (80, 60), 30, (200, 120, 120), -1)
-    cv2.imwrite(str(tmp_path / "frame.png"), frame)
     seg = resunetpp.Segmenter()
-    mask, prob = seg.segment(resunetpp.io.read_image(tmp_path / "frame.png"))
-    assert mask.shape == prob.shape == (120, 160) and mask.dtype == bool and prob.dtype == np.float32
+    ids = json.loads(default_split("kvasir-seg").read_text())["test"][:4]
+    found, truths = [], []
+    for i in ids:
+        path = next((kvasir_dir / "images").glob(f"{i}.*"))
+        mask, prob = seg.segment(resunetpp.io.read_image(path))
+        truth = cv2.imread(str(next((kvasir_dir / "masks").glob(f"{i}.*"))), cv2.IMREAD_GRAYSCALE) > 127
+        assert mask.shape == prob.shape == truth.shape and 0 <= prob.min() and prob.max() <= 1
+        n, labels, stats, _ = cv2.connectedComponentsWithStats((prob > 0.5).astype(np.uint8), connectivity=8)
+        big = [k for k in range(1, n) if stats[k, cv2.CC_STAT_AREA] >= 0.001 * mask.size]
+        assert mask.tolist() == np.isin(labels, big).tolist()
+        found.append(mask)
+        truths.append(truth)
+
+    def dice(a, b):
+        return 2 * (a & b).sum() / max(1, a.sum() + b.sum())
+
+    own = np.mean([dice(m, t) for m, t in zip(found, truths)])
+    assert own > 0.6, own  # measured 0.689 on these four (the model card: 0.85 over all 100)
+    others = [dice(m, cv2.resize(t.astype(np.uint8), m.shape[::-1], interpolation=cv2.INTER_NEAREST) > 0)
+              for m, t in zip(found, truths[1:] + truths[:1])]
+    assert own > np.mean(others) + 0.2, (own, others)
