@@ -41,6 +41,9 @@ SPECS=(
   "augment|src/resunetpp/data/augment.py|resunetpp.data.augment.*|tests/test_data_augment.py"
   "export-parity|src/resunetpp/export.py|resunetpp.export.x_parity_shapes__* resunetpp.export.x_check_parity__* resunetpp.export.x_concat_fed__*|tests/test_export.py::test_check_parity_checks_every_shape_not_only_the_first tests/test_export.py::test_check_parity_counts_nan_as_a_failure_in_any_shape tests/test_export.py::test_check_parity_refuses_a_shape_mismatch tests/test_export.py::test_export_refuses_a_model_whose_logits_are_nan tests/test_export.py::test_legacy_exporter_opset17_and_parity_failure tests/test_export.py::test_concat_fed_names_the_concats_and_the_convolutions_reading_them tests/test_export.py::test_check_parity_is_relative_to_large_logits_only_and_reproducible tests/test_export.py::test_parity_shapes_are_the_configs_and_a_non_square_one_near_three_quarters_by_five_quarters"
   "overlay|src/resunetpp/overlay.py|resunetpp.overlay.*|tests/test_overlay.py tests/test_video.py"
+  "training-step|src/resunetpp/train.py|resunetpp.train.x_training_step__*|tests/test_training_step.py"
+  "stream|src/resunetpp/serve/app.py|resunetpp.serve.app.x__stream_options__* resunetpp.serve.app.x__stream_answer__*|tests/test_serve_stream_and_upload.py tests/test_serve.py"
+  "upload|src/resunetpp/serve/app.py|resunetpp.serve.app.x__read_body__* resunetpp.serve.app.x_read_uploads__* resunetpp.serve.app.x_parse_multipart__*|tests/test_serve_stream_and_upload.py tests/test_serve.py"
   "segmenter-checks|src/resunetpp/inference.py|resunetpp.inference.x_preprocess_images__* resunetpp.inference.x_check_threshold__* resunetpp.inference.xǁSegmenterǁ__init____*|tests/test_infer.py"
 )
 # left out of every run: subprocess tests (see above) and the real-data training run
