@@ -213,3 +213,35 @@ def test_setup_schedules_exactly_epochs_times_steps(schedule, expected, shapes, 
     assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
     if schedule == "cosine":
         assert got[-1] == pytest.approx(lr * 0.01, rel=1e-9)  # annealed all the way at the last step
+
+
+@pytest.mark.parametrize("amp, channels_last", [(False, False), (True, True)])
+def test_training_step_normalises_lays_out_and_autocasts_as_asked(amp, channels_last):
+    """The model input is (image / 255 - mean) / std with the step's own normalisation, in channels_last memory
+    when asked, and the forward runs under bf16 autocast exactly when `amp`."""
+    seen = {}
+
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, x):
+            seen.update(x=x.detach().clone(), channels_last=x.is_contiguous(memory_format=torch.channels_last)
+                        and not x.is_contiguous(), autocast=torch.is_autocast_enabled(x.device.type),
+                        dtype=torch.get_autocast_dtype(x.device.type))
+            return (self.w * x[:, :1]).float()
+
+    model = Probe()
+    step = T.training_step(model, torch.optim.SGD(model.parameters(), lr=0.0), lambda logits, y: logits.mean(),
+                           Augment("none"), {"mean": [0.5, 0.25, 0.0], "std": [0.25, 0.5, 2.0]}, amp=amp,
+                           channels_last=channels_last)
+    images = torch.randint(0, 256, (2, 3, 4, 6), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    step(images, torch.zeros(2, 1, 4, 6, dtype=torch.uint8))
+    x = images.double() / 255
+    expected = torch.stack([(x[:, 0] - 0.5) / 0.25, (x[:, 1] - 0.25) / 0.5, x[:, 2] / 2.0], 1)
+    torch.testing.assert_close(seen["x"].double(), expected, atol=1e-6, rtol=0)
+    assert seen["channels_last"] is channels_last
+    assert seen["autocast"] is amp
+    if amp:
+        assert seen["dtype"] == torch.bfloat16
