@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 import resunetpp
-from resunetpp.inference import _OpenVinoRunner, preprocess_images, resize_prob
+from resunetpp.inference import OpenVinoRunner, preprocess_images, resize_prob
 
 Runner = Callable[[np.ndarray], np.ndarray]  # (N, 3, H, W) float32 -> (N, 1, H, W) logits
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,7 +98,7 @@ def ort_runner(path: Path, threads: int, optimize: bool = True, save_optimized: 
 
 def openvino_runner(path: Path, threads: int, precision: str) -> Runner:
     # the Segmenter's own runner, so the benchmark times the code that `--backend openvino` runs
-    run = _OpenVinoRunner(path, threads, precision)
+    run = OpenVinoRunner(path, threads, precision)
     return lambda x: run(torch.from_numpy(x)).numpy()
 
 

@@ -64,6 +64,8 @@ class TrainConfig:
     time_limit: float | None = None     # seconds: stop (resumably) before an epoch that would not fit
     sync_bn: bool = False               # SyncBatchNorm across DDP ranks (CUDA only): for small per-GPU batches
     progress: bool = True
+    teacher: str | None = None          # distil from this model (bundled name or run folder); None: off
+    distill_weight: float = 0.5         # loss = (1 - w) * loss(mask) + w * BCE(teacher's probabilities)
 
     def resolved(self) -> TrainConfig:
         """A copy with the None defaults filled in and every choice checked."""
@@ -79,6 +81,8 @@ class TrainConfig:
         for name in ("size", "epochs", "batch_size", "check_every", "eval_every"):
             if getattr(cfg, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+        if not 0.0 <= cfg.distill_weight <= 1.0:
+            raise ValueError(f"distill_weight must lie in [0, 1], got {cfg.distill_weight}")
         if not cfg.data:
             raise ValueError("no training data given (--data DIR_OR_CACHE)")
         return cfg

@@ -162,7 +162,7 @@ class _OrtRunner:
         return torch.from_numpy(out)
 
 
-class _OpenVinoRunner:
+class OpenVinoRunner:
     """OpenVINO on CPU: one static-shape compilation per input shape (faster than a dynamic one)."""
 
     def __init__(self, path: Path, threads: int | None, precision: str):
@@ -251,7 +251,7 @@ class Segmenter:
                 cfg = config or onnx_config(path)
                 source = "config" if config else f"{path} (its config)"
                 if self.backend == "openvino":
-                    self._run = _OpenVinoRunner(path, threads, precision)
+                    self._run = OpenVinoRunner(path, threads, precision)
                 else:
                     if precision != "fp32":
                         raise ValueError("onnxruntime runs the .onnx file's own precision; for bf16 use "

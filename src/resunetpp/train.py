@@ -70,6 +70,7 @@ from .config import (  # noqa: F401  (re-exported: the training API in one impor
     resolve_compile,
     resolve_split,
 )
+from .distill import CACHE_NAME, cached_teacher_probs, distillation_loss
 from .hub import save_pretrained
 from .losses import get_loss
 from .metrics import METRIC_NAMES, confusion, summarize
@@ -142,15 +143,16 @@ def make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, total_steps: in
 def training_step(model, opt, loss_fn, augment, norm: dict[str, torch.Tensor], amp: bool,
                   channels_last: bool, sched=None):
     """The one training step, for `train` and `benchmarks/train_speed.py`: uint8 batch in, loss (on the
-    device, no sync) out. Augment, normalise, forward (bf16 autocast if `amp`), loss in float32, step."""
-    def step(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        x, y = augment(images, masks)  # uint8 in, float [0, 1] / {0, 1} out
+    device, no sync) out. Augment, normalise, forward (bf16 autocast if `amp`), loss in float32, step.
+    With `soft` (a teacher's uint8 probabilities), augmented like the masks, `loss_fn` takes it third."""
+    def step(images: torch.Tensor, masks: torch.Tensor, soft: torch.Tensor | None = None) -> torch.Tensor:
+        x, y, *targets = augment(images, masks, soft)  # uint8 in, float [0, 1] / {0, 1} out
         x = normalize(x, **norm)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(x)
-        loss = loss_fn(logits, y)
+        loss = loss_fn(logits, y, *targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -221,6 +223,7 @@ class Run:
     epoch_seconds: float = 0.0              # the last epoch's time without its first step (train_one_epoch)
     tb: Any = None
     log: Any = print
+    soft: torch.Tensor | None = None        # uint8 (N, 1, H, W) teacher probabilities x 255, when distilling
 
 
 def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
@@ -350,10 +353,14 @@ def setup(cfg: TrainConfig, rt: runtime.Runtime, out: Path, resume: bool, log) -
     compile_mode = resolve_compile(cfg.compile, rt.cuda, cfg.epochs * steps * cfg.batch_size, rank_batch)
     if compile_mode != "off":
         model = torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
+    soft = None
+    if cfg.teacher:  # once, before the first epoch; cached in the run folder for resumes
+        soft = cached_teacher_probs(cfg.teacher, images, [str(k) for k in pairs.ids], out / CACHE_NAME, rt.master)
     loss_fn = get_loss(cfg.loss)
+    train_loss_fn = distillation_loss(loss_fn, cfg.distill_weight) if cfg.teacher else loss_fn
     opt = make_optimizer(cfg, raw_model.parameters(), device)
     sched = make_scheduler(cfg, opt, cfg.epochs * steps)
-    step = training_step(model, opt, loss_fn, Augment(cfg.augment).to(device), normalization_on(device), rt.amp,
+    step = training_step(model, opt, train_loss_fn, Augment(cfg.augment).to(device), normalization_on(device), rt.amp,
                          channels_last=rt.cuda, sched=sched)
     checkpoint_config = {
         "model": cfg.model, "model_kwargs": cfg.model_kwargs, "input_size": [cfg.size, cfg.size],
@@ -363,8 +370,10 @@ def setup(cfg: TrainConfig, rt: runtime.Runtime, out: Path, resume: bool, log) -
         "training": {k: getattr(cfg, k) for k in ("loss", "optimizer", "lr", "batch_size", "schedule",
                                                   "augment", "seed", "epochs")},
     }
+    if cfg.teacher:
+        checkpoint_config["training"]["distillation"] = {"teacher": str(cfg.teacher), "weight": cfg.distill_weight}
     run = Run(cfg, rt, out, images, masks, train_idx, images[val_idx], masks[val_idx].float(), model, raw_model,
-              opt, sched, loss_fn, step, steps, rank_batch, checkpoint_config, log=log)
+              opt, sched, loss_fn, step, steps, rank_batch, checkpoint_config, log=log, soft=soft)
     if resume:
         ckpt = load_checkpoint(out / "last.pt")
         raw_model.load_state_dict(ckpt["model"])
@@ -401,7 +410,7 @@ def train_one_epoch(run: Run, epoch: int, bar) -> float:
     t0 = time.perf_counter()
     for step in range(run.steps):
         idx = shard[step * run.rank_batch:(step + 1) * run.rank_batch]
-        losses[step] = run.step(run.images[idx], run.masks[idx])
+        losses[step] = run.step(run.images[idx], run.masks[idx], None if run.soft is None else run.soft[idx])
         if step == 0 and run.steps > 1 and cfg.time_limit is not None:
             losses[0].item()  # one sync per epoch: a session's first step carries the warm-up (cudnn autotuning)
             t0 = time.perf_counter()

@@ -115,7 +115,9 @@ class Augment(nn.Module):
         self._grids: dict[tuple, torch.Tensor] = {}
         self.last_params: dict[str, torch.Tensor] = {}
 
-    def forward(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor, masks: torch.Tensor, soft: torch.Tensor | None = None):
+        """(images, masks) -> (images, masks); with `soft` (N, 1, H, W) probabilities (uint8 x 255 or float),
+        (images, masks, soft): soft targets get the masks' warp, not their binarisation."""
         if images.ndim != 4 or images.shape[1] != 3 or masks.ndim != 4 or masks.shape[1] != 1:
             raise ValueError(f"Augment expects images (N, 3, H, W) and masks (N, 1, H, W), got "
                              f"{tuple(images.shape)} and {tuple(masks.shape)}")
@@ -123,10 +125,13 @@ class Augment(nn.Module):
             raise ValueError(f"images {tuple(images.shape)} and masks {tuple(masks.shape)} do not match")
         if self.probs.device != images.device:
             self.to(images.device)
+        if soft is not None and soft.shape != masks.shape:
+            raise ValueError(f"soft targets {tuple(soft.shape)} and masks {tuple(masks.shape)} do not match")
         images = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
         masks = masks.float()
+        extra = () if soft is None else (soft.float() / 255.0 if soft.dtype == torch.uint8 else soft.float(),)
         if not self.names:
-            return images.clamp(0.0, 1.0), (masks > 0.5).float()
+            return (images.clamp(0.0, 1.0), (masks > 0.5).float(), *extra)
         n, _, h, w = images.shape
         t = len(_TRANSFORMS)
         u = torch.rand(n, t + len(_VALUES), device=images.device)
@@ -134,15 +139,15 @@ class Augment(nn.Module):
         v = torch.where(use[:, self.gate], u[:, t:] * self.width + self.lo, self.neutral)
         self.last_params = {"use": use, "values": v}
         if self.geometric:
-            x = torch.cat([images, masks], 1)
-            grid = F.affine_grid(self._matrices(v, h, w), [n, 4, h, w], align_corners=False)
+            x = torch.cat([images, masks, *extra], 1)
+            grid = F.affine_grid(self._matrices(v, h, w), [n, x.shape[1], h, w], align_corners=False)
             x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-            images, masks = x[:, :3], (x[:, 3:] > 0.5).float()
+            images, masks, extra = x[:, :3], (x[:, 3:4] > 0.5).float(), (x[:, 4:],) if extra else ()
         if "brightness" in self.names:
             images = images + v[:, _V["brightness"]].view(n, 1, 1, 1)
         if "cutout" in self.names:
             images = images.masked_fill(self._cutout(v, h, w), 0.0)
-        return images.clamp(0.0, 1.0), masks  # not clamp_: `images` may be the caller's tensor
+        return (images.clamp(0.0, 1.0), masks, *extra)  # not clamp_: `images` may be the caller's tensor
 
     def params(self) -> dict[str, torch.Tensor]:
         """The last batch's drawn values by name (each (N,)), and which transforms it used ("use_<name>")."""

@@ -184,3 +184,71 @@ class SegmentationModel(nn.Module):
                 f"{type(self).__name__} cannot take a {h}x{w} input: height and width must be multiples "
                 f"of {s} (e.g. {max(s, h // s * s)}x{max(s, w // s * s)} or {(h // s + 1) * s}x{(w // s + 1) * s})"
             )
+
+
+# ------------------------------------------------------------------------------------------ lite units
+# The paper's units re-cut for CPU speed (resunetpp-lite): post-activation conv3x3 -> BN -> ReLU, which
+# onnxruntime and OpenVINO fold into one fused convolution, and 1x1 attention. No bias before BN.
+
+
+class ConvBNReLU(nn.Sequential):
+    """conv3x3 (no bias) -> BN -> ReLU; `relu=False` leaves the activation to the caller."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, dilation: int = 1, relu: bool = True):
+        layers: list[nn.Module] = [nn.Conv2d(cin, cout, 3, stride, padding=dilation, dilation=dilation, bias=False),
+                                   nn.BatchNorm2d(cout)]
+        if relu:
+            layers.append(nn.ReLU(inplace=True))
+        super().__init__(*layers)
+
+
+class LiteResidualUnit(nn.Module):
+    """Post-activation residual unit with SE: conv-BN-ReLU, conv-BN, plus shortcut, ReLU, then SE.
+
+    The shortcut is the identity when shape is kept, else conv1x1 (stride) + BN.
+    """
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, se: bool = True):
+        super().__init__()
+        self.conv1 = ConvBNReLU(cin, cout, stride)
+        self.conv2 = ConvBNReLU(cout, cout, relu=False)
+        self.shortcut = (nn.Identity() if cin == cout and stride == 1 else
+                         nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)))
+        self.se = SqueezeExcitation(cout, ratio=4) if se else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.se(torch.relu(self.conv2(self.conv1(x)) + self.shortcut(x)))
+
+
+class LiteASPP(nn.Module):
+    """ASPP with the paper's summed branches, at dilations that fit a 16x16 bridge (1, 2, 4)."""
+
+    def __init__(self, cin: int, cout: int, rates: tuple[int, ...] = (1, 2, 4)):
+        super().__init__()
+        self.branches = nn.ModuleList(ConvBNReLU(cin, cout, dilation=r, relu=False) for r in rates)
+        self.project = nn.Sequential(nn.ReLU(inplace=True), nn.Conv2d(cout, cout, 1, bias=False),
+                                     nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.branches[0](x)
+        for branch in self.branches[1:]:
+            y = y + branch(x)
+        return self.project(y)
+
+
+class LiteAttentionGate(nn.Module):
+    """The attention gate with 1x1 convolutions and a sigmoid map (Oktay et al. 2018): g (the encoder
+    skip, 2x the resolution) -> conv1x1 -> maxpool2, plus x -> conv1x1; ReLU -> conv1x1 -> sigmoid,
+    which scales x. The 3x3 gate of ResUNet++ costs as much as a decoder unit."""
+
+    def __init__(self, g_channels: int, x_channels: int, inner: int | None = None):
+        super().__init__()
+        inner = inner or max(x_channels // 2, 4)
+        self.g_conv = nn.Sequential(nn.Conv2d(g_channels, inner, 1, bias=False), nn.BatchNorm2d(inner))
+        self.pool = nn.MaxPool2d(2)
+        self.x_conv = nn.Sequential(nn.Conv2d(x_channels, inner, 1, bias=False), nn.BatchNorm2d(inner))
+        self.psi = nn.Conv2d(inner, 1, 1)
+
+    def forward(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.pool(self.g_conv(g)) + self.x_conv(x))
+        return torch.sigmoid(self.psi(a)) * x

@@ -1,0 +1,82 @@
+"""ResUNet++-lite: the paper's Fig. 2 at a width and with operations chosen for real time on a CPU.
+
+The same graph as `resunetpp.ResUNetPlusPlus` (residual SE encoder, ASPP bridge, attention decoder),
+with these changes, each measured on 2-core CPUs (benchmarks/lite_design.py, docs/models.md):
+
+* a stride-2 stem: every feature map is at half the input resolution or less, and the logits are
+  upsampled x2 (bilinear) at the end. At 256x256 the full-resolution stem alone of ResUNet++ costs
+  more than the whole lite model.
+* post-activation conv3x3 -> BN -> ReLU units (`blocks.ConvBNReLU`), which ONNX Runtime and OpenVINO
+  fold into single fused convolutions; pre-activation BN cannot be folded into the convolution before it.
+* 1x1 attention gates with a sigmoid, a three-branch ASPP at dilations 1, 2, 4 (the bridge is 16x16).
+* widths (8, 16, 24, 32, 48) for `resunetpp-lite`, (16, 24, 32, 48, 64) for `resunetpp-lite-m`.
+
+Inputs must be multiples of 16 in height and width (stem + three stride-2 stages).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..registry import register_model
+from .blocks import ConvBNReLU, LiteASPP, LiteAttentionGate, LiteResidualUnit, SegmentationModel, UpConcat
+
+
+class ResUNetPlusPlusLite(SegmentationModel):
+    total_stride = 16
+
+    def __init__(self, filters: tuple[int, ...] = (8, 16, 24, 32, 48)):
+        super().__init__()
+        f = tuple(filters)
+        if len(f) != 5:
+            raise ValueError(f"ResUNet++-lite takes 5 filter counts, got {len(f)}: {f}")
+        self.filters = f
+        # Encoder (stem at half resolution)
+        self.stem = nn.Sequential(ConvBNReLU(3, f[0], stride=2), LiteResidualUnit(f[0], f[0]))
+        self.enc1 = LiteResidualUnit(f[0], f[1], stride=2)
+        self.enc2 = LiteResidualUnit(f[1], f[2], stride=2)
+        self.enc3 = LiteResidualUnit(f[2], f[3], stride=2)
+        # Bridge
+        self.bridge = LiteASPP(f[3], f[4])
+        # Decoder: attention(skip, x) -> upsample, concat skip -> residual unit
+        self.attn1 = LiteAttentionGate(f[2], f[4])
+        self.dec1 = LiteResidualUnit(f[4] + f[2], f[3])
+        self.attn2 = LiteAttentionGate(f[1], f[3])
+        self.dec2 = LiteResidualUnit(f[3] + f[1], f[2])
+        self.attn3 = LiteAttentionGate(f[0], f[2])
+        self.dec3 = LiteResidualUnit(f[2] + f[0], f[1])
+        self.up = UpConcat()
+        # Output: logits at half resolution, upsampled x2
+        self.head = nn.Conv2d(f[1], 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c1, c2, c3, c4 = self.encode(x, self.stem, self.enc1, self.enc2, self.enc3)
+
+        b = self.bridge(c4)
+
+        d = self.dec1(self.up(self.attn1(c3, b), c3))
+        d = self.dec2(self.up(self.attn2(c2, d), c2))
+        d = self.dec3(self.up(self.attn3(c1, d), c1))
+
+        return F.interpolate(self.head(d), scale_factor=2.0, mode="bilinear", align_corners=False)
+
+
+@register_model(
+    "resunetpp-lite",
+    default_loss="bce+dice",
+    description="ResUNet++-lite: the same units cut for real time on a CPU (0.3 GFLOP at 256x256)",
+)
+def resunetpp_lite(**kwargs) -> ResUNetPlusPlusLite:
+    return ResUNetPlusPlusLite(**kwargs)
+
+
+@register_model(
+    "resunetpp-lite-m",
+    default_loss="bce+dice",
+    description="ResUNet++-lite, wider sibling (16-64 filters)",
+    filters=(16, 24, 32, 48, 64),
+)
+def resunetpp_lite_m(**kwargs) -> ResUNetPlusPlusLite:
+    return ResUNetPlusPlusLite(**kwargs)
