@@ -85,7 +85,7 @@ def _png_header(w: int, h: int) -> bytes:
 
 def test_health_model_and_page(client, seg):
     h = client.get("/v1/health").json()
-    assert h["status"] == "ok" and h["auth_required"] is False and h["queue"] == {"pending": 0, "capacity": 8}
+    assert h["status"] == "ok" and h["auth_required"] is False and h["queue"] == {"pending": 0, "capacity": ServeSettings().queue_size}
     m = client.get("/v1/model").json()
     assert m["model"] == "resunetpp" and m["input_size"] == list(seg.input_size) and m["threshold"] == seg.threshold
     assert m["min_area"] == seg.min_area == 0.001
@@ -476,10 +476,10 @@ def test_cli_without_weights_says_how_to_get_some(fake_uvicorn, monkeypatch, tmp
         pytest.fail("bundled weights resolve without WEIGHTS_DIR")
     except FileNotFoundError:
         pass
-    r = runner.invoke(cli_app, ["serve"])
-    assert r.exit_code == 2 and "resunetpp train" in r.output and not fake_uvicorn
+    r = runner.invoke(cli_app, ["serve"])  # docs/cli.md: no bundled weights, weights not found: exit 3
+    assert r.exit_code == 3 and "resunetpp train" in r.output and not fake_uvicorn
     r = runner.invoke(cli_app, ["serve", "--weights", str(tmp_path / "missing")])
-    assert r.exit_code == 2 and "error:" in r.output
+    assert r.exit_code == 3 and "error:" in r.output
 
 
 def test_a_model_failure_is_a_json_500_and_the_server_goes_on(ckpt):
