@@ -64,7 +64,7 @@ def server(tmp_path_factory):
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", ws="auto"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
-    end = time.monotonic() + 20
+    end = time.monotonic() + 120  # deadlines here catch hangs; a loaded machine is slow, not broken
     while not srv.started:
         assert time.monotonic() < end and thread.is_alive(), "the server did not start"
         time.sleep(0.05)
@@ -109,7 +109,7 @@ def _canvas(driver, selector: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB"))
 
 
-def _wait(driver, script: str, timeout: float = 20.0):
+def _wait(driver, script: str, timeout: float = 120.0):
     end = time.monotonic() + timeout
     while True:
         value = driver.execute_script("return " + script)
@@ -211,7 +211,7 @@ def test_page_drop_overlay_sliders_and_camera(server, browser):
     # download the mask: a 0/255 PNG equal to the mask shown
     driver.find_element(By.CSS_SELECTOR, ".card .dl-mask").click()
     target = driver.downloads / "synthetic-disc_mask.png"
-    end = time.monotonic() + 10
+    end = time.monotonic() + 120
     while not target.is_file() and time.monotonic() < end:
         time.sleep(0.05)
     assert target.is_file(), f"no download in {list(driver.downloads.iterdir())}"
@@ -222,7 +222,7 @@ def test_page_drop_overlay_sliders_and_camera(server, browser):
     driver.find_element(By.CSS_SELECTOR, "button[data-tab=video]").click()
     driver.execute_script("document.getElementById('video-file').hidden = false")
     driver.find_element(By.ID, "video-file").send_keys(str(video))
-    _wait(driver, "window.resunetpp.live.video.frames >= 3", timeout=30)
+    _wait(driver, "window.resunetpp.live.video.frames >= 3")
     readout = driver.find_element(By.ID, "video-readout").text
     assert "frames/s" in readout and "latency" in readout
     frame = _canvas(driver, "#video-canvas")
@@ -232,7 +232,7 @@ def test_page_drop_overlay_sliders_and_camera(server, browser):
     # the camera view: Chromium's fake camera, frames through the WebSocket, a live readout
     driver.find_element(By.CSS_SELECTOR, "button[data-tab=camera]").click()
     driver.find_element(By.ID, "camera-start").click()
-    _wait(driver, "window.resunetpp.live.camera.frames >= 5", timeout=30)
+    _wait(driver, "window.resunetpp.live.camera.frames >= 5")
     readout = driver.find_element(By.ID, "camera-readout").text
     assert "frames/s" in readout and "latency" in readout and "dropped" in readout
     assert app.state.stats.frames_processed >= 5
