@@ -245,3 +245,31 @@ def test_training_step_normalises_lays_out_and_autocasts_as_asked(amp, channels_
     assert seen["autocast"] is amp
     if amp:
         assert seen["dtype"] == torch.bfloat16
+
+
+def test_training_step_warps_a_teachers_soft_targets_with_the_mask_and_hands_them_to_the_loss():
+    """Distillation: soft targets (uint8 probabilities x 255) get the same draw as image and mask and reach the
+    loss as its third argument, on the 0..1 scale; without them the loss gets two arguments."""
+    seen = {}
+
+    def loss_fn(logits, *targets):
+        seen["targets"] = [t.detach().clone() for t in targets]
+        return logits.mean()
+
+    model = torch.nn.Conv2d(3, 1, 1)
+    step = T.training_step(model, torch.optim.SGD(model.parameters(), lr=0.0), loss_fn,
+                           Augment("paper", p=1.0, only=["random_crop", "hflip", "vflip", "rotate"]),
+                           {"mean": [0.0] * 3, "std": [1.0] * 3}, amp=False, channels_last=False)
+    masks = torch.zeros(4, 1, 32, 32, dtype=torch.uint8)
+    masks[:, :, 4:20, 6:12] = 1
+    masks[:, :, 16:20, 6:24] = 1
+    images = (masks * 255).expand(4, 3, 32, 32).contiguous()
+    torch.manual_seed(0)
+    step(images, masks, masks * 200)  # a teacher 200/255 sure wherever the mask is
+    y, soft = seen["targets"]
+    assert not torch.equal(y, masks.float())  # moved
+    assert soft.max().item() == pytest.approx(200 / 255, abs=1e-6) and soft.min().item() == 0
+    agree = ((soft > 100 / 255) == (y > 0.5)).float().flatten(1).mean(1)
+    assert (agree > 0.99).all(), agree  # the same warp; bilinear edges only
+    step(images, masks)
+    assert len(seen["targets"]) == 1
