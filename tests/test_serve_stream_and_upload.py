@@ -90,6 +90,68 @@ def test_stream_masks_follow_the_threshold_of_the_stream(seg):
             assert _mask(d["mask_png"]).tolist() == masks[seg.threshold].tolist()
 
 
+@pytest.mark.parametrize("query, message", [
+    ("output=gif", "output must be mask, overlay or none, got 'gif'"),
+    ("threshold=abc", "threshold must be a number, got 'abc'"),
+    ("threshold=1.5", "threshold must lie in [0, 1], got 1.5"),
+    ("threshold=-0.1", "threshold must lie in [0, 1], got -0.1"),
+])
+def test_stream_refuses_bad_options_when_connecting_with_one_clear_error(seg, query, message):
+    from starlette.websockets import WebSocketDisconnect
+
+    with TestClient(create_app(seg)) as c, c.websocket_connect(f"/v1/stream?{query}") as ws:
+        assert ws.receive_json() == {"error": "invalid_parameter", "message": message, "status": 400}
+        with pytest.raises(WebSocketDisconnect) as closed:
+            ws.receive_json()
+        assert closed.value.code == 1008
+
+
+def test_stream_options_mid_stream_outputs_and_the_empty_threshold(seg):
+    image = disc_image(np.random.default_rng(12), 48, 64)[0]
+    (prob,) = seg.probabilities([image])
+    with TestClient(create_app(seg)) as c, c.websocket_connect("/v1/stream?output=none&threshold=") as ws:
+        ws.send_bytes(_png(image))
+        a = ws.receive_json()  # output none: the figures only; an empty threshold is the model's
+        assert "mask_png" not in a and "overlay_jpeg" not in a and a["threshold"] == seg.threshold
+        assert a["area_fraction"] == pytest.approx(_expected(prob, seg.threshold, seg.min_area).mean(), abs=5e-7)
+        ws.send_text('{"output": "gif"}')  # refused mid-stream: one error, the stream goes on as it was
+        assert ws.receive_json() == {"error": "invalid_parameter", "status": 400,
+                                     "message": "output must be mask, overlay or none, got 'gif'"}
+        ws.send_text('{"threshold": "abc"}')
+        assert ws.receive_json() == {"error": "invalid_parameter", "status": 400,
+                                     "message": "threshold must be a number, got 'abc'"}
+        ws.send_text('{"threshold": [1]}')
+        assert ws.receive_json() == {"error": "invalid_parameter", "status": 400,
+                                     "message": "threshold must be a number, got [1]"}
+        ws.send_bytes(_png(image))
+        b = ws.receive_json()
+        assert "mask_png" not in b and "overlay_jpeg" not in b and b["threshold"] == seg.threshold
+        ws.send_text('{"output": "mask", "threshold": ""}')
+        ws.send_bytes(_png(image))
+        m = ws.receive_json()
+        assert m["threshold"] == seg.threshold
+        assert _mask(m["mask_png"]).tolist() == _expected(prob, seg.threshold, seg.min_area).tolist()
+        ws.send_text('{"output": "overlay", "threshold": 0.3}')
+        ws.send_bytes(_png(image))
+        o = ws.receive_json()
+        assert o["threshold"] == 0.3 and "mask_png" not in o
+        overlay = cv2.imdecode(np.frombuffer(base64.b64decode(o["overlay_jpeg"]), np.uint8), cv2.IMREAD_COLOR)
+        assert overlay.shape == image.shape  # the frame's own size, JPEG
+        # the tint is green and only on the mask: inside, green rises over the image's; outside it stays (JPEG noise)
+        inside = _expected(prob, 0.3, seg.min_area)
+        green_gain = overlay[:, :, 1].astype(int) - image[:, :, 1].astype(int)  # BGR and RGB share index 1
+        assert green_gain[inside].mean() > 20 and abs(green_gain[~inside].mean()) < 8
+
+
+def test_stream_options_defaults():
+    """The options' defaults (as a client that sends only some of them gets): mask output, the model's threshold."""
+    from resunetpp.serve.app import _stream_options
+
+    assert _stream_options({}) == {"output": "mask", "threshold": None}
+    assert _stream_options({"threshold": "0.25"}) == {"output": "mask", "threshold": 0.25}
+    assert _stream_options({"output": "none", "threshold": ""}) == {"output": "none", "threshold": None}
+
+
 # ------------------------------------------------------------------------------ the upload limit
 
 def _multipart(parts: list[bytes], boundary: str = "resunetpp-test-boundary") -> tuple[bytes, str]:
