@@ -141,6 +141,14 @@ def test_stream_options_mid_stream_outputs_and_the_empty_threshold(seg):
         inside = _expected(prob, 0.3, seg.min_area)
         green_gain = overlay[:, :, 1].astype(int) - image[:, :, 1].astype(int)  # BGR and RGB share index 1
         assert green_gain[inside].mean() > 20 and abs(green_gain[~inside].mean()) < 8
+        # and it is the library's overlay of that mask, in the JPEG's BGR order (red and blue not swapped)
+        from resunetpp.overlay import draw_overlay
+
+        reference = draw_overlay(image, inside)[:, :, ::-1].astype(float)
+        for region in (inside, ~inside):  # mean colour per region: JPEG noise averages out, a swap would not
+            got, want = overlay[region].mean(0), reference[region].mean(0)
+            assert np.abs(got - want).max() < 12, (got, want)  # measured 9 inside (the outline, JPEG ringing)
+        assert np.abs(overlay[inside].mean(0) - reference[inside].mean(0)[::-1]).max() > 30
 
 
 def test_stream_options_defaults():
