@@ -14,6 +14,7 @@ with w = `distill_weight` (Hinton et al. 2015's soft targets at temperature 1, p
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
 from collections.abc import Callable
@@ -54,28 +55,25 @@ def distillation_loss(base: LossFn, weight: float) -> Callable[[torch.Tensor, to
 
 @torch.no_grad()
 def teacher_probs(teacher: str | os.PathLike, images: torch.Tensor, batch_size: int = 8,
-                  progress: bool = True) -> torch.Tensor:
+                  progress: bool = True, openvino: bool | None = None) -> torch.Tensor:
     """uint8 (N, 1, H, W) probabilities x 255 of `teacher` (a bundled name or a run folder) for uint8 images
-    (N, 3, H, W): resized to the teacher's input size, normalised as it was trained, and back."""
+    (N, 3, H, W): resized to the teacher's input size, normalised as it was trained, and back. `openvino`:
+    run the teacher there (None: on a CPU when it is installed; export costs ~30 s, then ~5x torch's speed)."""
     model = load_model(teacher, images.device)
     cfg = model.pretrained_config
     size = tuple(int(v) for v in cfg["input_size"])
     norm = cfg.get("normalization")
     with tempfile.TemporaryDirectory() as tmp:  # the OpenVINO teacher's .onnx lives as long as it runs
-        run = _cpu_runner(model, Path(tmp)) if images.device.type == "cpu" else None
+        if openvino is None:
+            openvino = images.device.type == "cpu" and importlib.util.find_spec("openvino") is not None
+        run = _openvino_runner(model, Path(tmp)) if openvino else None
         fn = ((lambda x: torch.sigmoid(run(normalize(x, **norm)))) if run else
               (lambda x: predict_probs(model, x, norm, images.device)))
         return _probs(fn, images, size, batch_size, progress, str(teacher))
 
 
-def _cpu_runner(model: torch.nn.Module, tmp: Path):
-    """OpenVINO fp32 of the teacher (about 5x torch's speed on 2 CPU cores), or None without OpenVINO."""
-    try:
-        import openvino  # noqa: F401  (optional extra)
-    except ImportError:
-        return None
-    path = export_onnx(model, tmp / "teacher.onnx", check=False).path
-    return OpenVinoRunner(path, None, "fp32")
+def _openvino_runner(model: torch.nn.Module, tmp: Path) -> OpenVinoRunner:
+    return OpenVinoRunner(export_onnx(model, tmp / "teacher.onnx", exporter="legacy", check=False).path, None, "fp32")
 
 
 def _probs(fn, images: torch.Tensor, size: tuple[int, ...], batch_size: int, progress: bool, name: str):
@@ -95,7 +93,7 @@ def _probs(fn, images: torch.Tensor, size: tuple[int, ...], batch_size: int, pro
 
 
 def cached_teacher_probs(teacher: str | os.PathLike, images: torch.Tensor, ids: list[str], path: Path,
-                         progress: bool = True) -> torch.Tensor:
+                         progress: bool = True, openvino: bool | None = None) -> torch.Tensor:
     """`teacher_probs`, read from `path` when it holds this teacher's probabilities of these ids at this
     size, else computed and written there (atomically)."""
     meta = {"teacher": str(teacher), "size": f"{images.shape[2]}x{images.shape[3]}", "ids": "\n".join(ids)}
@@ -103,7 +101,7 @@ def cached_teacher_probs(teacher: str | os.PathLike, images: torch.Tensor, ids: 
         with safe_open(str(path), "pt") as f:
             if f.metadata() == meta:
                 return load_file(str(path))["probs"].to(images.device)
-    probs = teacher_probs(teacher, images, progress=progress)
+    probs = teacher_probs(teacher, images, progress=progress, openvino=openvino)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         save_file({"probs": probs.cpu().contiguous()}, str(tmp), metadata=meta)
