@@ -152,10 +152,10 @@ def test_threshold_override_and_from_config(trained, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     cfg = json.loads((copy / "config.json").read_text())
-    cfg["threshold"] = 0.0  # everything is polyp
+    cfg["threshold"] = 1e-30  # everything is polyp (0 itself is refused: thresholds lie strictly inside (0, 1))
     (copy / "config.json").write_text(json.dumps(cfg))
     always = evaluate(copy, data, split="all", progress=False)
-    assert always.settings["threshold"] == 0.0
+    assert always.settings["threshold"] == 1e-30
     assert always.summary["pooled"]["recall"] == 1.0 and always.summary["pooled"]["precision"] < 0.5
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from resunetpp import create_model, load_model, save_pretrained
+from resunetpp import create_model, list_models, load_model, save_pretrained
 from resunetpp.hub import bundled_weights
 
 
@@ -142,16 +142,17 @@ def test_load_model_edge_cases_of_config_and_device(tmp_path):
     with pytest.raises(ValueError, match=r"weights do not match unet \{\} of its config.json: .*; use the "
                                          r"config.json written with these weights$"):
         load_model(run)
-    # model_kwargs that are not a mapping are ignored the same way (not a crash)
+    # model_kwargs that are not a mapping: refused, naming the file and the field (not a crash)
     (run / "config.json").write_text(json.dumps({"model": "unet", "model_kwargs": "filters=4"}))
-    with pytest.raises(ValueError, match="weights do not match unet filters=4"):
+    with pytest.raises(ValueError, match=r"config.json: field 'model_kwargs': must be a JSON object .*'filters=4'"):
         load_model(run)
     # an unknown model: the registry's own words, not a repr of the KeyError
     (run / "config.json").write_text(json.dumps({"model": "deeplab"}))
     with pytest.raises(ValueError) as info:
         load_model(run)
+    assert str(info.value).startswith(f"{run / 'config.json'}: ")  # names the file
     assert str(info.value).endswith("cannot build model 'deeplab' with model_kwargs {} (unknown model 'deeplab'; "
-                                    "available: resunet, resunet-mod, resunetpp, unet)")
+                                    f"available: {', '.join(list_models())})")
 
 
 def test_state_mismatch_adds_more_only_past_the_limit():

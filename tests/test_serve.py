@@ -85,7 +85,8 @@ def _png_header(w: int, h: int) -> bytes:
 
 def test_health_model_and_page(client, seg):
     h = client.get("/v1/health").json()
-    assert h["status"] == "ok" and h["auth_required"] is False and h["queue"] == {"pending": 0, "capacity": ServeSettings().queue_size}
+    assert h["status"] == "ok" and h["auth_required"] is False
+    assert h["queue"] == {"pending": 0, "capacity": ServeSettings().queue_size}
     m = client.get("/v1/model").json()
     assert m["model"] == "resunetpp" and m["input_size"] == list(seg.input_size) and m["threshold"] == seg.threshold
     assert m["min_area"] == seg.min_area == 0.001

@@ -80,11 +80,11 @@ def test_ctrl_c_says_where_the_checkpoint_is(data, tmp_path, monkeypatch):
     def interrupting(*a, **k):
         step = real(*a, **k)
 
-        def wrapped(images, masks):
+        def wrapped(images, masks, *rest):
             calls["n"] += 1
             if calls["n"] > 5:  # an epoch here is 4 steps: interrupt inside epoch 2
                 raise KeyboardInterrupt
-            return step(images, masks)
+            return step(images, masks, *rest)
         return wrapped
 
     monkeypatch.setattr(T, "training_step", interrupting)
