@@ -98,9 +98,9 @@ def test_old_files_read_as_version_1_with_provenance_kept(run):
 
 
 def test_bundled_configs_are_valid_specs():
-    from resunetpp.hub import PRETRAINED, WEIGHTS_DIR
+    from resunetpp.hub import WEIGHTS_DIR, list_pretrained
 
-    for name in PRETRAINED:
+    for name in list_pretrained():
         spec = ModelSpec.from_file(WEIGHTS_DIR / name / "config.json")
         assert spec.model == "resunetpp" and spec.threshold == 0.5 and "metrics" in spec.provenance
 

@@ -38,7 +38,7 @@ def test_a_new_weights_folder_is_listed_without_code_changes(tmp_path, monkeypat
     (new / "config.json").write_text(json.dumps({"model": "resunetpp-lite", "dataset": "kvasir-seg",
                                                  "metrics": {"test": {"dice": 0.8123}}}))
     (root / "not-weights").mkdir()  # a folder without weights is not listed
-    monkeypatch.setattr(catalog, "WEIGHTS_DIR", root)
+    monkeypatch.setattr(catalog.hub, "WEIGHTS_DIR", root)
     r = runner.invoke(app, ["models"], env={"COLUMNS": "160"})
     assert r.exit_code == 0, r.output
     row = next(line for line in r.output.splitlines() if "resunetpp-lite-kvasir-seg" in line)

@@ -12,9 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-WEIGHTS_DIR = Path(__file__).parent / "weights"
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
+from . import hub
 
 
 @dataclass(frozen=True)
@@ -33,17 +31,15 @@ class BundledWeights:
 
 def default_name() -> str | None:
     """The bundled model `Segmenter()` and `--weights`-less commands use."""
-    from .hub import DEFAULT_PRETRAINED
-
-    return DEFAULT_PRETRAINED
+    return hub.DEFAULT_PRETRAINED
 
 
 def bundled(weights_dir: str | Path | None = None) -> list[BundledWeights]:
     """Every bundled trained model under `weights_dir` (default: the package's; module docstring); [] if none."""
     out = []
-    root = Path(WEIGHTS_DIR if weights_dir is None else weights_dir)
+    root = Path(hub.WEIGHTS_DIR if weights_dir is None else weights_dir)
     for folder in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
-        weights, config = folder / WEIGHTS_FILE, folder / CONFIG_FILE
+        weights, config = folder / hub.WEIGHTS_NAME, folder / hub.CONFIG_NAME
         if not (weights.is_file() and config.is_file()):
             continue
         try:

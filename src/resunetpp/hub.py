@@ -32,19 +32,22 @@ CONFIG_NAME = "config.json"
 # Trained weights shipped inside the package (each folder has its MODEL_CARD.md), loadable by name;
 # the first is used when none are given.
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-PRETRAINED = ("resunetpp-kvasir-seg", "resunetpp-cvc-clinicdb")
-DEFAULT_PRETRAINED = PRETRAINED[0]
+DEFAULT_PRETRAINED = "resunetpp-kvasir-seg"
 
 
 def list_pretrained() -> list[str]:
-    """Names of the bundled trained models, e.g. ``load_model("resunetpp-cvc-clinicdb")``."""
-    return [n for n in PRETRAINED if (WEIGHTS_DIR / n / WEIGHTS_NAME).is_file()]
+    """Names of the bundled trained models (each sub-folder of `WEIGHTS_DIR` holding weights and a config), the
+    default first, e.g. ``load_model("resunetpp-cvc-clinicdb")``."""
+    if not WEIGHTS_DIR.is_dir():
+        return []
+    names = [p.name for p in WEIGHTS_DIR.iterdir() if (p / WEIGHTS_NAME).is_file() and (p / CONFIG_NAME).is_file()]
+    return sorted(names, key=lambda n: (n != DEFAULT_PRETRAINED, n))
 
 
 def resolve_weights(path: str | os.PathLike) -> Path:
     """A path as given, or the folder of a bundled model when `path` is one's name (and no such file exists)."""
     p = Path(path)
-    if not p.exists() and str(path) in PRETRAINED:
+    if not p.exists() and str(path) in list_pretrained():
         return bundled_weights(str(path))
     return p
 
@@ -169,9 +172,9 @@ def state_mismatch(expected: dict[str, torch.Tensor], got: dict[str, torch.Tenso
 
 def bundled_weights(name: str = DEFAULT_PRETRAINED) -> Path:
     """Folder of a bundled trained model (default: ResUNet++ on Kvasir-SEG); a clear error if absent."""
-    if name not in PRETRAINED:
-        raise FileNotFoundError(f"{name}: not found, and not a bundled model ({', '.join(PRETRAINED)})")
     folder = WEIGHTS_DIR / name
+    if name != DEFAULT_PRETRAINED and name not in list_pretrained():
+        raise FileNotFoundError(f"{name}: not found, and not a bundled model ({', '.join(list_pretrained())})")
     if not (folder / WEIGHTS_NAME).is_file():
         raise FileNotFoundError(
             f"{folder / WEIGHTS_NAME}: the bundled weights {name!r} are missing from this install (a source "

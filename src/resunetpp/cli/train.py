@@ -133,10 +133,10 @@ def evaluate(
     from ..metrics import BENCHMARK_NAMES, METRIC_NAMES
 
     with errors():
-        from ..hub import DEFAULT_PRETRAINED, PRETRAINED
+        from ..hub import DEFAULT_PRETRAINED, list_pretrained
 
         if out is None:  # beside a run; bundled models' reports go under runs/eval/, not into the package
-            own = weights is not None and str(weights) not in PRETRAINED
+            own = weights is not None and str(weights) not in list_pretrained()
             base = weights / "eval" if own else Path("runs") / "eval" / str(weights or DEFAULT_PRETRAINED)
             out = base / f"{dataset_name(data)}-{Path(split).stem}"
         result = run_evaluate(weights, data, split=split, out=out, threshold=threshold, device=device,
