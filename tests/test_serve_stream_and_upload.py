@@ -63,14 +63,14 @@ def test_stream_masks_follow_the_threshold_of_the_stream(seg):
     (prob,) = seg.probabilities([image])
     # thresholds whose masks differ from the model's own (0.5) and from each other on this image
     low, high = 0.02, 0.98
-    masks = {t: _expected(prob, t, seg.min_area) for t in (low, seg.threshold, high)}
+    masks = {t: _expected(prob, t, seg.min_area) for t in (0.0, low, seg.threshold, high)}
     assert masks[low].sum() > masks[seg.threshold].sum() > masks[high].sum() > 0
     app = create_app(seg)
     with TestClient(app) as c:
         with c.websocket_connect(f"/v1/stream?threshold={high}") as ws:  # set when connecting
             ws.send_bytes(_png(image))
             a = ws.receive_json()
-            assert a["threshold"] == high
+            assert a["threshold"] == high and (a["width"], a["height"]) == (80, 64)
             assert _mask(a["mask_png"]).tolist() == masks[high].tolist()
             assert a["area_fraction"] == pytest.approx(masks[high].mean(), abs=5e-7)
             ws.send_text(f'{{"threshold": {low}}}')  # changed mid-stream
@@ -83,6 +83,10 @@ def test_stream_masks_follow_the_threshold_of_the_stream(seg):
             ws.send_bytes(_png(image))
             none = ws.receive_json()
             assert none["polyp"] is False and not _mask(none["mask_png"]).any() and none["area_fraction"] == 0
+            ws.send_text('{"threshold": 0}')  # the stream takes [0, 1]: at 0 every pixel with p > 0 is polyp
+            ws.send_bytes(_png(image))
+            zero = ws.receive_json()
+            assert zero["threshold"] == 0.0 and _mask(zero["mask_png"]).tolist() == masks[0.0].tolist()
         with c.websocket_connect("/v1/stream") as ws:  # another stream: the model's threshold, not the last one's
             ws.send_bytes(_png(image))
             d = ws.receive_json()
@@ -149,6 +153,28 @@ def test_stream_options_mid_stream_outputs_and_the_empty_threshold(seg):
             got, want = overlay[region].mean(0), reference[region].mean(0)
             assert np.abs(got - want).max() < 12, (got, want)  # measured 9 inside (the outline, JPEG ringing)
         assert np.abs(overlay[inside].mean(0) - reference[inside].mean(0)[::-1]).max() > 30
+
+
+def test_stream_with_a_crf_refines_each_frame_with_its_own_image(tmp_path_factory):
+    """With a CRF the mask depends on the frame's pixels, not only on the probabilities: the stream's mask is the
+    library's post-processing of that frame (the CRF's own labelling is tested in test_infer)."""
+    from resunetpp.crf import crf_available
+
+    if not crf_available():
+        pytest.skip("the crf extra is not installed")
+    seg = Segmenter(save_disc_checkpoint(tmp_path_factory.mktemp("crf-ckpt")), crf="bilateral")
+    image = disc_image(np.random.default_rng(13), 48, 64)[0]
+    (prob,) = seg.probabilities([image])
+    want = seg.postprocess(image, prob)
+    assert want.tolist() != seg.postprocess(np.zeros_like(image), prob).tolist()  # the image matters here
+    with TestClient(create_app(seg)) as c:
+        with c.websocket_connect("/v1/stream") as ws:
+            ws.send_bytes(_png(image))
+            assert _mask(ws.receive_json()["mask_png"]).tolist() == want.tolist()
+        # the HTTP API too (decoded images are read-only arrays: the CRF once failed on every one of them)
+        r = c.post("/v1/segment", content=_png(image), headers={"content-type": "image/png"})
+        assert r.status_code == 200, r.text
+        assert _mask(r.json()["mask_png"]).tolist() == want.tolist()
 
 
 def test_stream_options_defaults():

@@ -67,7 +67,7 @@ def crf_refine(image: np.ndarray, prob: np.ndarray, mode: str = "mask", threshol
                           normalization=dcrf.NORMALIZE_SYMMETRIC)
     if mode == "bilateral":
         d.addPairwiseBilateral(sxy=(sxy_bilateral, sxy_bilateral), srgb=(srgb, srgb, srgb),
-                               rgbim=np.ascontiguousarray(image, dtype=np.uint8), compat=compat_bilateral,
+                               rgbim=np.require(image, np.uint8, ["C", "W"]), compat=compat_bilateral,
                                kernel=dcrf.DIAG_KERNEL, normalization=dcrf.NORMALIZE_SYMMETRIC)
     q = np.asarray(d.inference(iterations), dtype=np.float32).reshape(2, h, w)
     return q[1]
