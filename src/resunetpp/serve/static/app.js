@@ -327,11 +327,14 @@ function render(res) {
     finding.innerHTML = "<b>no polyp found</b>";
     res.finding = "no polyp found";
   }
-  res.card.querySelector(".stats").innerHTML = res.polyp
+  const timing = res.response && res.response.timing_ms;  // which model ran, and how long its forward pass took
+  const ran = state.model ? ` &middot; ${state.model.weights || state.model.model}` +
+    (timing ? ` in ${timing.inference} ms` : "") : "";
+  res.card.querySelector(".stats").innerHTML = (res.polyp
     ? `area ${(100 * res.area).toFixed(2)} % &middot; confidence (mean probability inside) ${res.confidence.toFixed(3)} ` +
       `&middot; ${W}x${H} &middot; threshold ${t.toFixed(2)}`
     : `nothing above threshold ${t.toFixed(2)} outlined &middot; highest probability ${(max / 65535).toFixed(3)} ` +
-      `&middot; ${W}x${H}`;
+      `&middot; ${W}x${H}`) + ran;
   res.card.querySelector("details.about").innerHTML = `<summary>what do these mean?</summary>
     <p><b>Polyp outlined</b>: the share of the image inside the green outline, where the model's probability is above
     the threshold (${t.toFixed(2)})${specks}. <b>No polyp found</b>: nothing is left to outline.</p>
