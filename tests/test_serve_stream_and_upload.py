@@ -236,3 +236,34 @@ def test_upload_limit_counts_the_whole_streamed_body(seg):
         with TestClient(tight) as c3:
             r = _post_chunked(c3, tight, "/v1/segment/batch", body, ctype, chunk=8192)
             assert r.status_code == 413 and r.json()["error"] == "body_too_large"
+
+
+def _part(headers: list[bytes], data: bytes) -> bytes:
+    return b"\r\n".join(headers) + b"\r\n\r\n" + data
+
+
+def test_multipart_parts_are_taken_by_filename_field_name_or_image_type(seg):
+    """Which parts of a multipart body are images, and the name each answer carries: the file name; else the
+    field name (file, files, image, images, or any name with an image/ type; undecodable bytes replaced); else
+    "file". Ordinary form fields are skipped."""
+    png = _png(disc_image(np.random.default_rng(14), 40, 40)[0])
+    boundary = b"b0undary"
+    parts = [
+        _part([b'Content-Disposition: form-data; name="files"; filename="a.png"', b"Content-Type: image/png"], png),
+        _part([b'Content-Disposition: form-data; name="note"', b"Content-Type: text/plain"], b"not an image"),
+        _part([b'Content-Disposition: form-data; name="image"', b"Content-Type: application/octet-stream"], png),
+        _part([b'Content-Disposition: form-data; name="shot\xff"', b"Content-Type: image/png"], png),
+        _part([b"Content-Type: image/png"], png),  # no Content-Disposition at all
+        _part([b'Content-Disposition: form-data; name="comment"'], b"plain text field"),
+    ]
+    body = b"".join(b"--" + boundary + b"\r\n" + p + b"\r\n" for p in parts) + b"--" + boundary + b"--\r\n"
+    with TestClient(create_app(seg)) as c:
+        r = c.post("/v1/segment/batch", content=body,
+                   headers={"content-type": "multipart/form-data; boundary=" + boundary.decode()})
+        assert r.status_code == 200, r.text
+        j = r.json()
+        assert [x["name"] for x in j["results"]] == ["a.png", "image", "shot\ufffd", "file"]
+        assert j["failed"] == 0 and all(x["width"] == 40 for x in j["results"])
+        r = c.post("/v1/segment", content=body, headers={"content-type": "multipart/form-data"})
+        assert r.status_code == 400 and r.json() == {
+            "error": "bad_multipart", "message": "multipart/form-data without a boundary parameter", "status": 400}
