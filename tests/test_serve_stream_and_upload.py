@@ -255,6 +255,11 @@ def test_multipart_parts_are_taken_by_filename_field_name_or_image_type(seg):
         _part([b'Content-Disposition: form-data; name="shot\xff"', b"Content-Type: image/png"], png),
         _part([b"Content-Type: image/png"], png),  # no Content-Disposition at all
         _part([b'Content-Disposition: form-data; name="comment"'], b"plain text field"),
+        _part([b'Content-Disposition: form-data; name="upload"; filename="b\xff.png"',
+               b"Content-Type: application/octet-stream"], png),  # any field with a file name
+        _part([b'Content-Disposition: form-data; name="x"; filename="c.png"'], png),  # no Content-Type: raw bytes
+        *(_part([b'Content-Disposition: form-data; name="%s"' % name, b"Content-Type: application/octet-stream"], png)
+          for name in (b"file", b"files", b"images")),
     ]
     body = b"".join(b"--" + boundary + b"\r\n" + p + b"\r\n" for p in parts) + b"--" + boundary + b"--\r\n"
     with TestClient(create_app(seg)) as c:
@@ -262,7 +267,8 @@ def test_multipart_parts_are_taken_by_filename_field_name_or_image_type(seg):
                    headers={"content-type": "multipart/form-data; boundary=" + boundary.decode()})
         assert r.status_code == 200, r.text
         j = r.json()
-        assert [x["name"] for x in j["results"]] == ["a.png", "image", "shot\ufffd", "file"]
+        assert [x["name"] for x in j["results"]] == ["a.png", "image", "shot\ufffd", "file", "b\ufffd.png", "c.png",
+                                                     "file", "files", "images"]
         assert j["failed"] == 0 and all(x["width"] == 40 for x in j["results"])
         r = c.post("/v1/segment", content=body, headers={"content-type": "multipart/form-data"})
         assert r.status_code == 400 and r.json() == {
