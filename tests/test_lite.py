@@ -14,7 +14,7 @@ from resunetpp.registry import count_parameters, model_info
 def test_registered_with_its_widths():
     model = resunetpp.create_model("resunetpp-lite")
     assert "resunetpp-lite" in resunetpp.list_models()
-    assert model.filters == (16, 16, 32, 32, 64)
+    assert model.filters == (16, 16, 32, 64, 128)
     assert model_info("resunetpp-lite").default_loss == "bce+dice"
 
 
@@ -31,7 +31,7 @@ def test_refuses_sizes_that_are_not_multiples_of_16():
         model(torch.rand(1, 3, 72, 72))
 
 
-def test_cost_is_a_thirtieth_of_resunetpp():
+def test_cost_is_a_twentieth_of_resunetpp():
     """Parameters of one unit by hand, and the FLOPs at 256x256 against ResUNet++'s (counted on the meta
     device: no arithmetic is done)."""
     unit = LiteResidualUnit(8, 16, stride=2)
@@ -45,8 +45,8 @@ def test_cost_is_a_thirtieth_of_resunetpp():
         return fc.get_total_flops() / 1e9
 
     lite, full = gflop("resunetpp-lite"), gflop("resunetpp")
-    assert lite < 1.0 and full > 30
-    assert count_parameters(resunetpp.create_model("resunetpp-lite")) < 200_000
+    assert lite < 1.4 and full > 30
+    assert count_parameters(resunetpp.create_model("resunetpp-lite")) == 525_332
 
 
 def test_exports_to_onnx_and_runs_in_openvino_like_torch(tmp_path):
