@@ -273,3 +273,30 @@ def test_multipart_parts_are_taken_by_filename_field_name_or_image_type(seg):
         r = c.post("/v1/segment", content=body, headers={"content-type": "multipart/form-data"})
         assert r.status_code == 400 and r.json() == {
             "error": "bad_multipart", "message": "multipart/form-data without a boundary parameter", "status": 400}
+
+
+def test_multipart_body_refusals_and_a_part_split_by_a_boundary_lookalike(seg):
+    from PIL.PngImagePlugin import PngInfo
+
+    with TestClient(create_app(seg, ServeSettings(max_bytes=1000))) as c:
+        # a declared length over the limit is refused before reading, saying how large the body is
+        r = c.post("/v1/segment", content=b"\0" * 1001, headers={"content-type": "image/png"})
+        assert r.status_code == 413 and r.json()["message"] == (
+            "request body of 1,001 bytes is over the limit of 1,000 bytes (the server's --max-bytes)")
+    with TestClient(create_app(seg)) as c:
+        r = c.post("/v1/segment/batch", content=b"garbage without boundary",
+                   headers={"content-type": "multipart/form-data; boundary=xyz"})
+        assert r.status_code == 400 and r.json()["error"] == "bad_multipart" and r.json()["status"] == 400
+        assert r.json()["message"].startswith("malformed multipart/form-data body (MultipartParseError: ")
+        # an image whose bytes hold the start of the boundary (in a PNG text chunk) comes through whole
+        info = PngInfo()
+        info.add_text("note", "\r\n--b0und")
+        b = io.BytesIO()
+        image = disc_image(np.random.default_rng(15), 40, 40)[0]
+        Image.fromarray(image).save(b, "PNG", pnginfo=info)
+        body = (b'--b0undary\r\nContent-Disposition: form-data; name="files"; filename="t.png"\r\n'
+                b"Content-Type: image/png\r\n\r\n" + b.getvalue() + b"\r\n--b0undary--\r\n")
+        r = c.post("/v1/segment/batch", content=body,
+                   headers={"content-type": "multipart/form-data; boundary=b0undary"})
+        assert r.status_code == 200 and r.json()["failed"] == 0, r.text
+        assert _mask(r.json()["results"][0]["mask_png"]).tolist() == seg.segment(image)[0].tolist()
