@@ -9,11 +9,13 @@ import pytest
 from resunetpp.evaluate import evaluate
 from resunetpp.hub import bundled_weights
 
-pytestmark = pytest.mark.slow  # the full-size bundled models over 161 real test images
+pytestmark = pytest.mark.slow  # every bundled model over its dataset's real test images
 
 
 @pytest.mark.parametrize("name, dataset, images", [("resunetpp-kvasir-seg", "kvasir_dir", 100),
-                                                   ("resunetpp-cvc-clinicdb", "clinicdb_dir", 61)])
+                                                   ("resunetpp-cvc-clinicdb", "clinicdb_dir", 61),
+                                                   ("resunetpp-lite-kvasir-seg", "kvasir_dir", 100),
+                                                   ("resunetpp-lite-cvc-clinicdb", "clinicdb_dir", 61)])
 def test_bundled_model_scores_what_its_model_card_says(name, dataset, images, request):
     data = request.getfixturevalue(dataset)
     folder = bundled_weights(name)

@@ -24,7 +24,7 @@ def dry_run(tmp_path_factory, kvasir_dir, clinicdb_dir) -> Path:
     cmd = ["bash", str(ROOT / "benchmarks" / "device_run.sh"), "--dry-run", "--budget", "86400", "--out", str(out),
            "--data-root", str(kvasir_dir.parent), "--max-workers", "2", "--min-job-seconds", "5",
            "--jobs", "table1-resunetpp,table2-resunetpp,table2-resunetpp-by-sequence,beyond-kvasir,fast-kvasir,"
-           "table1-unet"]
+           "table1-unet,lite-kvasir"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=7200, env={**__import__("os").environ,
                                                                                 "PYTHON": sys.executable})
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -40,7 +40,7 @@ def test_dry_run_outputs_fit_the_transfer_limits(dry_run):
     names = {p.name for p in files}
     assert names == {"device_run.log", "summary.md", "results.tar.gz", "table1-resunetpp.safetensors",
                      "table2-resunetpp.safetensors", "table2-resunetpp-by-sequence.safetensors",
-                     "beyond-kvasir.safetensors"}
+                     "beyond-kvasir.safetensors", "lite-kvasir.safetensors"}
     log = (dry_run / "device_run.log").read_text()
     assert "smoke: trained and evaluated" in log and "SMOKE FAILED" not in log and "FAILED" not in log
 
@@ -72,6 +72,9 @@ def test_dry_run_tables_curves_and_weights(dry_run, tmp_path):
     fast = (tmp_path / "fast-kvasir" / "train_config.yaml").read_text()  # its own recipe, evaluated too
     assert "augment: light" in fast and "time_limit: 45" in fast and "compile: 'off'" in fast
     assert (tmp_path / "fast-kvasir" / "eval" / "metrics.json").is_file()
+    lite = (tmp_path / "lite-kvasir" / "train_config.yaml").read_text()  # distilled from the bundled model
+    assert "model: resunetpp-lite" in lite and "teacher: resunetpp-kvasir-seg" in lite
+    assert (tmp_path / "lite-kvasir" / "eval" / "metrics.json").is_file()
     # the fp16 weights load back as a model with their config
     run = tmp_path / "w"
     run.mkdir()
