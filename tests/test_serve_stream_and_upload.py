@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import warnings
 
 import cv2
@@ -300,3 +301,50 @@ def test_multipart_body_refusals_and_a_part_split_by_a_boundary_lookalike(seg):
                    headers={"content-type": "multipart/form-data; boundary=b0undary"})
         assert r.status_code == 200 and r.json()["failed"] == 0, r.text
         assert _mask(r.json()["results"][0]["mask_png"]).tolist() == seg.segment(image)[0].tolist()
+
+
+def _raw_post(c: TestClient, app, path: str, headers: list[tuple[bytes, bytes]], messages: list[dict]) -> tuple:
+    """One HTTP request straight through the ASGI app, its body as the given receive messages (so a client
+    that disconnects half-way can be played); returns (status, JSON body)."""
+    async def go():
+        sent, queue = [], list(messages)
+
+        async def receive():
+            return queue.pop(0) if queue else {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+                 "headers": [(b"host", b"testserver"), *headers], "client": ("127.0.0.1", 1),
+                 "server": ("testserver", 80)}
+        await app(scope, receive, send)
+        status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+        body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+        return status, json.loads(body)
+
+    return c.portal.call(go)
+
+
+def test_upload_limit_edges_a_disconnect_and_other_multipart_kinds(seg):
+    app = create_app(seg, ServeSettings(max_bytes=1000))
+    with TestClient(app) as c:
+        # a declared length exactly at the limit is read (and then found not to be an image)
+        r = c.post("/v1/segment", content=b"\0" * 1000, headers={"content-type": "image/png"})
+        assert r.status_code == 400 and r.json()["error"] == "not_an_image"
+        # streamed over the limit without a declared length: the streaming message, in full
+        status, body = _raw_post(c, app, "/v1/segment", [(b"content-type", b"image/png")],
+                                 [{"type": "http.request", "body": b"\0" * 600, "more_body": True},
+                                  {"type": "http.request", "body": b"\0" * 600, "more_body": False}])
+        assert (status, body) == (413, {"error": "body_too_large", "status": 413, "message":
+                                        "request body is over the limit of 1,000 bytes (the server's --max-bytes)"})
+        # the client goes away half-way through its body
+        status, body = _raw_post(c, app, "/v1/segment", [(b"content-type", b"image/png")],
+                                 [{"type": "http.request", "body": b"\0" * 100, "more_body": True},
+                                  {"type": "http.disconnect"}])
+        assert (status, body) == (400, {"error": "client_disconnected", "status": 400, "message":
+                                        "the client closed the connection before the body ended"})
+        r = c.post("/v1/segment", content=b"--x\r\n", headers={"content-type": "multipart/mixed; boundary=x"})
+        assert r.status_code == 415 and r.json() == {"error": "unsupported_media_type", "status": 415,
+                                                     "message": "Content-Type multipart/mixed: use multipart/form-data"}
