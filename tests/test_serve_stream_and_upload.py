@@ -348,3 +348,13 @@ def test_upload_limit_edges_a_disconnect_and_other_multipart_kinds(seg):
         r = c.post("/v1/segment", content=b"--x\r\n", headers={"content-type": "multipart/mixed; boundary=x"})
         assert r.status_code == 415 and r.json() == {"error": "unsupported_media_type", "status": 415,
                                                      "message": "Content-Type multipart/mixed: use multipart/form-data"}
+
+
+def test_raw_body_errors_name_the_body_and_say_what_to_send(seg):
+    with TestClient(create_app(seg)) as c:
+        r = c.post("/v1/segment", content=b"%PDF-1.4 text", headers={"content-type": "image/png"})
+        assert r.status_code == 400 and r.json()["message"].startswith("body: ")  # the raw body, by that name
+        r = c.post("/v1/segment", content=b"x", headers={"content-type": "text/plain"})
+        assert r.status_code == 415 and r.json()["message"] == (
+            "Content-Type text/plain is not an image: send the file as the body with Content-Type image/jpeg, "
+            "image/png, ... (or application/octet-stream), or as multipart/form-data")
