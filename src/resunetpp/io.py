@@ -61,6 +61,11 @@ def _read_array(path: Path) -> np.ndarray:
     return decode_array(data, path)
 
 
+# why bytes that no decoder recognises are refused: the same words from every reader (files, uploads, checks)
+NOT_AN_IMAGE = ("not a readable image (not an image Pillow or tifffile can read: send a JPEG, PNG, BMP, TIFF or "
+                "WebP file)")
+
+
 def _too_many(what, w: int, h: int, limit: int) -> ImageReadError:
     return ImageReadError(what, f"image too large: {w}x{h} = {w * h:,} pixels, over the limit of {limit:,} "
                           "(refused before decoding)", "too_many_pixels")
@@ -126,10 +131,9 @@ def _decode_pil(data: bytes, what, limit: int) -> np.ndarray:
     except Image.DecompressionBombError as e:
         raise ImageReadError(what, f"image too large ({e})", "too_many_pixels") from None
     except UnidentifiedImageError:
-        raise ImageReadError(what, "not a readable image (not an image Pillow or tifffile can read: send a JPEG, "
-                             "PNG, BMP, TIFF or WebP file)", "not_an_image") from None
+        raise ImageReadError(what, NOT_AN_IMAGE, "not_an_image") from None
     except Exception as e:
-        raise _load_error(what, e) from None
+        raise decode_error(what, e) from None
     with im:
         if im.width * im.height > limit:
             raise _too_many(what, im.width, im.height, limit)
@@ -147,10 +151,10 @@ def _decode_pil(data: bytes, what, limit: int) -> np.ndarray:
         except Image.DecompressionBombError as e:
             raise ImageReadError(what, f"image too large ({e})", "too_many_pixels") from None
         except Exception as e:
-            raise _load_error(what, e) from None
+            raise decode_error(what, e) from None
 
 
-def _load_error(what, e: Exception) -> ImageReadError:
+def decode_error(what, e: Exception) -> ImageReadError:
     text = str(e)
     if "truncat" in text.lower() or isinstance(e, EOFError):
         return ImageReadError(what, f"not a readable image: the image data is truncated (an incomplete upload or "

@@ -32,7 +32,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from ..io import IMAGE_EXTENSIONS, MASK_VALUES, ImageReadError, mask_from_grey, mask_grey, read_image
+from ..io import (
+    IMAGE_EXTENSIONS,
+    MASK_VALUES,
+    NOT_AN_IMAGE,
+    ImageReadError,
+    decode_error,
+    mask_from_grey,
+    mask_grey,
+    read_image,
+)
 from .layouts import Source, natural_sorted
 
 # summary rows, in print order
@@ -141,13 +150,15 @@ def header_size(path: Path) -> tuple[int, int]:
         if len(shape) == 3 and shape[0] in (3, 4) and shape[-1] not in (3, 4):
             shape = shape[1:]  # planar (C, H, W)
         return int(shape[0]), int(shape[1])
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             return im.height, im.width
+    except UnidentifiedImageError:
+        raise ImageReadError(path, NOT_AN_IMAGE) from None
     except Exception as e:
-        raise ImageReadError(path, f"not a readable image ({type(e).__name__}: {e})") from None
+        raise decode_error(path, e) from None
 
 
 def _list_folder(folder: Path, report: CheckReport) -> dict[str, Path]:
