@@ -11,6 +11,7 @@ whose only bright speck the filter drops (the API says "no polyp found"). Skips,
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import shutil
@@ -83,23 +84,31 @@ def test_the_images_make_the_min_area_filter_matter():
         assert (drop_small_components(levels > i, seg.min_area) == seg.postprocess(None, p, i / 100)).all()
 
 
-@pytest.fixture(scope="module")
-def server():
-    seg = segmenter()
-    app = create_app(seg)
+@contextlib.contextmanager
+def running(seg: Segmenter):
+    """`resunetpp serve`'s app for `seg` on a free local port, in a thread; yields its base URL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    srv = uvicorn.Server(uvicorn.Config(create_app(seg), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
-    end = time.monotonic() + 20
-    while not srv.started:
-        assert time.monotonic() < end and thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", seg
-    srv.should_exit = True
-    thread.join(10)
+    try:
+        end = time.monotonic() + 20
+        while not srv.started:
+            assert time.monotonic() < end and thread.is_alive(), "the server did not start"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server():
+    seg = segmenter()
+    with running(seg) as base:
+        yield base, seg
 
 
 def _find(names):
@@ -251,19 +260,7 @@ def test_page_agrees_on_kvasir_images_where_the_min_area_filter_matters(kvasir_d
     assert changed, "no test image where the min-area filter changes the mask"
     changed.sort(key=lambda c: (not c[0], -c[1]))
     picked = changed[:3]
-    app = create_app(seg)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    try:
-        end = time.monotonic() + 20
-        while not srv.started:
-            assert time.monotonic() < end and thread.is_alive(), "the server did not start"
-            time.sleep(0.05)
-        base = f"http://127.0.0.1:{port}"
+    with running(seg) as base:
         browser.get(base + "/")
         wait(browser, "window.resunetpp.model !== null")
         drop_files(browser, {c[2].name: c[2].read_bytes() for c in picked})
@@ -279,6 +276,3 @@ def test_page_agrees_on_kvasir_images_where_the_min_area_filter_matters(kvasir_d
             assert r["polyp"] == bool(post.any()) == api["polyp"], f
             assert r["n"] == int(api["mask"].sum()) == int(post.sum()), f
             assert r["shown"] == describe(post, p).text == api["finding"], (f, r["shown"])
-    finally:
-        srv.should_exit = True
-        thread.join(10)

@@ -24,8 +24,8 @@ import yaml
 import resunetpp.train as T
 from resunetpp.data import Augment
 from resunetpp.train import TrainConfig, train
+from test_train import tiny as train_tiny
 
-TINY = {"filters": [8, 8, 8, 8, 8]}
 INSIDE, OUTSIDE = 200, 20  # grey levels of the shape and the background (no noise: every pixel is readable)
 
 
@@ -52,9 +52,7 @@ def shapes(tmp_path_factory) -> Path:
 
 
 def tiny(data, out, **kw) -> TrainConfig:
-    base = dict(model="resunetpp", model_kwargs=TINY, data=str(data), out=str(out), size=32, epochs=3, batch_size=4,
-                lr=3e-3, augment="paper", progress=False)
-    return TrainConfig(**{**base, **kw})
+    return train_tiny(data, out, **{"augment": "paper", **kw})  # test_train's tiny run, with the paper's warps
 
 
 def _read_csv(path: Path) -> list[dict]:

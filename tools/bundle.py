@@ -19,8 +19,9 @@ import torch
 from resunetpp.evaluate import evaluate
 from resunetpp.hub import CONFIG_NAME, WEIGHTS_DIR, load_model, save_pretrained
 
-DETECTION = ("polyps", "sensitivity_iou50", "sensitivity_any", "fp_components_per_image_no_overlap",
-             "polyp_dice_median")
+# config.json's detection keys: evaluate's names, as the bundled cards state them
+DETECTION = {"polyps": "polyps", "sensitivity_iou50": "sensitivity_iou50", "sensitivity_any": "sensitivity_any",
+             "fp_components_per_image_no_overlap": "fp_per_image_any", "polyp_dice_median": "polyp_dice_median"}
 
 
 def main() -> None:
@@ -36,13 +37,16 @@ def main() -> None:
     tmp = dest.with_name(f".{args.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     config = {**raw, "name": args.name, "weights_dtype": "float16", "trained": json.loads(args.trained)}
+    split = dict(raw.get("split") or {})
+    if split.get("source") == f"committed {raw.get('dataset')} split":  # the package's file, not the run's copy
+        config["split"] = {**split, "file": f"resunetpp/splits/{raw['dataset']}.json"}
     save_pretrained(model, tmp, config, dtype=torch.float16)
     result = evaluate(tmp, args.data, split="test", device="cpu", progress=False)
     s = result.summary
     test = {k: round(v, 4) for k, v in s["mean"].items()}
     test["miou_keras"] = round(s["miou_keras"], 4)
-    test["detection"] = {k: (round(s["detection"][k], 4) if isinstance(s["detection"][k], float) else
-                             s["detection"][k]) for k in DETECTION if k in s["detection"]}
+    d = s["detection"]
+    test["detection"] = {k: round(d[v], 4) if isinstance(d[v], float) else d[v] for k, v in DETECTION.items()}
     config["metrics"] = {**raw.get("metrics", {}), "test": test,
                          "test_scored": f"mean over the {s['images']} test images at "
                                         f"{'x'.join(map(str, raw['input_size']))}, threshold 0.5, fp32 on a CPU "

@@ -25,13 +25,16 @@ from torch import nn
 
 from ..registry import register_model
 from .blocks import ConvBNReLU, LiteASPP, LiteAttentionGate, LiteResidualUnit, SegmentationModel, UpConcat
+from .resunetpp import ResUNetPlusPlus
 
 
-class ResUNetPlusPlusLite(SegmentationModel):
+class ResUNetPlusPlusLite(ResUNetPlusPlus):
+    """`ResUNetPlusPlus.forward`'s graph over the lite units; the logits come at half resolution, upsampled x2."""
+
     total_stride = 16
 
     def __init__(self, filters: tuple[int, ...] = (16, 16, 32, 64, 128)):
-        super().__init__()
+        SegmentationModel.__init__(self)  # the parent's graph, not its units
         f = tuple(filters)
         if len(f) != 5:
             raise ValueError(f"ResUNet++-lite takes 5 filter counts, got {len(f)}: {f}")
@@ -51,19 +54,12 @@ class ResUNetPlusPlusLite(SegmentationModel):
         self.attn3 = LiteAttentionGate(f[0], f[2])
         self.dec3 = LiteResidualUnit(f[2] + f[0], f[1])
         self.up = UpConcat()
-        # Output: logits at half resolution, upsampled x2
+        # Output: no ASPP head; a conv1x1 at half resolution
+        self.head_aspp = nn.Identity()
         self.head = nn.Conv2d(f[1], 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c1, c2, c3, c4 = self.encode(x, self.stem, self.enc1, self.enc2, self.enc3)
-
-        b = self.bridge(c4)
-
-        d = self.dec1(self.up(self.attn1(c3, b), c3))
-        d = self.dec2(self.up(self.attn2(c2, d), c2))
-        d = self.dec3(self.up(self.attn3(c1, d), c1))
-
-        return F.interpolate(self.head(d), scale_factor=2.0, mode="bilinear", align_corners=False)
+        return F.interpolate(super().forward(x), scale_factor=2.0, mode="bilinear", align_corners=False)
 
 
 @register_model(
