@@ -203,3 +203,34 @@ def test_serve_settings_are_checked():
                 dict(batch_wait_ms=-1), dict(queue_size=True)):
         with pytest.raises(ValueError):
             ServeSettings(**bad)
+
+
+def test_workers_run_forward_passes_at_once(ckpt):
+    """With infer_workers=2, two requests are in the model at the same time (each waits at a barrier that only
+    both together pass; one worker would leave the first alone there until the guard's timeout fails it), and
+    the expected wait counts the workers."""
+    seg = Segmenter(ckpt, device="cpu")
+    real, barrier, threads = seg.probabilities, threading.Barrier(2, timeout=60), set()
+
+    def both(images):
+        threads.add(threading.get_ident())
+        barrier.wait()
+        return real(images)
+
+    seg.probabilities = both
+    app = create_app(seg, ServeSettings(infer_batch=1, infer_workers=2, batch_wait_ms=0))
+    results = {}
+    with TestClient(app) as c:
+        def post(i):
+            results[i] = c.post("/v1/segment", content=_png(i), headers={"content-type": "image/png"})
+
+        posts = [threading.Thread(target=post, args=(i,)) for i in range(2)]
+        for t in posts:
+            t.start()
+        for t in posts:
+            t.join(90)
+    assert [results[i].status_code for i in range(2)] == [200, 200]
+    assert len(threads) == 2 and not barrier.broken
+    gate = app.state.gate
+    gate.s_per_image, gate.images_waiting = 0.4, 3
+    assert gate.expected_wait_s() == pytest.approx((3 + 1) * 0.4 / 2)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 
+import torch
 import typer
 
 from .common import ExitCode, errors, fail, number
@@ -57,6 +58,9 @@ def serve(
                                       "the model (images waiting x recent time per image) gets 503 + Retry-After."),
     infer_batch: int = typer.Option(8, "--infer-batch", min=1, help="Images per forward pass: concurrent requests "
                                     "are batched up to this."),
+    infer_workers: int = typer.Option(1, "--infer-workers", min=1, help="Forward passes at once; with the torch "
+                                      "backend each gets cores / N threads (one each: no thread waits for another "
+                                      "that the decoding of other requests has paused)."),
     batch_wait_ms: float = typer.Option(5.0, "--batch-wait-ms", callback=number(0, 10_000),
                                         help="Once the model is free, wait at most this long for more images."),
     max_batch: int = typer.Option(16, min=1, help="Images per /v1/segment/batch request."),
@@ -87,9 +91,12 @@ def serve(
     seg = make_segmenter(weights, backend, device, tta, False, None, threshold, threads, precision, min_area)
     with errors():
         settings = ServeSettings(max_bytes=max_bytes, max_pixels=max_pixels, queue_size=queue_size,
-                                 max_queue_s=max_queue_s, infer_batch=infer_batch, batch_wait_ms=batch_wait_ms,
+                                 max_queue_s=max_queue_s, infer_batch=infer_batch, infer_workers=infer_workers,
+                                 batch_wait_ms=batch_wait_ms,
                                  max_batch=max_batch, max_streams=max_streams, stream_idle_s=stream_idle_s,
                                  token=token or None)
+    if seg.backend == "torch" and infer_workers > 1:  # process-wide: here, not in create_app (tests share it)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // infer_workers))
     app = create_app(seg, settings)
     ws = "auto"
     try:

@@ -80,6 +80,7 @@ class ServeSettings:
     queue_size: int = 64  # requests inside the server at once (a memory bound); one more gets 503
     max_queue_s: float = 30.0  # a request expected to wait longer than this for the model gets 503
     infer_batch: int = 8  # images per forward pass: concurrent requests are batched up to this
+    infer_workers: int = 1  # forward passes at once (each on its own thread; `resunetpp serve` gives each a core)
     batch_wait_ms: float = 5.0  # once the model is free, wait at most this long for more images to batch
     max_batch: int = 16  # images per /v1/segment/batch request
     max_streams: int = 4  # concurrent WebSocket streams
@@ -87,7 +88,8 @@ class ServeSettings:
     token: str | None = None  # required as a Bearer token when set
 
     def __post_init__(self) -> None:
-        for name in ("max_bytes", "max_pixels", "queue_size", "infer_batch", "max_batch", "max_streams"):
+        for name in ("max_bytes", "max_pixels", "queue_size", "infer_batch", "infer_workers", "max_batch",
+                     "max_streams"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -116,11 +118,12 @@ class Gate:
     model (`expected_wait_s`: images waiting times the recent model seconds per image, at most
     `max_wait_s`). `slot()` raises 503 (with Retry-After) when either is exceeded."""
 
-    def __init__(self, capacity: int, max_wait_s: float = math.inf):
+    def __init__(self, capacity: int, max_wait_s: float = math.inf, workers: int = 1):
         if capacity < 1:
             raise ValueError(f"queue_size must be >= 1, got {capacity}")
         self.capacity = capacity
         self.max_wait_s = max_wait_s
+        self.workers = workers  # forward passes running at once: the queue drains that much faster
         self.pending = 0
         self.images_waiting = 0  # submitted to the model, not yet answered (the Batcher counts them)
         self.s_per_image: float | None = None  # running mean of model seconds per image, None until measured
@@ -132,7 +135,7 @@ class Gate:
         """Seconds a new request of `extra` images would wait for the model, from the recent batches."""
         if self.s_per_image is None:
             return 0.0
-        return (max(self.images_waiting, self.pending) + extra) * self.s_per_image
+        return (max(self.images_waiting, self.pending) + extra) * self.s_per_image / self.workers
 
     def observe_batch(self, images: int, seconds: float) -> None:
         per = seconds / max(1, images)
@@ -193,24 +196,26 @@ class Batcher:
     a list of probability maps) together, up to `max_images` per pass. When the model frees up, whatever
     is waiting is taken at once; if that is fewer than `max_images`, it waits at most `max_wait_s` for more.
     A submission is never split (a /v1/segment/batch request larger than `max_images` runs alone). The
-    model runs on `pool` (one thread); `gate` is told the images waiting and the model time per image."""
+    model runs on `pool`, `workers` batches at once (the pool needs that many threads); `gate` is told the
+    images waiting and the model time per image."""
 
     def __init__(self, run_model: Callable[[list[np.ndarray]], list[np.ndarray]], pool: ThreadPoolExecutor,
                  gate: Gate, max_images: int = 8, max_wait_s: float = 0.005,
-                 clock: Callable[[], float] = time.perf_counter):
+                 clock: Callable[[], float] = time.perf_counter, workers: int = 1):
         self.run_model, self.pool, self.gate = run_model, pool, gate
         self.max_images, self.max_wait_s, self.clock = max_images, max_wait_s, clock
+        self.workers = workers
         self.batches = 0
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def _start(self) -> None:
         loop = asyncio.get_running_loop()
-        if self._loop is loop and not self._worker.done():
+        if self._loop is loop and not any(w.done() for w in self._tasks):
             return
         self._loop = loop  # a new event loop (a test client without lifespan): start afresh on it
         self._items: collections.deque = collections.deque()
         self._wake = asyncio.Event()
-        self._worker = loop.create_task(self._work())
+        self._tasks = [loop.create_task(self._work()) for _ in range(self.workers)]
 
     async def submit(self, images: list[np.ndarray]) -> Batched:
         self._start()
@@ -274,10 +279,10 @@ class Batcher:
             i += k
 
     def close(self) -> None:
-        worker = getattr(self, "_worker", None)
-        if worker is not None and not worker.done():
-            with contextlib.suppress(RuntimeError):  # its loop already closed
-                worker.get_loop().call_soon_threadsafe(worker.cancel)
+        for worker in getattr(self, "_tasks", ()):
+            if not worker.done():
+                with contextlib.suppress(RuntimeError):  # its loop already closed
+                    worker.get_loop().call_soon_threadsafe(worker.cancel)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -534,12 +539,12 @@ def create_app(segmenter: Segmenter | str | Path, settings: ServeSettings | None
     `clock` (seconds) judges a stream's idleness, checked every `idle_poll_s`; tests inject both."""
     seg = segmenter if isinstance(segmenter, Segmenter) else Segmenter(segmenter)
     settings = settings or ServeSettings()
-    gate = Gate(settings.queue_size, settings.max_queue_s)
+    gate = Gate(settings.queue_size, settings.max_queue_s, settings.infer_workers)
     stats = _Stats()
-    infer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="resunetpp-infer")
+    infer_pool = ThreadPoolExecutor(max_workers=settings.infer_workers, thread_name_prefix="resunetpp-infer")
     work_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="resunetpp-io")
     batcher = Batcher(lambda images: seg.probabilities(images), infer_pool, gate, settings.infer_batch,
-                      settings.batch_wait_ms / 1000)
+                      settings.batch_wait_ms / 1000, workers=settings.infer_workers)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
