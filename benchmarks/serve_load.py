@@ -102,6 +102,7 @@ def start_server(args, weights: Path, port: int) -> subprocess.Popen:
            "--port", str(port), "--log-level", "warning", "--precision", args.precision]
     if args.queue_size is not None:
         cmd += ["--queue-size", str(args.queue_size)]
+    cmd += args.serve_args.split()
     if args.device:
         cmd += ["--device", args.device]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -201,6 +202,7 @@ def main() -> None:
     p.add_argument("--image-size", default="384x288", help="WxH of the synthetic JPEG")
     p.add_argument("--queue-size", type=int, default=None, help="--queue-size of the server it starts (default: "
                    "the server's)")
+    p.add_argument("--serve-args", default="", help="more options of the server it starts, e.g. '--infer-workers 2'")
     p.add_argument("--images", type=int, default=None, help="send exactly this many requests per phase (no time "
                    "limit)")
     p.add_argument("--baseline", action="store_true", help="first send the same images from one client, one by one")

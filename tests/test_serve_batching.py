@@ -129,7 +129,7 @@ def test_admission_by_expected_wait_not_by_count(ckpt):
         assert r.status_code == 503 and r.json()["error"] == "busy"
         assert "wait about 3.0 s" in r.json()["message"] and r.headers["retry-after"] == "1"
         h = c.get("/v1/health").json()["batching"]
-        assert h["expected_wait_s"] == 3.0 and h["max_queue_s"] == 2.0 and h["infer_batch"] == 8
+        assert h["expected_wait_s"] == 3.0 and h["max_queue_s"] == 2.0 and h["infer_batch"] == 1  # CPU default
         gate.images_waiting = 0
 
 

@@ -56,8 +56,8 @@ def serve(
     max_queue_s: float = typer.Option(30.0, "--max-queue-s", callback=number(0, above=True),
                                       help="Admission: a request expected to wait longer than this many seconds for "
                                       "the model (images waiting x recent time per image) gets 503 + Retry-After."),
-    infer_batch: int = typer.Option(8, "--infer-batch", min=1, help="Images per forward pass: concurrent requests "
-                                    "are batched up to this."),
+    infer_batch: int | None = typer.Option(None, "--infer-batch", min=1, help="Images per forward pass: concurrent "
+                                           "requests are batched up to this (default: 8 on a GPU, 1 on a CPU)."),
     infer_workers: int = typer.Option(1, "--infer-workers", min=1, help="Forward passes at once; with the torch "
                                       "backend each gets cores / N threads (one each: no thread waits for another "
                                       "that the decoding of other requests has paused)."),

@@ -45,12 +45,13 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import cv2
 import numpy as np
+import torch
 from fastapi import FastAPI, Query, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -79,7 +80,9 @@ class ServeSettings:
     max_pixels: int = 25_000_000  # per image, read from the header before decoding
     queue_size: int = 64  # requests inside the server at once (a memory bound); one more gets 503
     max_queue_s: float = 30.0  # a request expected to wait longer than this for the model gets 503
-    infer_batch: int = 8  # images per forward pass: concurrent requests are batched up to this
+    # images per forward pass (concurrent requests are batched up to this); None: 8 on a GPU, 1 on a CPU, where
+    # batching measured slower per image (20 clients on 2 cores: 2.97 requests/s at 8, 5.74 at 1; RESULTS.md)
+    infer_batch: int | None = None
     infer_workers: int = 1  # forward passes at once (each on its own thread; `resunetpp serve` gives each a core)
     batch_wait_ms: float = 5.0  # once the model is free, wait at most this long for more images to batch
     max_batch: int = 16  # images per /v1/segment/batch request
@@ -91,6 +94,8 @@ class ServeSettings:
         for name in ("max_bytes", "max_pixels", "queue_size", "infer_batch", "infer_workers", "max_batch",
                      "max_streams"):
             value = getattr(self, name)
+            if name == "infer_batch" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         for name in ("max_queue_s", "stream_idle_s"):
@@ -539,6 +544,9 @@ def create_app(segmenter: Segmenter | str | Path, settings: ServeSettings | None
     `clock` (seconds) judges a stream's idleness, checked every `idle_poll_s`; tests inject both."""
     seg = segmenter if isinstance(segmenter, Segmenter) else Segmenter(segmenter)
     settings = settings or ServeSettings()
+    if settings.infer_batch is None:
+        on_gpu = getattr(getattr(seg, "_run", None), "device", torch.device("cpu")).type == "cuda"
+        settings = replace(settings, infer_batch=8 if on_gpu else 1)
     gate = Gate(settings.queue_size, settings.max_queue_s, settings.infer_workers)
     stats = _Stats()
     infer_pool = ThreadPoolExecutor(max_workers=settings.infer_workers, thread_name_prefix="resunetpp-infer")
