@@ -220,20 +220,15 @@ class LiteResidualUnit(nn.Module):
         return self.se(torch.relu(self.conv2(self.conv1(x)) + self.shortcut(x)))
 
 
-class LiteASPP(nn.Module):
-    """ASPP with the paper's summed branches, at dilations that fit a 16x16 bridge (1, 2, 4)."""
+class LiteASPP(ASPP):
+    """`ASPP`'s summed branches at dilations that fit a 16x16 bridge (1, 2, 4), with foldable conv-BN units."""
 
     def __init__(self, cin: int, cout: int, rates: tuple[int, ...] = (1, 2, 4)):
-        super().__init__()
+        nn.Module.__init__(self)  # ASPP's forward over these units
+        self.rates = tuple(rates)
         self.branches = nn.ModuleList(ConvBNReLU(cin, cout, dilation=r, relu=False) for r in rates)
         self.project = nn.Sequential(nn.ReLU(inplace=True), nn.Conv2d(cout, cout, 1, bias=False),
                                      nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.branches[0](x)
-        for branch in self.branches[1:]:
-            y = y + branch(x)
-        return self.project(y)
 
 
 class LiteAttentionGate(nn.Module):
