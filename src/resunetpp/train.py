@@ -43,8 +43,10 @@ schedule, run folder), then per epoch `train_one_epoch`, `validate` and `checkpo
 from __future__ import annotations
 
 import csv
+import errno
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -467,9 +469,6 @@ def checkpoint(run: Run, row: dict[str, Any], epoch: int) -> None:
 def write_failure(out: Path, epoch: int, error: BaseException, resumable: int, best_epoch: int) -> str:
     """The one line of a failed checkpoint write: its real cause, which epoch's files are intact, and advice
     that works (`--resume` only when a `last.pt` exists to resume from)."""
-    import errno
-    import shutil
-
     text = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
     try:
         free = shutil.disk_usage(out).free
