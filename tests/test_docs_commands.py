@@ -46,6 +46,10 @@ PARSE_ONLY = {
     "resunetpp reproduce table": "GPU hours; test_reproduce.py runs the quick reproduction",
     "resunetpp train --model resunetpp --data": "the paper's recipe (GPU hours); test_train.py runs the loop",
     "resunetpp train --resume": "test_train_failures.py kills and resumes a run",
+    "resunetpp train --model resunetpp-lite": "distils on a whole dataset (an hour on 2 CPU cores); test_distill.py "
+                                              "trains with a teacher",
+    "OMP_NUM_THREADS=1 resunetpp train --config configs/lite": "the lite models' CPU training (an hour); "
+                                                               "test_distill.py trains with a teacher",
     "torchrun": "several processes; test_train.py's torchrun test runs DDP",
     "resunetpp data download": "the network; test_data_download.py serves an archive locally",
     "resunetpp data prepare": "a minute per dataset; test_data_cache.py prepares real subsets",
