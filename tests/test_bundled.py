@@ -25,7 +25,7 @@ def test_bundled_model_scores_what_its_model_card_says(name, dataset, images, re
     assert result.summary["images"] == images
     got = result.summary["mean"]
     for k in ("dice", "iou", "recall", "precision"):
-        assert round(got[k], 3) == round(claimed[k], 3), k
+        assert got[k] == pytest.approx(claimed[k], abs=2e-4), k  # the card's 4 decimals, and CPU-to-CPU noise
         assert f"{claimed[k]:.4f}" in card, f"the model card does not show the {k} of config.json"
     assert got["dice"] == pytest.approx(claimed["dice"], abs=5e-4)
     # the paper-comparable mIoU and the per-polyp figures the card states

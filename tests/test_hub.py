@@ -64,7 +64,8 @@ def test_bundled_weights_message_says_how_to_train(monkeypatch, tmp_path):
 def test_bundled_models_load_by_name_and_by_default():
     from resunetpp.hub import list_pretrained
 
-    assert list_pretrained() == ["resunetpp-kvasir-seg", "resunetpp-cvc-clinicdb"]
+    assert list_pretrained() == ["resunetpp-kvasir-seg", "resunetpp-cvc-clinicdb", "resunetpp-lite-cvc-clinicdb",
+                                 "resunetpp-lite-kvasir-seg"]  # the default first, then by name
     default = load_model()
     assert default.pretrained_config["dataset"] == "kvasir-seg"
     cvc = load_model("resunetpp-cvc-clinicdb")

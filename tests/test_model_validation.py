@@ -102,7 +102,7 @@ def test_bundled_configs_are_valid_specs():
 
     for name in list_pretrained():
         spec = ModelSpec.from_file(WEIGHTS_DIR / name / "config.json")
-        assert spec.model == "resunetpp" and spec.threshold == 0.5 and "metrics" in spec.provenance
+        assert spec.model in ("resunetpp", "resunetpp-lite") and spec.threshold == 0.5 and "metrics" in spec.provenance
 
 
 def test_save_pretrained_refuses_an_impossible_spec(tmp_path):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import ipaddress
 import os
 
-import torch
 import typer
 
 from .common import ExitCode, errors, fail, number
@@ -76,7 +75,7 @@ def serve(
     try:
         import uvicorn
 
-        from ..serve import ServeSettings, create_app
+        from ..serve import ServeSettings, create_app, share_cores
     except ImportError as e:
         raise fail(f"the serve command needs the optional packages fastapi, uvicorn and python-multipart "
                    f"({e}): pip install \"resunetpp[serve]\"", ExitCode.USAGE) from None
@@ -95,8 +94,7 @@ def serve(
                                  batch_wait_ms=batch_wait_ms,
                                  max_batch=max_batch, max_streams=max_streams, stream_idle_s=stream_idle_s,
                                  token=token or None)
-    if seg.backend == "torch" and infer_workers > 1:  # process-wide: here, not in create_app (tests share it)
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // infer_workers))
+    share_cores(seg, infer_workers)
     app = create_app(seg, settings)
     ws = "auto"
     try:

@@ -41,6 +41,7 @@ import contextlib
 import hmac
 import json
 import math
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -536,6 +537,14 @@ def _model_card(seg: Segmenter, settings: ServeSettings) -> dict[str, Any]:
         "card": card_text,
         "limits": asdict(settings) | {"token": None},
     }
+
+
+def share_cores(seg: Segmenter, workers: int) -> None:
+    """With the torch backend and several inference workers, give each cores / workers threads, so no thread
+    waits at a barrier for one that another worker paused. Process-wide, so `resunetpp serve` calls it, not
+    `create_app` (tests build many apps in one process)."""
+    if seg.backend == "torch" and workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 def create_app(segmenter: Segmenter | str | Path, settings: ServeSettings | None = None,
