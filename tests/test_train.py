@@ -24,7 +24,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import resunetpp.train as T
-from resunetpp import load_model
+from resunetpp import create_model, load_model
+from resunetpp.hub import save_pretrained
 from resunetpp.cli import app
 from resunetpp.train import NonFiniteError, TrainConfig, epoch_shard, train
 
@@ -681,3 +682,24 @@ def test_compile_auto_only_where_it_was_measured_to_pay():
     assert resolve_compile("auto", False, long, big) == "off"  # never on a CPU
     assert resolve_compile("reduce-overhead", False, 1, 1) == "reduce-overhead"  # asked for: as asked
     assert resolve_compile("off", True, long, big) == "off"
+
+
+def test_init_starts_from_the_given_weights_and_refuses_another_architecture(tmp_path):
+    data = write_discs(tmp_path / "discs", n=16)
+    torch.manual_seed(5)
+    donor = create_model("resunetpp", **TINY)
+    donor_dir = save_pretrained(donor, tmp_path / "donor", {"model": "resunetpp", "model_kwargs": TINY,
+                                                              "input_size": [32, 32]})
+    # lr so small that one epoch leaves the weights where init put them: the run started from the donor's
+    cfg = T.TrainConfig(model="resunetpp", model_kwargs=TINY, data=str(data), out=str(tmp_path / "run"), size=32,
+                        epochs=1, batch_size=4, lr=1e-12, schedule="constant", progress=False, init=str(donor_dir))
+    run = T.train(cfg)
+    got = load_file(str(run / "model.safetensors"))
+    convs = [k for k, v in donor.state_dict().items() if k.endswith("weight") and v.dim() == 4]
+    assert convs and all(torch.allclose(got[k], donor.state_dict()[k], atol=1e-6) for k in convs)
+    assert json.loads((run / "config.json").read_text())["training"]["init"] == str(donor_dir)
+    with pytest.raises(ValueError, match="holds a resunetpp, not a unet"):
+        T.train(T.TrainConfig(**{**cfg.__dict__, "model": "unet", "model_kwargs": {}, "out": str(tmp_path / "u")}))
+    wider = {"filters": [16, 16, 16, 16, 16]}
+    with pytest.raises(ValueError, match="do not fit resunetpp"):
+        T.train(T.TrainConfig(**{**cfg.__dict__, "model_kwargs": wider, "out": str(tmp_path / "w")}))

@@ -66,6 +66,7 @@ class TrainConfig:
     progress: bool = True
     teacher: str | None = None          # distil from this model (bundled name or run folder); None: off
     distill_weight: float = 0.5         # loss = (1 - w) * loss(mask) + w * BCE(teacher's probabilities)
+    init: str | None = None             # start from these weights (bundled name or run folder) instead of random
 
     def resolved(self) -> TrainConfig:
         """A copy with the None defaults filled in and every choice checked."""

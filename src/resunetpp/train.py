@@ -73,7 +73,7 @@ from .config import (  # noqa: F401  (re-exported: the training API in one impor
     resolve_split,
 )
 from .distill import CACHE_NAME, cached_teacher_probs, distillation_loss
-from .hub import save_pretrained
+from .hub import load_model, save_pretrained, state_mismatch
 from .losses import get_loss
 from .metrics import METRIC_NAMES, confusion, summarize
 from .preprocess import default_normalization, forward, normalize
@@ -301,6 +301,18 @@ def agree(rt: runtime.Runtime, flag: bool) -> bool:
     return bool(t.item())
 
 
+def init_weights(model: torch.nn.Module, source: str, name: str) -> None:
+    """Copy the weights of `source` (a bundled model's name or a run folder) into `model` (fine-tuning)."""
+    donor = load_model(source)
+    if donor.spec.model != name:
+        raise ValueError(f"init {source}: holds a {donor.spec.model}, not a {name}; start from weights of the "
+                         "same architecture")
+    problem = state_mismatch(model.state_dict(), donor.state_dict())
+    if problem:
+        raise ValueError(f"init {source}: its weights do not fit {name} {donor.spec.model_kwargs}: {problem}")
+    model.load_state_dict(donor.state_dict())
+
+
 def setup(cfg: TrainConfig, rt: runtime.Runtime, out: Path, resume: bool, log) -> Run:
     """Data (split ids, pairs as uint8 tensors on the device), model, loss, optimiser, schedule, and the run
     folder; from `out/last.pt` when resuming."""
@@ -333,6 +345,8 @@ def setup(cfg: TrainConfig, rt: runtime.Runtime, out: Path, resume: bool, log) -
         model = create_model(cfg.model, **cfg.model_kwargs).to(device)
     except TypeError as e:  # a misspelt model_kwargs key
         raise ValueError(f"model_kwargs {cfg.model_kwargs}: not options of {cfg.model} ({e})") from None
+    if cfg.init and not resume:  # a resumed run's last.pt replaces these weights anyway
+        init_weights(model, cfg.init, cfg.model)
     if cfg.size % model.total_stride:
         raise ValueError(f"--size {cfg.size} is not a multiple of {cfg.model}'s total stride {model.total_stride}")
     if cfg.sync_bn:
@@ -372,6 +386,8 @@ def setup(cfg: TrainConfig, rt: runtime.Runtime, out: Path, resume: bool, log) -
         "training": {k: getattr(cfg, k) for k in ("loss", "optimizer", "lr", "batch_size", "schedule",
                                                   "augment", "seed", "epochs")},
     }
+    if cfg.init:
+        checkpoint_config["training"]["init"] = str(cfg.init)
     if cfg.teacher:
         checkpoint_config["training"]["distillation"] = {"teacher": str(cfg.teacher), "weight": cfg.distill_weight}
     run = Run(cfg, rt, out, images, masks, train_idx, images[val_idx], masks[val_idx].float(), model, raw_model,

@@ -68,13 +68,16 @@ def train(
                                        "folder): its probabilities join the masks as targets."),
     distill_weight: float | None = typer.Option(None, "--distill-weight", min=0.0, max=1.0,
                                                 help="Share of the teacher's term in the loss (default 0.5)."),
+    init: str | None = typer.Option(None, "--init", help="Start from these weights (a bundled name or run "
+                                    "folder) instead of random ones: fine-tuning."),
 ) -> None:
     """Train a model (paper recipe by default). Works as is under `torchrun --nproc_per_node=N`."""
     flags = {"model": model, "data": data, "split": split, "size": size, "epochs": epochs, "batch_size": batch_size,
              "lr": lr, "optimizer": optimizer, "loss": loss, "schedule": schedule, "augment": augment, "seed": seed,
              "device": device, "amp": amp, "out": out, "skip_bad": skip_bad, "early_stop": early_stop, "limit": limit,
              "compile": compile, "eval_every": eval_every, "time_limit": time_limit,
-             "sync_bn": sync_bn, "teacher": teacher, "distill_weight": distill_weight}
+             "sync_bn": sync_bn, "teacher": teacher, "distill_weight": distill_weight,
+             "init": init}
     flags = {k: v.value if hasattr(v, "value") else v for k, v in flags.items()}  # choices are str Enums
     try:
         with errors():
