@@ -119,9 +119,9 @@ def run_job(args: argparse.Namespace) -> None:
     """Worker process: one training (+ evaluation) with the time it is given."""
     import torch
 
-    from resunetpp.evaluate import evaluate
-    from resunetpp.reproduce import reproduce
-    from resunetpp.train import TrainConfig, train
+    from resunetpp.evaluation.evaluator import evaluate
+    from resunetpp.training.loop import TrainConfig, train
+    from resunetpp.training.reproduce import reproduce
 
     name, kind, table, model = next(j for j in JOBS if j[0] == args.job)
     if args.dry_run:
@@ -154,8 +154,8 @@ def run_job(args: argparse.Namespace) -> None:
 
 def smoke(args, log: Log, stage_dir: Path) -> dict:
     """20 steps + validation + evaluation on the device; raises on any failure."""
-    from resunetpp.evaluate import evaluate
-    from resunetpp.train import TrainConfig, train
+    from resunetpp.evaluation.evaluator import evaluate
+    from resunetpp.training.loop import TrainConfig, train
 
     data = data_dir(args.data_root, "table1")
     device = "cpu" if args.dry_run else "cuda"
@@ -276,7 +276,7 @@ def beyond_epochs(args, seconds: float) -> int:
 
 
 def tables(args, log: Log) -> None:
-    from resunetpp.reproduce import MODELS, reproduce
+    from resunetpp.training.reproduce import MODELS, reproduce
 
     for table in ("table1", "table2"):
         if not (args.work / table).is_dir():

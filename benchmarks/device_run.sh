@@ -26,5 +26,5 @@ if [[ " $* " != *" --dry-run "* ]] && compgen -G "$WHEELS/*.whl" >/dev/null; the
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-$PY -c "import resunetpp.reproduce, torch; print('resunetpp from src/, torch', torch.__version__)"
+$PY -c "import resunetpp.training.reproduce, torch; print('resunetpp from src/, torch', torch.__version__)"
 exec $PY benchmarks/device_run.py "$@"

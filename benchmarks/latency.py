@@ -36,7 +36,8 @@ import numpy as np
 import torch
 
 import resunetpp
-from resunetpp.inference import OpenVinoRunner, preprocess_images, resize_prob
+from resunetpp.inference.backends import OpenVinoRunner
+from resunetpp.inference.transforms import preprocess_images, resize_prob
 
 Runner = Callable[[np.ndarray], np.ndarray]  # (N, 3, H, W) float32 -> (N, 1, H, W) logits
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,7 +188,7 @@ def main() -> None:
         import onnx
         import onnxruntime as ort
 
-        from resunetpp.export import export_onnx, quantize_int8
+        from resunetpp.inference.export import export_onnx, quantize_int8
 
         versions.append(f"onnxruntime {ort.__version__}")
         fp32 = work / "model.onnx"

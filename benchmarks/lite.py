@@ -45,12 +45,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import resunetpp
 from resunetpp.data import Augment
-from resunetpp.export import export_onnx, quantize_int8
 from resunetpp.hub import resolve_weights
-from resunetpp.losses import get_loss
-from resunetpp.registry import count_parameters
-from resunetpp.train import training_step
-from resunetpp.video import process_video
+from resunetpp.inference.export import export_onnx, quantize_int8
+from resunetpp.inference.video import process_video
+from resunetpp.networks.registry import count_parameters
+from resunetpp.training.loop import training_step
+from resunetpp.training.losses import get_loss
 
 
 def cpu_flags() -> str:

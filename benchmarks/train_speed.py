@@ -1,6 +1,6 @@
 """Training throughput (images/s) of the real training step, eager vs compiled, per batch and precision.
 
-The step under test is `resunetpp.train.training_step`, the one `train` runs: `paper` augmentation
+The step under test is `resunetpp.training.loop.training_step`, the one `train` runs: `paper` augmentation
 on the device, normalisation, forward/backward (bf16 autocast or fp32), dice loss, the optimiser
 (fused Adam on CUDA, foreach on CPU), SGDR. Data are synthetic uint8 pairs held on the device.
 
@@ -30,8 +30,8 @@ import torch
 
 from resunetpp import create_model
 from resunetpp.data import Augment
-from resunetpp.losses import get_loss
-from resunetpp.train import TrainConfig, make_optimizer, make_scheduler, normalization_on, training_step
+from resunetpp.training.loop import TrainConfig, make_optimizer, make_scheduler, normalization_on, training_step
+from resunetpp.training.losses import get_loss
 
 
 def machine(device: torch.device) -> str:

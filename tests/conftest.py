@@ -6,7 +6,7 @@ import torch
 
 # Slow tests (`@pytest.mark.slow`: real datasets in full, subprocess trainings, the docs' commands, the browser,
 # exports) run with `--slow`, or when CI=true (`.ci/run`); the default `python -m pytest` stays a few minutes.
-# A run that selects only slow tests (`python -m pytest tests/test_bundled.py`) runs them: asked for by name.
+# A run that selects only slow tests (`python -m pytest tests/inference/test_bundled.py`) runs them: asked for by name.
 
 
 def pytest_addoption(parser):

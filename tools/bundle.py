@@ -4,7 +4,7 @@ with its provenance and the test metrics recomputed here on the CPU from those f
     python tools/bundle.py RUN NAME --data ../shared/data/Kvasir-SEG --trained '{"device": "...", "command": "..."}'
 
 Prints the test table and the figures a model card states; the card itself (MODEL_CARD.md) is written by
-hand, and tests/test_bundled.py checks it against config.json and a fresh evaluation.
+hand, and tests/inference/test_bundled.py checks it against config.json and a fresh evaluation.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from resunetpp.evaluate import evaluate
+from resunetpp.evaluation.evaluator import evaluate
 from resunetpp.hub import CONFIG_NAME, WEIGHTS_DIR, load_model, save_pretrained
 
 # config.json's detection keys: evaluate's names, as the bundled cards state them

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import hub
+from resunetpp import hub
 
 
 @dataclass(frozen=True)

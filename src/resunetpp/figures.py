@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .utils import atomic_path
+from resunetpp.utils import atomic_path
 
 
 def _pyplot():

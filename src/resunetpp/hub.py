@@ -23,9 +23,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .registry import create_model
-from .spec import ModelError, ModelSpec, ModelSpecError
-from .utils import atomic_path, write_json
+from resunetpp.networks.registry import create_model
+from resunetpp.spec import ModelError, ModelSpec, ModelSpecError
+from resunetpp.utils import atomic_path, write_json
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -82,7 +82,7 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, config: dict
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise ValueError(f"refusing to save non-finite weights ({len(bad)} tensors, e.g. {bad[0]})")
-    from .version import __version__
+    from resunetpp.version import __version__
 
     spec = ModelSpec.from_dict({"version": __version__, **config}, directory / CONFIG_NAME)  # nothing invalid saved
     with atomic_path(directory / WEIGHTS_NAME) as tmp:

@@ -32,7 +32,7 @@ DEFAULT_INPUT_SIZE = (256, 256)
 DEFAULT_MEAN = (0.0, 0.0, 0.0)
 DEFAULT_STD = (1.0, 1.0, 1.0)
 DEFAULT_THRESHOLD = 0.5
-MIN_AREA = 0.001  # fraction of the image: smaller predicted components are dropped (resunetpp.inference)
+MIN_AREA = 0.001  # fraction of the image: smaller predicted components are dropped (resunetpp.inference.segmenter)
 MAX_SIDE = 16384  # an input side beyond this is a damaged file, not a model
 SPEC_KEYS = ("spec_version", "model", "model_kwargs", "input_size", "normalization", "threshold", "min_area")
 

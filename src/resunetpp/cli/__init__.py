@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from . import data, infer, models, serve, train
+from resunetpp.cli import data, infer, models, serve, train
 
 app = typer.Typer(
     name="resunetpp",
@@ -20,7 +20,7 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
-        from ..version import __version__
+        from resunetpp.version import __version__
 
         typer.echo(f"resunetpp {__version__}")
         raise typer.Exit()

@@ -39,16 +39,16 @@ def fail(message: str, code: int = ExitCode.BAD_INPUT) -> typer.Exit:
 def _error_table() -> list[tuple[tuple[type[BaseException], ...], ExitCode]]:
     """The one mapping from library exceptions to exit codes (docs/cli.md's table), most specific first.
     Imported lazily: the command modules load fast, and optional extras stay optional."""
-    from ..crf import CRFUnavailableError
-    from ..data import DatasetCheckError
-    from ..data.download import DownloadError
-    from ..data.layouts import DataLayoutError
-    from ..export import ParityError
-    from ..io import ImageReadError
-    from ..predict import PredictOutputError
-    from ..runtime import DeviceError
-    from ..spec import ModelError
-    from ..train import CheckpointError, CheckpointWriteError, NonFiniteError
+    from resunetpp.data import DatasetCheckError
+    from resunetpp.data.download import DownloadError
+    from resunetpp.data.layouts import DataLayoutError
+    from resunetpp.device import DeviceError
+    from resunetpp.inference.crf import CRFUnavailableError
+    from resunetpp.inference.export import ParityError
+    from resunetpp.inference.predict import PredictOutputError
+    from resunetpp.io import ImageReadError
+    from resunetpp.spec import ModelError
+    from resunetpp.training.loop import CheckpointError, CheckpointWriteError, NonFiniteError
 
     return [
         # 1: the command ran and stopped part-way (its last good files kept) or its result failed a check

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import typer
 
-from ..data.augment import PRESETS
-from ..data.layouts import LAYOUTS
-from ..io import MASK_VALUES
-from .common import ExitCode, choices, errors
+from resunetpp.cli.common import ExitCode, choices, errors
+from resunetpp.data.augment import PRESETS
+from resunetpp.data.layouts import LAYOUTS
+from resunetpp.io import MASK_VALUES
 
 Layout = choices("Layout", LAYOUTS)
 Preset = choices("Preset", PRESETS)
@@ -80,7 +80,7 @@ def check(root: Path = typer.Argument(..., help="Dataset folder (or prepared cac
           ) -> None:
     """Check a dataset's pairs; exits 1 when a pair is unusable (or there are none). The full check also warns
     when the split leaks: near-duplicate images, or frames of one video sequence, in different parts."""
-    from ..data import check_dataset
+    from resunetpp.data import check_dataset
 
     with _friendly_errors():
         report = check_dataset(root, layout=_v(layout), deep=not quick, progress=True, mask_values=mask_values.value,
@@ -105,8 +105,8 @@ def split(root: Path = typer.Argument(..., help="Dataset folder (or prepared cac
           ) -> None:
     """Write a deterministic train/val/test split of the dataset's ids (naturally sorted, then shuffled by seed);
     with --group-by, no video sequence or near-duplicate group is split across parts."""
-    from ..data import SegmentationFolder, leaks, make_split, save_split
-    from ..data.folder import hash_folder
+    from resunetpp.data import SegmentationFolder, leaks, make_split, save_split
+    from resunetpp.data.folder import hash_folder
 
     with _friendly_errors():
         try:
@@ -144,7 +144,7 @@ def download(name: str = typer.Argument(..., help="kvasir-seg or cvc-clinicdb.")
              archive: Path = typer.Option(None, "--archive", help="Use this local archive (no download)."),
              sha256: str = typer.Option(None, "--sha256", help="Expected SHA-256 of the archive.")) -> None:
     """Download (resumable), verify, safely unpack and check a dataset."""
-    from ..data.download import download_dataset
+    from resunetpp.data.download import download_dataset
 
     with _friendly_errors():
         root, report = download_dataset(name, to, url=url, archive=archive, sha256=sha256)
@@ -164,8 +164,8 @@ def prepare(root: Path = typer.Argument(..., help="Dataset folder."),
                                                help="Store JPEG images at this quality (lossy, smaller) instead of "
                                                "the default exact lossless WebP.")) -> None:
     """Write an exact resized copy (lossless WebP images, PNG masks, manifest, split) that loads fast."""
-    from ..data import prepare_cache
-    from ..data.cache import read_manifest
+    from resunetpp.data import prepare_cache
+    from resunetpp.data.cache import read_manifest
 
     with _friendly_errors():
         out = prepare_cache(root, out, size=size, layout=_v(layout), skip_bad=skip_bad, quality=quality)
@@ -187,7 +187,7 @@ def show(root: Path = typer.Argument(..., help="Dataset folder (or prepared cach
          skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave unusable pairs out instead of failing.")
          ) -> None:
     """Draw pairs with their mask outlines (and their augmented versions)."""
-    from ..data.show import show_dataset
+    from resunetpp.data.show import show_dataset
 
     with _friendly_errors():
         path = show_dataset(root, out, n=n, augment=_v(augment), seed=seed, size=size, layout=_v(layout),

@@ -1,5 +1,5 @@
 """`resunetpp predict`, `resunetpp video` and `resunetpp export`: thin layers over
-`resunetpp.inference`, `resunetpp.video` and `resunetpp.export`.
+`resunetpp.inference.segmenter`, `resunetpp.inference.video` and `resunetpp.inference.export`.
 
 Exit codes: the table in `resunetpp.cli.common` (0 ok, 1 partial failure, 2 usage error, 3 bad
 input, 130 interrupted), as for every command.
@@ -12,11 +12,11 @@ from pathlib import Path
 
 import typer
 
-from ..crf import CRF_MODES
-from ..export import CALIB_METHODS, EXPORTERS
-from ..inference import BACKENDS, PRECISIONS
-from ..predict import PROB_FORMATS
-from .common import ExitCode, choices, errors, fail, number
+from resunetpp.cli.common import ExitCode, choices, errors, fail, number
+from resunetpp.inference.backends import BACKENDS, PRECISIONS
+from resunetpp.inference.crf import CRF_MODES
+from resunetpp.inference.export import CALIB_METHODS, EXPORTERS
+from resunetpp.inference.predict import PROB_FORMATS
 
 # choices generated from the library's own tuples, so the CLI can never offer what the library refuses
 Backend = choices("Backend", BACKENDS)
@@ -45,7 +45,7 @@ def register(app: typer.Typer) -> None:
 def make_segmenter(weights, backend, device, tta, crf, crf_mode, threshold, threads, precision, min_area):
     """The `Segmenter` of predict, video and serve; a damaged model, a missing extra or a device this machine
     lacks is one `error:` line with the exit code of `common.exit_code` (3, 2 and 2)."""
-    from ..inference import Segmenter
+    from resunetpp.inference.segmenter import Segmenter
 
     with errors():
         return Segmenter(weights, device=device, backend=backend.value if backend else None, tta=tta,
@@ -83,8 +83,8 @@ def predict(
     Inputs that fail are named on stderr and in the CSV; the others are still done (exit code 1).
     Ctrl-C stops after the current image and prints what was written (exit code 130).
     """
-    from ..predict import IMAGE_EXTENSIONS, PredictInterrupted, PredictStopped, predict_files
-    from ..progress import LogProgress
+    from resunetpp.inference.predict import IMAGE_EXTENSIONS, PredictInterrupted, PredictStopped, predict_files
+    from resunetpp.progress import LogProgress
 
     seg = make_segmenter(weights, backend, device, tta, crf, crf_mode, threshold, threads, precision, min_area)
     try:
@@ -131,7 +131,7 @@ def video(
 
     Ctrl-C stops cleanly: the video written so far stays valid.
     """
-    from ..video import process_video
+    from resunetpp.inference.video import process_video
 
     seg = make_segmenter(weights, backend, device, tta, False, CrfMode("mask"), threshold, threads, precision,
                      min_area)
@@ -164,8 +164,8 @@ def export(
     calib_method: CalibMethod = typer.Option(CalibMethod("minmax"), help="Calibration method."),
 ) -> None:
     """Export to ONNX (dynamic batch/height/width), check parity with PyTorch, optionally quantise to int8."""
-    from ..export import export_onnx, quantize_int8
-    from ..hub import bundled_weights
+    from resunetpp.hub import bundled_weights
+    from resunetpp.inference.export import export_onnx, quantize_int8
 
     if fmt != "onnx":
         raise fail(f"unsupported --format {fmt!r}: only onnx", ExitCode.USAGE)

@@ -16,8 +16,8 @@ def models() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from ..catalog import bundled, default_name
-    from ..registry import count_parameters, create_model, list_models, model_info
+    from resunetpp.catalog import bundled, default_name
+    from resunetpp.networks.registry import count_parameters, create_model, list_models, model_info
 
     console = Console(width=140)
     table = Table(title="resunetpp models")

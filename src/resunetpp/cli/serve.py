@@ -12,8 +12,8 @@ import os
 
 import typer
 
-from .common import ExitCode, errors, fail, number
-from .infer import BACKEND_HELP, MIN_AREA_HELP, PRECISION_HELP, Backend, Precision, make_segmenter
+from resunetpp.cli.common import ExitCode, errors, fail, number
+from resunetpp.cli.infer import BACKEND_HELP, MIN_AREA_HELP, PRECISION_HELP, Backend, Precision, make_segmenter
 
 TOKEN_ENV = "RESUNETPP_TOKEN"  # the same name as resunetpp.serve.TOKEN_ENV (not imported: fastapi is optional)
 
@@ -75,7 +75,7 @@ def serve(
     try:
         import uvicorn
 
-        from ..serve import ServeSettings, create_app, share_cores
+        from resunetpp.serve import ServeSettings, create_app, share_cores
     except ImportError as e:
         raise fail(f"the serve command needs the optional packages fastapi, uvicorn and python-multipart "
                    f"({e}): pip install \"resunetpp[serve]\"", ExitCode.USAGE) from None

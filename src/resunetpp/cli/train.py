@@ -1,5 +1,5 @@
 """`resunetpp train`, `resunetpp evaluate` and `resunetpp reproduce`: thin layers over
-`resunetpp.train`, `resunetpp.evaluate` and `resunetpp.reproduce`.
+`resunetpp.training.loop`, `resunetpp.evaluation.evaluator` and `resunetpp.training.reproduce`.
 
 Settings precedence for `train`: the library defaults (the paper's recipe), then `--config FILE`
 (YAML or TOML with the same names, e.g. `batch_size: 8`), then the flags given on the command line.
@@ -14,12 +14,12 @@ from pathlib import Path
 
 import typer
 
-from ..config import AUGMENTS, COMPILE_MODES, OPTIMIZERS, SCHEDULES
-from ..evaluate import PROTOCOLS
-from ..inference import MIN_AREA
-from ..losses import LOSSES
-from ..registry import list_models
-from .common import ExitCode, choices, errors, number
+from resunetpp.cli.common import ExitCode, choices, errors, number
+from resunetpp.evaluation.evaluator import PROTOCOLS
+from resunetpp.inference.segmenter import MIN_AREA
+from resunetpp.networks.registry import list_models
+from resunetpp.training.config import AUGMENTS, COMPILE_MODES, OPTIMIZERS, SCHEDULES
+from resunetpp.training.losses import LOSSES
 
 # the choices are the library's own tuples: a model, loss or schedule added there is offered here at once
 Model = choices("Model", list_models())
@@ -90,8 +90,8 @@ def train(
 
 def _run_train(flags: dict, config: Path | None, resume: Path | None) -> Path:
     """Settings: the defaults (or the resumed run's), then the config file, then the flags; then train."""
-    from ..train import TrainConfig, config_from_dict, read_config_file
-    from ..train import train as run_train
+    from resunetpp.training.loop import TrainConfig, config_from_dict, read_config_file
+    from resunetpp.training.loop import train as run_train
 
     values: dict = {}
     if resume is not None:
@@ -131,12 +131,12 @@ def evaluate(
     from rich.console import Console
     from rich.table import Table
 
-    from ..config import dataset_name
-    from ..evaluate import evaluate as run_evaluate
-    from ..metrics import BENCHMARK_NAMES, METRIC_NAMES
+    from resunetpp.data.layouts import dataset_name
+    from resunetpp.evaluation.evaluator import evaluate as run_evaluate
+    from resunetpp.evaluation.metrics import BENCHMARK_NAMES, METRIC_NAMES
 
     with errors():
-        from ..hub import DEFAULT_PRETRAINED, list_pretrained
+        from resunetpp.hub import DEFAULT_PRETRAINED, list_pretrained
 
         if out is None:  # beside a run; bundled models' reports go under runs/eval/, not into the package
             own = weights is not None and str(weights) not in list_pretrained()
@@ -185,8 +185,8 @@ def reproduce(
                                   "(a run without weights by its own eval/metrics.json)."),
 ) -> None:
     """Train the paper's four models and write table.md, results.json and fig3.png."""
-    from ..reproduce import MODELS
-    from ..reproduce import reproduce as run_reproduce
+    from resunetpp.training.reproduce import MODELS
+    from resunetpp.training.reproduce import reproduce as run_reproduce
 
     # the command as given (rebuilt from the parsed options, so it is right however the CLI was invoked)
     given = {"--data": data, "--epochs": epochs, "--out": out, "--quick": quick, "--device": device, "--size": size,

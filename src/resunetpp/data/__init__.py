@@ -8,15 +8,15 @@ Each module's docstring states its conventions.
 
 from __future__ import annotations
 
-from .augment import Augment
-from .cache import prepare_cache
-from .check import CheckReport, DatasetCheckError, Problem
-from .download import download_dataset
-from .folder import SegmentationFolder
-from .layouts import detect_layout, natural_sorted
-from .load import check_dataset, load_pairs
-from .pairs import Pairs, parse_size
-from .splits import default_split, load_split, make_split, save_split
+from resunetpp.data.augment import Augment
+from resunetpp.data.cache import prepare_cache
+from resunetpp.data.check import CheckReport, DatasetCheckError, Problem
+from resunetpp.data.download import download_dataset
+from resunetpp.data.folder import SegmentationFolder
+from resunetpp.data.layouts import detect_layout, natural_sorted
+from resunetpp.data.load import check_dataset, load_pairs
+from resunetpp.data.pairs import Pairs, parse_size
+from resunetpp.data.splits import default_split, load_split, make_split, save_split
 
 __all__ = [
     "Augment", "CheckReport", "DatasetCheckError", "Pairs", "Problem", "SegmentationFolder", "check_dataset",

@@ -2,7 +2,7 @@
 
 `Augment(preset)` maps (images (N, 3, H, W) uint8 or float in [0, 1], masks (N, 1, H, W) in {0, 1})
 to (float images in [0, 1], float masks in {0, 1}) of the same shapes. Normalisation is not done here
-(`resunetpp.preprocess.normalize` does it and checkpoints record it).
+(`resunetpp.inference.transforms.normalize` does it and checkpoints record it).
 
 How: every random number of a batch comes from one ``torch.rand`` on the batch's device; the
 geometric transforms of each sample are composed into one affine matrix; one ``grid_sample``

@@ -30,13 +30,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..io import ImageReadError
-from ..utils import write_json
-from .check import CheckReport, choose_ids, fail_or_warn, scan
-from .folder import decode_pairs
-from .layouts import CACHE_FORMAT, CACHE_MANIFEST, KNOWN_DATASETS, Source, locate
-from .pairs import Pairs, Size, parse_size, stack_pairs
-from .splits import default_split, load_split, make_split, save_split
+from resunetpp.data.check import CheckReport, choose_ids, fail_or_warn, scan
+from resunetpp.data.folder import decode_pairs
+from resunetpp.data.layouts import CACHE_FORMAT, CACHE_MANIFEST, KNOWN_DATASETS, Source, locate
+from resunetpp.data.pairs import Pairs, Size, parse_size, stack_pairs
+from resunetpp.data.splits import default_split, load_split, make_split, save_split
+from resunetpp.io import ImageReadError
+from resunetpp.utils import write_json
 
 CACHE_VERSION = 2
 JPEG_QUALITY = 95

@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from ..io import (
+from resunetpp.data.layouts import Source, natural_sorted
+from resunetpp.io import (
     IMAGE_EXTENSIONS,
     MASK_VALUES,
     NOT_AN_IMAGE,
@@ -42,7 +43,6 @@ from ..io import (
     mask_grey,
     read_image,
 )
-from .layouts import Source, natural_sorted
 
 # summary rows, in print order
 COUNTS = ("pairs found", "images without masks", "masks without images", "duplicate ids", "unreadable or empty files",
@@ -187,7 +187,7 @@ def _deep_read(pair: tuple[Path, Path], mask_values: str = "auto"):
     """(image (H, W), mask (H, W), mask not empty, (largest grey level, soft fraction, perceptual hash))."""
     import numpy as np
 
-    from .leaks import phash
+    from resunetpp.data.leaks import phash
 
     image = read_image(pair[0])
     grey = mask_grey(pair[1])
@@ -233,7 +233,7 @@ def scan(source: Source, deep: bool = True, progress: bool = False, workers: int
     with ThreadPoolExecutor(workers) as pool:
         results = pool.map(one, todo)
         if progress:
-            from ..progress import progress_bar
+            from resunetpp.progress import progress_bar
 
             results = progress_bar(results, total=len(todo), desc=f"checking {source.name}", unit="pair")
         for i, got, err in results:
@@ -278,9 +278,9 @@ def check_folder(source: Source, deep: bool = True, progress: bool = False, mask
 
 def audit_split(report: CheckReport, split: str | os.PathLike) -> None:
     """Add "split leaks" warnings to a full check's report (module docstring)."""
-    from . import leaks
-    from .layouts import KNOWN_DATASETS
-    from .splits import default_split, load_split
+    from resunetpp.data import leaks
+    from resunetpp.data.layouts import KNOWN_DATASETS
+    from resunetpp.data.splits import default_split, load_split
 
     if str(split) == "auto":
         if report.name not in KNOWN_DATASETS:

@@ -27,8 +27,8 @@ import urllib.request
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from .check import CheckReport
-from .load import check_dataset
+from resunetpp.data.check import CheckReport
+from resunetpp.data.load import check_dataset
 
 # sha256 None: not published by the dataset authors and not verified here; pass --sha256 to pin one
 DATASETS = {
@@ -99,7 +99,7 @@ def fetch(url: str, dest: str | os.PathLike, sha256: str | None = None, progress
             total = have + int(length) if length is not None else None
             bar = None
             if progress:
-                from ..progress import progress_bar
+                from resunetpp.progress import progress_bar
 
                 bar = progress_bar(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
                            desc=dest.name)

@@ -198,3 +198,8 @@ def locate(root: str | os.PathLike, layout: str | None = None) -> Source:
         raise _no_layout_error(folder)
     name = layout if layout in KNOWN_DATASETS else _name_from_folder(folder)
     return Source(folder, layout, name, dirs[0], dirs[1])
+
+
+def dataset_name(data: str | os.PathLike) -> str:
+    """"kvasir-seg", "cvc-clinicdb" (also for a prepared cache of them) or the folder's own name."""
+    return locate(data).name

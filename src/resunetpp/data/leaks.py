@@ -26,7 +26,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .layouts import natural_sorted
+from resunetpp.data.layouts import natural_sorted
 
 HASH_SIZE = 16
 CROP = 0.2

@@ -9,11 +9,11 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from .cache import check_cache, load_cache
-from .check import CheckReport, check_folder
-from .folder import load_folder
-from .layouts import locate
-from .pairs import Pairs, Size, parse_size
+from resunetpp.data.cache import check_cache, load_cache
+from resunetpp.data.check import CheckReport, check_folder
+from resunetpp.data.folder import load_folder
+from resunetpp.data.layouts import locate
+from resunetpp.data.pairs import Pairs, Size, parse_size
 
 
 def load_pairs(data: str | os.PathLike, ids: Sequence[str] | None = None, size: Size = 256, skip_bad: bool = False,

@@ -1,7 +1,7 @@
 """A dataset held in memory as uint8 tensors (`Pairs`), and the sizes it can be resized to.
 
 Both readers (`folder` for raw datasets, `cache` for prepared caches) return `Pairs`; training
-indexes and augments them on the device itself (`resunetpp.train`).
+indexes and augments them on the device itself (`resunetpp.training.loop`).
 """
 
 from __future__ import annotations

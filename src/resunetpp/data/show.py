@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from .check import scan
-from .layouts import locate
-from .load import load_pairs
-from .pairs import Size
+from resunetpp.data.check import scan
+from resunetpp.data.layouts import locate
+from resunetpp.data.load import load_pairs
+from resunetpp.data.pairs import Size
 
 
 def draw_grid(images: torch.Tensor, masks: torch.Tensor, titles: list[str], out: str | os.PathLike,
@@ -23,7 +23,7 @@ def draw_grid(images: torch.Tensor, masks: torch.Tensor, titles: list[str], out:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    from ..utils import atomic_path
+    from resunetpp.utils import atomic_path
 
     n = images.shape[0]
     columns = columns or max(1, math.ceil(math.sqrt(n)))
@@ -54,11 +54,11 @@ def draw_grid(images: torch.Tensor, masks: torch.Tensor, titles: list[str], out:
 def show_dataset(data: str | os.PathLike, out: str | os.PathLike, n: int = 16, augment: str | None = None,
                  seed: int = 0, size: Size = 256, layout: str | None = None, skip_bad: bool = False) -> Path:
     """Draw `n` pairs picked with `seed` (and, with `augment`, each one again after that preset)."""
-    from .augment import Augment
+    from resunetpp.data.augment import Augment
 
     source = locate(data, layout)
     if source.layout == "cache":
-        from .cache import read_manifest
+        from resunetpp.data.cache import read_manifest
 
         all_ids = list(read_manifest(source.root)["ids"])
         size = None

@@ -23,8 +23,8 @@ from collections.abc import Iterable, Sequence
 from importlib.resources import files
 from pathlib import Path
 
-from ..utils import write_json
-from .layouts import KNOWN_DATASETS, natural_sorted
+from resunetpp.data.layouts import KNOWN_DATASETS, natural_sorted
+from resunetpp.utils import write_json
 
 PARTS = ("train", "val", "test")
 

@@ -23,9 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..registry import register_model
-from .blocks import ConvBNReLU, LiteASPP, LiteAttentionGate, LiteResidualUnit, SegmentationModel, UpConcat
-from .resunetpp import ResUNetPlusPlus
+from resunetpp.networks.blocks import (
+    ConvBNReLU,
+    LiteASPP,
+    LiteAttentionGate,
+    LiteResidualUnit,
+    SegmentationModel,
+    UpConcat,
+)
+from resunetpp.networks.registry import register_model
+from resunetpp.networks.resunetpp import ResUNetPlusPlus
 
 
 class ResUNetPlusPlusLite(ResUNetPlusPlus):

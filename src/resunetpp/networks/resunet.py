@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..registry import register_model
-from .blocks import ResidualUnit, SegmentationModel, StemBlock, UpConcat
+from resunetpp.networks.blocks import ResidualUnit, SegmentationModel, StemBlock, UpConcat
+from resunetpp.networks.registry import register_model
 
 
 class ResUNet(SegmentationModel):

@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..registry import register_model
-from .blocks import ASPP, AttentionGate, ResidualUnit, SegmentationModel, StemBlock, UpConcat
+from resunetpp.networks.blocks import ASPP, AttentionGate, ResidualUnit, SegmentationModel, StemBlock, UpConcat
+from resunetpp.networks.registry import register_model
 
 
 class ResUNetPlusPlus(SegmentationModel):

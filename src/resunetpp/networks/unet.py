@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..registry import register_model
-from .blocks import DoubleConv, SegmentationModel
+from resunetpp.networks.blocks import DoubleConv, SegmentationModel
+from resunetpp.networks.registry import register_model
 
 
 class UNet(SegmentationModel):

@@ -3,7 +3,7 @@ fastapi, uvicorn, python-multipart). `create_app(segmenter)` builds the FastAPI 
 
 from __future__ import annotations
 
-from .app import DISCLAIMER, TOKEN_ENV, ServeSettings, create_app, share_cores
-from .decode import ApiError, decode_image
+from resunetpp.serve.app import DISCLAIMER, TOKEN_ENV, ServeSettings, create_app, share_cores
+from resunetpp.serve.decode import ApiError, decode_image
 
 __all__ = ["DISCLAIMER", "TOKEN_ENV", "ApiError", "ServeSettings", "create_app", "decode_image", "share_cores"]

@@ -61,11 +61,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.websockets import WebSocketDisconnect
 
-from ..findings import describe, threshold_levels
-from ..inference import Segmenter
-from ..overlay import draw_overlay
-from ..version import __version__
-from .decode import ApiError, decode_image
+from resunetpp.inference.findings import describe, threshold_levels
+from resunetpp.inference.overlay import draw_overlay
+from resunetpp.inference.segmenter import Segmenter
+from resunetpp.serve.decode import ApiError, decode_image
+from resunetpp.version import __version__
 
 STATIC_DIR = Path(__file__).parent / "static"
 DISCLAIMER = "Research use only. Not a medical device: not for diagnosis or treatment decisions."

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..io import ImageReadError, decode_array, to_rgb
+from resunetpp.io import ImageReadError, decode_array, to_rgb
 
 
 class ApiError(Exception):

@@ -133,7 +133,7 @@ function certainty(conf) {  // conf rounded to 4 decimals first, as the API repo
 }
 
 // 8-connected components of `raw` (0/1 per pixel) with fewer than minArea * W * H pixels dropped, into `out`:
-// resunetpp.inference.drop_small_components, so the page draws the post-processed mask the API returns.
+// resunetpp.inference.transforms.drop_small_components, so the page draws the post-processed mask the API returns.
 function dropSmallComponents(raw, W, H, minArea, out) {
   const n = W * H, min = minArea * n;
   out.set(raw);
