@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import builtins
+import importlib.util
 import io
 import struct
 import tempfile
@@ -33,7 +34,8 @@ from resunetpp import Segmenter, hub  # noqa: E402
 from resunetpp.cli import app as cli_app  # noqa: E402
 from resunetpp.inference.overlay import draw_overlay  # noqa: E402
 from resunetpp.serve import ServeSettings, create_app  # noqa: E402
-from resunetpp.serve import app as serve_app  # noqa: E402
+from resunetpp.serve import page as serve_page  # noqa: E402
+from resunetpp.serve import state as serve_state  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 runner = CliRunner()
@@ -97,7 +99,7 @@ def test_health_model_and_page(client, seg):
     assert page.status_code == 200 and "not a medical device" in page.text
     assert "script-src 'self'" in page.headers["content-security-policy"]
     for name in ("index.html", "app.js", "app.css"):  # works offline: nothing is fetched from elsewhere
-        text = (serve_app.STATIC_DIR / name).read_text()
+        text = (serve_page.STATIC_DIR / name).read_text()
         assert "http://" not in text and "https://" not in text and "cdn" not in text.lower(), name
         assert client.get(f"/static/{name}").status_code == 200
     assert "/v1/segment" in client.get("/openapi.json").json()["paths"]
@@ -303,8 +305,8 @@ def test_nothing_is_written_to_disk(client, seg, monkeypatch):
 
 def test_token_required_when_set(seg, monkeypatch):
     calls = []
-    real = serve_app.hmac.compare_digest
-    monkeypatch.setattr(serve_app.hmac, "compare_digest", lambda a, b: calls.append(1) or real(a, b))
+    real = serve_state.hmac.compare_digest
+    monkeypatch.setattr(serve_state.hmac, "compare_digest", lambda a, b: calls.append(1) or real(a, b))
     good = _encode(_image())
     with TestClient(create_app(seg, ServeSettings(token="s3cret-token"))) as c:
         assert c.get("/v1/health").json()["auth_required"] is True  # health stays open
@@ -468,6 +470,17 @@ def test_cli_other_hosts_need_a_token(ckpt, fake_uvicorn, monkeypatch):
     monkeypatch.setenv("RESUNETPP_TOKEN", "from-env")
     r = runner.invoke(cli_app, ["serve", "--weights", str(ckpt), "--host", "10.1.2.3"])
     assert r.exit_code == 0 and fake_uvicorn[-1][0].state.settings.token == "from-env"
+
+
+def test_cli_without_a_websocket_library_serves_with_the_stream_off(ckpt, fake_uvicorn, monkeypatch):
+    assert fake_uvicorn == [] and runner.invoke(cli_app, ["serve", "--weights", str(ckpt)]).exit_code == 0
+    assert fake_uvicorn[-1][1]["ws"] == "auto"  # the dev extra installs websockets
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("websockets", "wsproto") else real(name, *a))
+    r = runner.invoke(cli_app, ["serve", "--weights", str(ckpt)])
+    assert r.exit_code == 0 and "neither websockets nor wsproto is installed" in r.output
+    assert fake_uvicorn[-1][1]["ws"] == "none"
 
 
 def test_cli_without_weights_says_how_to_get_some(fake_uvicorn, monkeypatch, tmp_path):

@@ -180,7 +180,7 @@ def test_stream_with_a_crf_refines_each_frame_with_its_own_image(tmp_path_factor
 
 def test_stream_options_defaults():
     """The options' defaults (as a client that sends only some of them gets): mask output, the model's threshold."""
-    from resunetpp.serve.app import _stream_options
+    from resunetpp.serve.stream import _stream_options
 
     assert _stream_options({}) == {"output": "mask", "threshold": None}
     assert _stream_options({"threshold": "0.25"}) == {"output": "mask", "threshold": 0.25}

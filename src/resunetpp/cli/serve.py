@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from types import ModuleType
 
 import typer
 
@@ -19,10 +20,12 @@ TOKEN_ENV = "RESUNETPP_TOKEN"  # the same name as resunetpp.serve.TOKEN_ENV (not
 
 
 def register(app: typer.Typer) -> None:
+    """Add the `serve` command to the CLI."""
     app.command("serve")(serve)
 
 
 def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address, IPv6 in brackets or not) is this machine only."""
     if host in ("localhost", "localhost.localdomain"):
         return True
     try:
@@ -72,42 +75,46 @@ def serve(
 
     Research use only: not a medical device.
     """
-    try:
-        import uvicorn
-
-        from resunetpp.serve import ServeSettings, create_app, share_cores
-    except ImportError as e:
-        raise fail(f"the serve command needs the optional packages fastapi, uvicorn and python-multipart "
-                   f"({e}): pip install \"resunetpp[serve]\"", ExitCode.USAGE) from None
-
-    if not is_loopback(host):
-        typer.echo(f"warning: binding to {host} makes the API reachable from other machines; requests must carry "
-                   "the token, and traffic is not encrypted (put a TLS proxy in front).", err=True)
-        if not token:
-            raise fail(f"--host {host} is not a loopback address, so a token is required: pass --token or set "
-                       f"{TOKEN_ENV}, e.g. {TOKEN_ENV}=$(python -c 'import secrets; print(secrets.token_urlsafe())')",
-                       ExitCode.USAGE)
+    uvicorn, serving = _serve_extra()
+    _check_host(host, token)
     seg = make_segmenter(weights, backend, device, tta, False, None, threshold, threads, precision, min_area)
     with errors():
-        settings = ServeSettings(max_bytes=max_bytes, max_pixels=max_pixels, queue_size=queue_size,
-                                 max_queue_s=max_queue_s, infer_batch=infer_batch, infer_workers=infer_workers,
-                                 batch_wait_ms=batch_wait_ms,
-                                 max_batch=max_batch, max_streams=max_streams, stream_idle_s=stream_idle_s,
-                                 token=token or None)
-    share_cores(seg, infer_workers)
-    app = create_app(seg, settings)
-    ws = "auto"
-    try:
-        import websockets  # noqa: F401
-    except ImportError:
-        try:
-            import wsproto  # noqa: F401
-        except ImportError:
-            ws = "none"
-            typer.echo("warning: neither websockets nor wsproto is installed, so /v1/stream (video and webcam on the "
-                       "page) is off: pip install websockets", err=True)
+        settings = serving.ServeSettings(
+            max_bytes=max_bytes, max_pixels=max_pixels, queue_size=queue_size, max_queue_s=max_queue_s,
+            infer_batch=infer_batch, infer_workers=infer_workers, batch_wait_ms=batch_wait_ms, max_batch=max_batch,
+            max_streams=max_streams, stream_idle_s=stream_idle_s, token=token or None)
+    serving.share_cores(seg, infer_workers)
+    app = serving.create_app(seg, settings)
+    ws = serving.websocket_library()
+    if ws == "none":
+        typer.echo("warning: neither websockets nor wsproto is installed, so /v1/stream (video and webcam on the "
+                   "page) is off: pip install websockets", err=True)
     shown = f"[{host}]" if ":" in host else host
     typer.echo(f"resunetpp serve: {seg!r}\n  page http://{shown}:{port}/  API docs http://{shown}:{port}/docs"
                f"{'  (token required)' if settings.token else ''}\n  research use only, not a medical device")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     uvicorn.run(app, host=host, port=port, log_level=log_level, ws=ws)
+
+
+def _serve_extra() -> tuple[ModuleType, ModuleType]:
+    """uvicorn and `resunetpp.serve`, imported here only: they need the optional `serve` extra."""
+    try:
+        import uvicorn
+
+        import resunetpp.serve as serving
+    except ImportError as e:
+        raise fail(f"the serve command needs the optional packages fastapi, uvicorn and python-multipart "
+                   f"({e}): pip install \"resunetpp[serve]\"", ExitCode.USAGE) from None
+    return uvicorn, serving
+
+
+def _check_host(host: str, token: str | None) -> None:
+    """Warn about a non-loopback address, and refuse it without a token."""
+    if is_loopback(host):
+        return
+    typer.echo(f"warning: binding to {host} makes the API reachable from other machines; requests must carry "
+               "the token, and traffic is not encrypted (put a TLS proxy in front).", err=True)
+    if not token:
+        raise fail(f"--host {host} is not a loopback address, so a token is required: pass --token or set "
+                   f"{TOKEN_ENV}, e.g. {TOKEN_ENV}=$(python -c 'import secrets; print(secrets.token_urlsafe())')",
+                   ExitCode.USAGE)
