@@ -10,7 +10,17 @@ class DeviceError(ValueError):
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
-    """`name` ("auto", "cpu", "cuda", "cuda:N", ...) as a torch.device this machine has, else `DeviceError`."""
+    """The device `name` names, checked against this machine.
+
+    Args:
+        name: "auto" (CUDA when available, else the CPU), "cpu", "cuda", "cuda:N", ..., or a torch.device.
+
+    Returns:
+        The torch.device.
+
+    Raises:
+        DeviceError: An unknown name, or a CUDA device this machine does not have.
+    """
     if isinstance(name, torch.device):
         name = str(name)
     if name == "auto":

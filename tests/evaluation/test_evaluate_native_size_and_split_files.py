@@ -75,12 +75,12 @@ def test_native_size_scores_equal_a_recomputation_by_hand(setup):
 def test_native_is_refused_on_a_prepared_cache(setup, tmp_path):
     ckpt, data = setup
     cache = prepare_cache(data, tmp_path / "cache", size=32, progress=False)
-    with pytest.raises(ValueError, match="--native needs the original dataset folder, not a prepared cache"):
+    with pytest.raises(ValueError, match="native-size scoring needs the original dataset folder, not a prepared cache"):
         evaluate(ckpt, cache, split="all", native=True, progress=False)
     assert evaluate(ckpt, cache, split="all", progress=False).summary["images"] == 6  # without --native it runs
     r = runner.invoke(app, ["evaluate", "--weights", str(ckpt), "--data", str(cache), "--split", "all", "--native",
                             "--out", str(tmp_path / "rep")])
-    assert r.exit_code == 2 and "--native needs the original dataset folder" in r.output
+    assert r.exit_code == 2 and "native-size scoring needs the original dataset folder" in r.output
     assert not (tmp_path / "rep").exists()
 
 
@@ -100,5 +100,5 @@ def test_json_and_text_split_files(setup, tmp_path):
     bad.write_text('{"train": [], "val": [], "test": ["1"]}')
     with pytest.raises(ValueError, match="bad.json: the train list is empty"):
         evaluate(ckpt, data, split=str(bad), progress=False)
-    with pytest.raises(ValueError, match="no split known for dataset 'discs'; pass --split all or a split FILE"):
+    with pytest.raises(ValueError, match="no split known for dataset 'discs'; use split 'all' or a split file"):
         evaluate(ckpt, data, split="test", progress=False)

@@ -67,7 +67,7 @@ def test_predict_out_is_an_existing_file(tmp_path, images, ckpt):
     target.write_text("keep me")
     r = runner.invoke(app, ["predict", str(images), "-w", str(ckpt), "--out", str(target)])
     assert r.exit_code == ExitCode.BAD_INPUT, r.output
-    _one_clean_line(r, str(target), "is a file", "--out")
+    _one_clean_line(r, str(target), "is a file", "output folder")
     assert target.read_text() == "keep me"  # nothing already written is lost
 
 
@@ -103,7 +103,7 @@ def test_predict_out_not_writable(tmp_path, images, ckpt, monkeypatch):
         locked.chmod(0o500)
     r = runner.invoke(app, ["predict", str(images), "-w", str(ckpt), "--out", str(locked)])
     assert r.exit_code == ExitCode.BAD_INPUT, r.output
-    _one_clean_line(r, str(locked / "predictions.csv"), "Permission denied", "--out")
+    _one_clean_line(r, str(locked / "predictions.csv"), "Permission denied", "output folder")
     r = runner.invoke(app, ["predict", str(images), "-w", str(ckpt), "--out", str(locked / "new")])
     assert r.exit_code == ExitCode.BAD_INPUT, r.output
     _one_clean_line(r, str(locked / "new"), "permission denied")

@@ -57,7 +57,7 @@ def test_clear_errors(tmp_path):
 
 def test_bundled_weights_message_says_how_to_train(monkeypatch, tmp_path):
     monkeypatch.setattr("resunetpp.hub.WEIGHTS_DIR", tmp_path / "none")
-    with pytest.raises(FileNotFoundError, match="resunetpp train"):
+    with pytest.raises(FileNotFoundError, match="train a model"):
         bundled_weights()
 
 

@@ -168,13 +168,13 @@ def test_crf_missing_gives_install_hint(monkeypatch):
 
 def test_no_bundled_weights_message(tmp_path, monkeypatch):
     monkeypatch.setattr(hub, "WEIGHTS_DIR", tmp_path / "none")
-    with pytest.raises(FileNotFoundError, match="resunetpp train"):
+    with pytest.raises(FileNotFoundError, match="train a model"):
         Segmenter()
     img = tmp_path / "a.png"
     cv2.imwrite(str(img), np.zeros((16, 16, 3), np.uint8))
     r = runner.invoke(app, ["predict", str(img), "--out", str(tmp_path / "out")])
     assert r.exit_code == 3, r.output  # bad input (the README's exit-code table)
-    assert "bundled weights 'resunetpp-kvasir-seg' are missing" in r.output and "resunetpp train" in r.output
+    assert "bundled weights 'resunetpp-kvasir-seg' are missing" in r.output and "train a model" in r.output
     assert "configs/quick-cpu.yaml" in r.output
     assert "Traceback" not in r.output and isinstance(r.exception, SystemExit)  # a clean exit, not a crash
 
@@ -352,8 +352,8 @@ def test_segmenter_argument_checks(tmp_path, ckpt):
             Segmenter(model, config=cfg, **kwargs)
     with pytest.raises(FileNotFoundError, match="missing.onnx: ONNX model not found"):
         Segmenter(tmp_path / "missing.onnx")
-    with pytest.raises(ValueError, match=re.escape("needs an .onnx file; make one with `resunetpp export --weights RUN "
-                                                   "--out model.onnx`")):
+    with pytest.raises(ValueError, match=re.escape("needs an .onnx file; export one first (`resunetpp export`, or "
+                                                   "`resunetpp.inference.export.export_onnx`)")):
         Segmenter(ckpt, backend="openvino")
     (tmp_path / "m.onnx").write_bytes(b"not onnx")
     with pytest.raises(ValueError, match="an .onnx model runs with backend='onnxruntime', not torch"):
@@ -486,7 +486,7 @@ def test_onnxruntime_backend_runs_the_file_with_its_embedded_config(tmp_path, mo
     assert folder.weights == path and folder.backend == "onnxruntime"
     assert sessions == [(str(path), 1, ["CPUExecutionProvider"]), (str(path), 0, ["CPUExecutionProvider"])]
     message = ("onnxruntime runs the .onnx file's own precision; for bf16 use backend='openvino' or 'torch', "
-               "for int8 `resunetpp export --int8`")
+               "for int8 quantise the export (`resunetpp.inference.export.quantize_int8`)")
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         Segmenter(path, precision="bf16")
 

@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from resunetpp.data import Pairs, SegmentationFolder, default_split, detect_layout, load_pairs, load_split
 from resunetpp.data.layouts import dataset_name
 from resunetpp.device import resolve_device
 from resunetpp.evaluation.metrics import (
@@ -53,13 +53,23 @@ from resunetpp.evaluation.metrics import (
     summarize_detection,
 )
 from resunetpp.figures import plot_polyp_dice
-from resunetpp.hub import load_model
-from resunetpp.inference.transforms import predict_probs
+from resunetpp.hub import bundled_weights, load_model, resolve_weights
+from resunetpp.inference.transforms import (
+    check_min_area,
+    check_threshold,
+    predict_probs,
+    resize_prob_tensor,
+    threshold_mask,
+)
+from resunetpp.io import read_mask
 from resunetpp.progress import progress_bar
 from resunetpp.utils import atomic_path, write_json
 
 SPLIT_NAMES = ("train", "val", "test", "all")
 PROTOCOLS = ("default", "polyp-benchmark")
+SETTING_NOTES = {  # how two of the figures are computed, in every metrics.json
+    "miou_keras": "Keras MeanIoU(2) on probabilities (p == 1.0 is polyp), pooled, at the model input size",
+    "detection": "8-connected components; found at IoU >= 0.5 and at any overlap"}
 
 
 @dataclass
@@ -72,36 +82,38 @@ class Evaluation:
 def resolve_ids(data: str | os.PathLike, split: str, weights: str | os.PathLike | None = None,
                 limit: int | None = None) -> tuple[list[str] | None, str]:
     """(ids or None for all, a description of where they came from) for `split` (module docstring)."""
-    from resunetpp.data import default_split, load_split
-
     if split == "all":
         if not limit:
             return None, "all"
-        from resunetpp.data import SegmentationFolder
-
         return SegmentationFolder(data, skip_bad=True).ids[:limit], f"first {limit} of all"
     if split in ("train", "val", "test"):
-        name = dataset_name(data)
-        own = Path(weights) / "split.json" if weights is not None else None
-        own_split = load_split(own) if own is not None and own.is_file() else None
-        if own_split is not None and own_split.get("dataset") == name:
-            ids, source = own_split[split], f"{split} of {own}"
-        elif name in ("kvasir-seg", "cvc-clinicdb"):
-            path = default_split(name)
-            ids, source = load_split(path)[split], f"{split} of the committed {name} split"
-        else:
-            raise ValueError(f"{data}: no split known for dataset {name!r}; pass --split all or a split FILE")
+        ids, source = _named_split(data, split, weights)
     else:
-        path = Path(split)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: split file not found (or use one of {', '.join(SPLIT_NAMES)})")
-        if path.suffix == ".json":
-            ids, source = load_split(path)["test"], f"test of {path}"
-        else:
-            ids = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
-            source = str(path)
+        ids, source = _split_file(Path(split))
     ids = list(ids)[:limit] if limit else list(ids)
     return ids, source
+
+
+def _named_split(data: str | os.PathLike, split: str, weights: str | os.PathLike | None) -> tuple[list[str], str]:
+    """The run's own split of `data` when it was trained on it, else the committed split of a known dataset."""
+    name = dataset_name(data)
+    own = Path(weights) / "split.json" if weights is not None else None
+    own_split = load_split(own) if own is not None and own.is_file() else None
+    if own_split is not None and own_split.get("dataset") == name:
+        return own_split[split], f"{split} of {own}"
+    if name in ("kvasir-seg", "cvc-clinicdb"):
+        return load_split(default_split(name))[split], f"{split} of the committed {name} split"
+    raise ValueError(f"{data}: no split known for dataset {name!r}; use split 'all' or a split file")
+
+
+def _split_file(path: Path) -> tuple[list[str], str]:
+    """A split JSON's "test" ids, or a text file's ids (one a line, "#" comments)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: split file not found (or use one of {', '.join(SPLIT_NAMES)})")
+    if path.suffix == ".json":
+        return load_split(path)["test"], f"test of {path}"
+    ids = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    return ids, str(path)
 
 
 def evaluate(weights: str | os.PathLike | None, data: str | os.PathLike, split: str = "test",
@@ -109,83 +121,134 @@ def evaluate(weights: str | os.PathLike | None, data: str | os.PathLike, split: 
              batch_size: int = 16, limit: int | None = None, native: bool = False, skip_bad: bool = False,
              amp: bool = False, progress: bool = True, protocol: str = "default",
              min_area: float = 0.0) -> Evaluation:
-    """Score the model in `weights` (run folder, .safetensors, a bundled model's name, or None for the default
-    bundled model) on `data`; write reports to `out` if given. `min_area` > 0 first drops predicted
-    components smaller than that fraction of the image, as `Segmenter` does (0, the default, scores the
-    thresholded map as the paper does)."""
-    from resunetpp.data import SegmentationFolder, detect_layout, load_pairs
-    from resunetpp.inference.transforms import check_min_area, check_threshold, drop_small_components
-    from resunetpp.io import read_mask
+    """Score a trained model on a dataset split, and write its reports (module docstring).
 
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
-    if threshold is not None:
-        check_threshold(threshold)  # before loading anything: --threshold 1.5 is refused at once
-    min_area = check_min_area(min_area)
-    from resunetpp.hub import bundled_weights, resolve_weights
+    Args:
+        weights: A run folder, a .safetensors file, a bundled model's name, or None for the default bundled model.
+        data: The dataset folder (or a prepared cache, except with `native` or the polyp-benchmark protocol).
+        split: "test", "val", "train", "all", or a split file (module docstring).
+        out: The folder for the reports (per_image.csv, metrics.json, metrics.md, polyp_dice.png); None writes none.
+        threshold: The probability threshold in [0, 1] (default: the model's config).
+        device: "auto", "cpu", "cuda" or "cuda:N".
+        batch_size: Images per forward pass.
+        limit: Score only the first this many images of the split.
+        native: Score at each mask's original size, the probabilities resized bilinearly to it.
+        skip_bad: Skip unreadable pairs instead of failing.
+        amp: bf16 autocast for the forward pass.
+        progress: Whether to show progress bars.
+        protocol: "default", or "polyp-benchmark" to add the benchmark's columns.
+        min_area: Drop predicted components smaller than this fraction of the image first, as `Segmenter`
+            does; 0 (the default) scores the thresholded map, as the paper does.
 
+    Returns:
+        The summary (as metrics.json has it), the per-image rows and the settings.
+
+    Raises:
+        ValueError: An unknown protocol, a threshold or min_area out of range, no known split, a cache where
+            the original dataset is needed, or no pairs to evaluate.
+        FileNotFoundError: The weights or the split file do not exist.
+        DeviceError: A device this machine does not have.
+    """
+    min_area = _check_options(protocol, threshold, min_area)
     weights = bundled_weights() if weights is None else resolve_weights(weights)
     dev = resolve_device(device)
     model = load_model(weights, dev)
     cfg = model.pretrained_config
-    size = tuple(cfg.get("input_size", (256, 256)))
-    norm = cfg["normalization"]
+    size, norm = tuple(cfg.get("input_size", (256, 256))), cfg["normalization"]
     thr = check_threshold(cfg.get("threshold", 0.5) if threshold is None else threshold)
     benchmark = protocol == "polyp-benchmark"
-    if (native or benchmark) and detect_layout(data) == "cache":  # before the (slow) loading
-        what = "--protocol polyp-benchmark" if benchmark else "--native"
-        raise ValueError(f"{data}: {what} needs the original dataset folder, not a prepared cache of resized masks")
+    _check_original_data(data, native, benchmark)  # before the (slow) loading
     ids, source = resolve_ids(data, split, weights, limit)
     pairs = load_pairs(data, ids=ids, size=size, skip_bad=skip_bad, progress=progress)
     if not len(pairs):
         raise ValueError(f"{data}: no pairs to evaluate ({source})")
     native_masks = SegmentationFolder(data, ids=pairs.ids, skip_bad=skip_bad).pairs if native or benchmark else None
-
-    stats, found = [], []
-    keras_cm = torch.zeros(2, 2, dtype=torch.long)
-    bench = PolypBenchmark() if benchmark else None
-    for i in progress_bar(range(0, len(pairs), batch_size), desc="evaluating", unit="batch", disable=not progress):
-        probs = predict_probs(model, pairs.images[i:i + batch_size], norm, dev, amp)
-        masks = pairs.masks[i:i + batch_size].to(dev).bool()
-        keras_cm += keras_confusion(probs, masks).cpu()
-        for k, p in enumerate(probs):
-            if native_masks is not None:
-                gt = torch.from_numpy(read_mask(native_masks[pairs.ids[i + k]][1]))
-                up = F.interpolate(p[None], size=gt.shape, mode="bilinear", align_corners=False)[0, 0].cpu()
-                if bench is not None:
-                    bench.step(up.numpy(), gt.numpy())
-                if native:
-                    p, gt = up[None], gt[None]
-                else:
-                    gt = masks[k]
-            else:
-                gt = masks[k]
-            hit = torch.from_numpy(drop_small_components((p > thr).cpu().numpy()[0], min_area))[None]
-            gt = gt.cpu()
-            stats.append(confusion(hit[None], gt[None]))
-            found.append(detect_polyps(hit.numpy(), gt.numpy()))
-    stats = torch.cat(stats)
-    per = scores(stats)
-    rows = [{"id": pairs.ids[n], **{k: float(per[k][n]) for k in METRIC_NAMES},
-             **dict(zip(("tp", "fp", "fn", "tn"), (int(v) for v in stats[n]))),
-             **{k: found[n][k] for k in ("polyps", "found_iou50", "found_any", "fp_iou50", "fp_any")},
-             "polyp_dice": " ".join(f"{d:.4f}" for d in found[n]["polyp_dice"])} for n in range(len(stats))]
+    scorer = _Scorer(thr, min_area, native, native_masks, PolypBenchmark() if benchmark else None)
+    scorer.add_pairs(model, pairs, norm, dev, amp, batch_size, progress)
     settings = {"weights": str(weights), "model": cfg["model"], "trained_on": cfg.get("dataset"),
                 "data": str(data), "dataset": pairs.name, "split": source, "threshold": thr,
                 "input_size": list(size), "scored_at": "native mask size" if native else "model input size",
-                "min_area": min_area,
-                "device": str(dev), "protocol": protocol,
-                "miou_keras": "Keras MeanIoU(2) on probabilities (p == 1.0 is polyp), pooled, at the model input size",
-                "detection": "8-connected components; found at IoU >= 0.5 and at any overlap"}
-    summary = summarize(stats)
-    summary["miou_keras"] = miou_keras_from_confusion(keras_cm)
-    summary["detection"] = summarize_detection(found)
-    if bench is not None:
-        summary["benchmark"] = bench.results()
-    result = Evaluation(summary, rows, settings)
+                "min_area": min_area, "device": str(dev), "protocol": protocol, **SETTING_NOTES}
+    result = Evaluation(scorer.summary(), scorer.rows(pairs.ids), settings)
     if out is not None:
         write_reports(result, out)
     return result
+
+
+def _check_options(protocol: str, threshold: float | None, min_area: float) -> float:
+    """Refuse a bad setting before loading anything (a threshold of 1.5 at once); `min_area` as a float."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    if threshold is not None:
+        check_threshold(threshold)
+    return check_min_area(min_area)
+
+
+def _check_original_data(data: str | os.PathLike, native: bool, benchmark: bool) -> None:
+    """Native-size scoring and the benchmark read the original masks: a prepared cache is refused."""
+    if (native or benchmark) and detect_layout(data) == "cache":
+        what = "protocol polyp-benchmark" if benchmark else "native-size scoring"
+        raise ValueError(f"{data}: {what} needs the original dataset folder, not a prepared cache of resized masks")
+
+
+class _Scorer:
+    """The counts of one evaluation as it goes: per-image confusion and detection rows, the pooled Keras
+    confusion, and the polyp benchmark's metrics (at each mask's original size)."""
+
+    def __init__(self, threshold: float, min_area: float, native: bool,
+                 native_masks: dict[str, tuple[Path, Path]] | None, bench: PolypBenchmark | None):
+        self.threshold, self.min_area, self.native = threshold, min_area, native
+        self.native_masks, self.bench = native_masks, bench
+        self.stats: list[torch.Tensor] = []
+        self.found: list[dict[str, Any]] = []
+        self.keras_cm = torch.zeros(2, 2, dtype=torch.long)
+
+    def add_pairs(self, model: torch.nn.Module, pairs: Pairs, normalization: dict[str, list[float]],
+                  device: torch.device, amp: bool, batch_size: int, progress: bool) -> None:
+        """Every pair, `batch_size` per forward pass, at the model's input size."""
+        for i in progress_bar(range(0, len(pairs), batch_size), desc="evaluating", unit="batch", disable=not progress):
+            probs = predict_probs(model, pairs.images[i:i + batch_size], normalization, device, amp)
+            self.add_batch(probs, pairs.masks[i:i + batch_size].to(device).bool(), pairs.ids[i:i + batch_size])
+
+    def add_batch(self, probs: torch.Tensor, masks: torch.Tensor, ids: list[str]) -> None:
+        """A batch's probabilities (N, 1, h, w) and masks (N, 1, h, w) at the model's input size."""
+        self.keras_cm += keras_confusion(probs, masks).cpu()
+        for p, mask, image_id in zip(probs, masks, ids):
+            if self.native_masks is not None:
+                p, mask = self.at_native_size(p, mask, image_id)
+            hit = torch.from_numpy(threshold_mask(p.cpu().numpy()[0], self.threshold, self.min_area))[None]
+            gt = mask.cpu()
+            self.stats.append(confusion(hit[None], gt[None]))
+            self.found.append(detect_polyps(hit.numpy(), gt.numpy()))
+
+    def at_native_size(self, p: torch.Tensor, mask: torch.Tensor, image_id: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Steps the benchmark at the original mask's size; (p, mask) to score: at that size with `native`."""
+        gt = torch.from_numpy(read_mask(self.native_masks[image_id][1]))
+        up = resize_prob_tensor(p, gt.shape)
+        if self.bench is not None:
+            self.bench.step(up.numpy(), gt.numpy())
+        if self.native:
+            return up[None], gt[None]
+        return p, mask
+
+    def rows(self, ids: list[str]) -> list[dict[str, Any]]:
+        """per_image.csv's rows: the metrics, the counts and the detection figures of each image."""
+        stats = torch.cat(self.stats)
+        per = scores(stats)
+        found = self.found
+        return [{"id": ids[n], **{k: float(per[k][n]) for k in METRIC_NAMES},
+                 **dict(zip(("tp", "fp", "fn", "tn"), (int(v) for v in stats[n]))),
+                 **{k: found[n][k] for k in ("polyps", "found_iou50", "found_any", "fp_iou50", "fp_any")},
+                 "polyp_dice": " ".join(f"{d:.4f}" for d in found[n]["polyp_dice"])} for n in range(len(stats))]
+
+    def summary(self) -> dict[str, Any]:
+        """metrics.json's figures: mean and pooled metrics, miou_keras, detection (and the benchmark)."""
+        summary = summarize(torch.cat(self.stats))
+        summary["miou_keras"] = miou_keras_from_confusion(self.keras_cm)
+        summary["detection"] = summarize_detection(self.found)
+        if self.bench is not None:
+            summary["benchmark"] = self.bench.results()
+        return summary
 
 
 def metrics_markdown(summary: dict[str, Any], settings: dict[str, Any] | None = None) -> str:
@@ -240,4 +303,5 @@ def write_reports(result: Evaluation, out: str | os.PathLike) -> Path:
 
 
 def read_metrics(path: str | os.PathLike) -> dict[str, Any]:
+    """The contents of a metrics.json that `write_reports` wrote."""
     return json.loads(Path(path).read_text())

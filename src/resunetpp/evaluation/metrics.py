@@ -29,15 +29,25 @@ alarm on it counts fully against the model, which is what matters on colonoscopy
 
 from __future__ import annotations
 
+import cv2
+import numpy as np
 import torch
 
 METRIC_NAMES = ("dice", "iou", "recall", "precision", "f2", "accuracy", "miou_2class")
 
 
 def confusion(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-image (tp, fp, fn, tn) counts, int64 of shape (N, 4).
+    """Per-image confusion counts.
 
-    `pred` and `target` are (N, ...) binary tensors (bool or {0, 1}); threshold probabilities first.
+    Args:
+        pred: (N, ...) binary predictions (bool or {0, 1}); threshold probabilities first.
+        target: (N, ...) binary ground truth, of the same shape.
+
+    Returns:
+        (tp, fp, fn, tn) pixel counts per image, int64 of shape (N, 4).
+
+    Raises:
+        ValueError: `pred` and `target` differ in shape.
     """
     if pred.shape != target.shape:
         raise ValueError(f"prediction {tuple(pred.shape)} and ground truth {tuple(target.shape)} differ in shape")
@@ -56,7 +66,14 @@ def _ratio(num: torch.Tensor, den: torch.Tensor, errors: torch.Tensor) -> torch.
 
 
 def scores(stats: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Metric name -> float64 tensor of shape (N,) for (N, 4) counts, or () for (4,) counts."""
+    """The metrics of confusion counts, with the empty-mask convention (module docstring).
+
+    Args:
+        stats: (N, 4) counts from `confusion`, or one row (4,).
+
+    Returns:
+        Metric name (`METRIC_NAMES`) -> float64 tensor of shape (N,), or () for one row.
+    """
     s = stats.double()
     tp, fp, fn, tn = s.unbind(-1)
     err = fp + fn
@@ -74,7 +91,17 @@ def scores(stats: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def summarize(stats: torch.Tensor) -> dict[str, dict[str, float] | int]:
-    """{"mean": {metric: float}, "pooled": {metric: float}, "images": N} for (N, 4) counts."""
+    """Each metric averaged over images and pooled over all pixels (module docstring).
+
+    Args:
+        stats: (N, 4) counts from `confusion`, N >= 1.
+
+    Returns:
+        {"mean": {metric: float}, "pooled": {metric: float}, "images": N}.
+
+    Raises:
+        ValueError: `stats` is not (N, 4) with N >= 1.
+    """
     if stats.ndim != 2 or stats.shape[0] == 0:
         raise ValueError("summarize needs counts of at least one image, shape (N, 4)")
     per_image = scores(stats)
@@ -89,11 +116,22 @@ def summarize(stats: torch.Tensor) -> dict[str, dict[str, float] | int]:
 # --- The paper's mIoU, as Keras computed it ------------------------------------------------------------------
 
 def keras_confusion(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Pooled 2x2 confusion counts [[tn, fp], [fn, tp]] (int64) of Keras' `MeanIoU(num_classes=2)` fed with
-    probabilities, as the paper's code does: Keras casts both tensors to int, so the prediction is polyp only
-    where p >= 1.0 (a float32 sigmoid saturates to exactly 1.0 above a logit of about 16.6), and a float
-    ground truth counts as polyp only where it is >= 1.0 (floor(mask / 255) of a 0..255 mask). Integer or
-    bool targets are labels {0, 1}. Sum the counts of several batches to accumulate over a set."""
+    """The pooled confusion counts of Keras' `MeanIoU(num_classes=2)` fed with probabilities, as the paper's code.
+
+    Keras casts both tensors to int, so the prediction is polyp only where p >= 1.0 (a float32 sigmoid
+    saturates to exactly 1.0 above a logit of about 16.6), and a float ground truth counts as polyp only where
+    it is >= 1.0 (floor(mask / 255) of a 0..255 mask). Sum the counts of several batches to accumulate over a set.
+
+    Args:
+        probs: Probabilities, any shape.
+        target: The ground truth, of the same shape: float (polyp where >= 1.0), or integer or bool labels {0, 1}.
+
+    Returns:
+        [[tn, fp], [fn, tp]], int64 (2, 2).
+
+    Raises:
+        ValueError: `probs` and `target` differ in shape.
+    """
     if probs.shape != target.shape:
         raise ValueError(f"prediction {tuple(probs.shape)} and ground truth {tuple(target.shape)} differ in shape")
     pred = probs.float() >= 1.0
@@ -106,8 +144,15 @@ def keras_confusion(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def miou_keras_from_confusion(cm: torch.Tensor) -> float:
-    """Keras MeanIoU from pooled counts: per class tp / (row + column - tp), averaged over the classes whose
-    denominator is not 0 (Keras' `num_valid_entries`)."""
+    """Keras MeanIoU from pooled counts.
+
+    Args:
+        cm: (2, 2) counts from `keras_confusion` (summed over batches).
+
+    Returns:
+        Per class tp / (row + column - tp), averaged over the classes whose denominator is not 0 (Keras'
+        `num_valid_entries`); 0.0 when there is none.
+    """
     cm = cm.double()
     tp = cm.diagonal()
     den = cm.sum(0) + cm.sum(1) - tp
@@ -118,7 +163,15 @@ def miou_keras_from_confusion(cm: torch.Tensor) -> float:
 
 
 def miou_keras(probs: torch.Tensor, target: torch.Tensor) -> float:
-    """The paper's "mIoU": Keras MeanIoU(2) on probabilities, pooled over all images given (`keras_confusion`)."""
+    """The paper's "mIoU": Keras MeanIoU(2) on probabilities, pooled over all images given.
+
+    Args:
+        probs: Probabilities, any shape.
+        target: The ground truth, of the same shape (as `keras_confusion` reads it).
+
+    Returns:
+        The mean IoU of the two classes (`miou_keras_from_confusion`).
+    """
     return miou_keras_from_confusion(keras_confusion(probs, target))
 
 
@@ -135,12 +188,16 @@ def detect_polyps(pred, target) -> dict:
     polyp, pixel sets), and found at any overlap when a predicted component touches it. Its Dice is that of
     the polyp against the union of the predicted components that touch it (0 when missed). False-positive
     components: predicted components that touch no polyp (`fp_any`), or that match no polyp at IoU 0.5
-    (`fp_iou50`). Returns {"polyps", "found_iou50", "found_any", "fp_any", "fp_iou50", "predicted",
-    "polyp_dice": [...], "polyp_iou": [best IoU per polyp]}.
-    """
-    import cv2
-    import numpy as np
+    (`fp_iou50`).
 
+    Args:
+        pred: The binary prediction, an array of shape (..., H, W) holding one image.
+        target: The binary ground truth, of the same size.
+
+    Returns:
+        {"polyps", "found_iou50", "found_any", "fp_any", "fp_iou50", "predicted", "polyp_dice": [...],
+        "polyp_iou": [best IoU per polyp]}.
+    """
     p = np.ascontiguousarray(np.asarray(pred).astype(np.uint8).reshape(np.asarray(pred).shape[-2:]))
     t = np.ascontiguousarray(np.asarray(target).astype(np.uint8).reshape(np.asarray(target).shape[-2:]))
     n_t, lab_t = cv2.connectedComponents(t, connectivity=8)
@@ -165,10 +222,15 @@ def detect_polyps(pred, target) -> dict:
 
 
 def summarize_detection(rows: list[dict]) -> dict:
-    """Detection figures over images (rows from `detect_polyps`): sensitivity at IoU 0.5 and at any overlap,
-    false-positive components per image, and the per-polyp Dice distribution (mean, median, histogram)."""
-    import numpy as np
+    """Detection figures over images.
 
+    Args:
+        rows: One `detect_polyps` result per image.
+
+    Returns:
+        Sensitivity at IoU 0.5 and at any overlap (NaN without polyps), false-positive components per image,
+        and the per-polyp Dice distribution (mean, median, histogram of `DICE_BINS` bins).
+    """
     polyps = sum(r["polyps"] for r in rows)
     n = max(1, len(rows))
     dice = np.array([d for r in rows for d in r["polyp_dice"]], dtype=np.float64)
@@ -207,7 +269,7 @@ class PolypBenchmark:
     """
 
     def __init__(self):
-        import py_sod_metrics as sod
+        import py_sod_metrics as sod  # heavy (loads SciPy), needed only by the polyp-benchmark protocol
 
         self._fm = sod.FmeasureV2(metric_handlers={"dice": sod.DICEHandler(with_dynamic=True, with_adaptive=False),
                                                    "iou": sod.IOUHandler(with_dynamic=True, with_adaptive=False)})
@@ -215,8 +277,15 @@ class PolypBenchmark:
         self.images = 0
 
     def step(self, prob, gt) -> None:
-        import numpy as np
+        """Add one image.
 
+        Args:
+            prob: The probability map in [0, 1] (or already 0..255), at the mask's size.
+            gt: The binary mask.
+
+        Raises:
+            ValueError: The two differ in shape.
+        """
         prob = np.asarray(prob, dtype=np.float32)
         pred = np.clip(np.rint(prob * 255), 0, 255).astype(np.uint8) if prob.max() <= 1.0 else prob.astype(np.uint8)
         mask = np.asarray(gt).astype(bool).astype(np.uint8) * 255
@@ -227,6 +296,7 @@ class PolypBenchmark:
         self.images += 1
 
     def results(self) -> dict[str, float]:
+        """The benchmark's columns (`BENCHMARK_NAMES`) over the images added."""
         fm = self._fm.get_results()
         em = self._em.get_results()["em"]["curve"]
         return {"mDice": float(fm["dice"]["dynamic"].mean()), "mIoU": float(fm["iou"]["dynamic"].mean()),

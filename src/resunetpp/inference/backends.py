@@ -22,7 +22,7 @@ ONNX_CONFIG_KEY = "resunetpp_config"  # metadata_props key holding config.json i
 
 def onnx_config(path: str | os.PathLike) -> dict[str, Any]:
     """The config of an exported model: its embedded metadata, else config.json beside it."""
-    import onnx
+    import onnx  # protobuf-heavy, needed only for .onnx weights: `import resunetpp` stays light
 
     path = Path(path)
     try:
@@ -59,7 +59,7 @@ class TorchRunner:
 
 class OrtRunner:
     def __init__(self, path: Path, device: str | torch.device, threads: int | None):
-        import onnxruntime as ort
+        import onnxruntime as ort  # heavy runtime, needed only for the onnxruntime backend
 
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # folds BatchNorm into Conv
@@ -85,7 +85,7 @@ class OpenVinoRunner:
 
     def __init__(self, path: Path, threads: int | None, precision: str):
         try:
-            import openvino as ov
+            import openvino as ov  # the optional extra resunetpp[openvino]
         except ImportError:
             raise ImportError("the openvino backend needs the optional package openvino: "
                               "pip install \"resunetpp[openvino]\"") from None
@@ -113,7 +113,7 @@ def open_onnx(path: Path, backend: str, device: torch.device, threads: int | Non
     one embedded in the file."""
     if path.suffix != ".onnx":
         raise ValueError(f"{path}: the {backend} backend needs an .onnx file; "
-                         "make one with `resunetpp export --weights RUN --out model.onnx`")
+                         "export one first (`resunetpp export`, or `resunetpp.inference.export.export_onnx`)")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: ONNX model not found")
     config = config or onnx_config(path)  # before the runtime: an unreadable file is named as such
@@ -121,5 +121,6 @@ def open_onnx(path: Path, backend: str, device: torch.device, threads: int | Non
         return OpenVinoRunner(path, threads, precision), config
     if precision != "fp32":
         raise ValueError("onnxruntime runs the .onnx file's own precision; for bf16 use "
-                         "backend='openvino' or 'torch', for int8 `resunetpp export --int8`")
+                         "backend='openvino' or 'torch', for int8 quantise the export (`resunetpp.inference.export."
+                         "quantize_int8`)")
     return OrtRunner(path, device, threads), config

@@ -31,10 +31,20 @@ class CRFUnavailableError(ImportError):
                          "pip install \"resunetpp[crf]\" (or pip install pydensecrf2)")
 
 
-def crf_available() -> bool:
+def _pydensecrf():
+    """The modules (densecrf, utils) of pydensecrf2, or `CRFUnavailableError`."""
     try:
-        import pydensecrf.densecrf  # noqa: F401
+        from pydensecrf import densecrf, utils  # the optional extra resunetpp[crf]
     except ImportError:
+        raise CRFUnavailableError() from None
+    return densecrf, utils
+
+
+def crf_available() -> bool:
+    """Whether pydensecrf2 (the `crf` extra) is installed."""
+    try:
+        _pydensecrf()
+    except CRFUnavailableError:
         return False
     return True
 
@@ -44,13 +54,28 @@ def crf_refine(image: np.ndarray, prob: np.ndarray, mode: str = "mask", threshol
                sxy_bilateral: float = 80, srgb: float = 13, compat_bilateral: float = 10) -> np.ndarray:
     """Refine a polyp probability map with a dense CRF; see the module docstring for the modes.
 
-    image: (H, W, 3) uint8 RGB; prob: (H, W) float in [0, 1] at the same resolution.
+    Args:
+        image: (H, W, 3) uint8 RGB.
+        prob: (H, W) float in [0, 1], at the image's resolution.
+        mode: "mask" (the thresholded mask as unary, position-only pairwise term) or "bilateral" (the
+            probabilities as unary, plus a term on the image's colours).
+        threshold: The threshold of the "mask" mode's unary.
+        iterations: Mean-field iterations.
+        gt_prob: The "mask" mode's confidence in its labels.
+        sxy_gaussian: Spatial scale of the Gaussian pairwise term.
+        compat_gaussian: Weight of the Gaussian pairwise term.
+        sxy_bilateral: Spatial scale of the bilateral term ("bilateral" mode).
+        srgb: Colour scale of the bilateral term ("bilateral" mode).
+        compat_bilateral: Weight of the bilateral term ("bilateral" mode).
+
+    Returns:
+        The posterior probability of the polyp label, float32 (H, W); the refined mask is `> 0.5`.
+
+    Raises:
+        CRFUnavailableError: pydensecrf2 is not installed.
+        ValueError: An unknown mode, or image and probability map of different sizes.
     """
-    try:
-        import pydensecrf.densecrf as dcrf
-        from pydensecrf.utils import unary_from_labels, unary_from_softmax
-    except ImportError:
-        raise CRFUnavailableError() from None
+    dcrf, utils = _pydensecrf()
     if mode not in CRF_MODES:
         raise ValueError(f"unknown CRF mode {mode!r}; choose one of {', '.join(CRF_MODES)}")
     if image.shape[:2] != prob.shape:
@@ -59,10 +84,10 @@ def crf_refine(image: np.ndarray, prob: np.ndarray, mode: str = "mask", threshol
     d = dcrf.DenseCRF2D(w, h, 2)
     if mode == "mask":
         labels = (prob > threshold).astype(np.int32).ravel()
-        d.setUnaryEnergy(unary_from_labels(labels, 2, gt_prob=gt_prob, zero_unsure=False))
+        d.setUnaryEnergy(utils.unary_from_labels(labels, 2, gt_prob=gt_prob, zero_unsure=False))
     else:
         p = np.clip(prob.astype(np.float32), 1e-5, 1 - 1e-5)
-        d.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(np.stack([1 - p, p]))))
+        d.setUnaryEnergy(np.ascontiguousarray(utils.unary_from_softmax(np.stack([1 - p, p]))))
     d.addPairwiseGaussian(sxy=(sxy_gaussian, sxy_gaussian), compat=compat_gaussian, kernel=dcrf.DIAG_KERNEL,
                           normalization=dcrf.NORMALIZE_SYMMETRIC)
     if mode == "bilateral":

@@ -26,9 +26,11 @@ Conventions
 from __future__ import annotations
 
 import copy
+import io
 import json
 import logging
 import os
+import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,10 +38,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
 from torch import nn
+from torch.export import Dim
+from torch.onnx import _constants as onnx_constants
 
-from resunetpp.inference.backends import ONNX_CONFIG_KEY
+from resunetpp.hub import load_model
+from resunetpp.inference.backends import ONNX_CONFIG_KEY, onnx_config
+from resunetpp.inference.predict import collect_inputs
+from resunetpp.inference.transforms import preprocess_images
+from resunetpp.io import read_image
+from resunetpp.progress import progress_bar
 from resunetpp.spec import ModelSpec
 from resunetpp.utils import atomic_path, write_json
 
@@ -58,12 +68,26 @@ class OpsetError(ValueError):
 
 def opset_range(exporter: str) -> tuple[int, int]:
     """(lowest, highest) ONNX opset `exporter` emits with this torch: dynamo 18.., legacy 17..20 (torch 2.x)."""
-    from torch.onnx import _constants
-
-    top = getattr(_constants, "ONNX_MAX_OPSET", 20)
+    top = getattr(onnx_constants, "ONNX_MAX_OPSET", 20)
     if exporter == "legacy":
-        top = getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", top)
+        top = getattr(onnx_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", top)
     return (18 if exporter == "dynamo" else 17), int(top)
+
+
+def check_opset(opset: int, exporter: str) -> None:
+    """Refuse, before exporting, an unknown exporter (ValueError) or an opset it cannot emit (`OpsetError`)."""
+    if exporter not in EXPORTERS:
+        raise ValueError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
+    low, high = opset_range(exporter)
+    if isinstance(opset, bool) or not isinstance(opset, int):
+        raise OpsetError(f"opset must be an integer, got {opset!r}")
+    if opset < 17:
+        raise OpsetError(f"opset {opset} is too old: use 17 or newer")
+    if exporter == "dynamo" and opset < 18:
+        raise OpsetError("the dynamo exporter emits opset 18 or newer; use opset 18, or the legacy exporter for 17")
+    if opset > high:
+        raise OpsetError(f"opset {opset} is newer than the {exporter} exporter of torch {torch.__version__} emits "
+                         f"({low}..{high}); nothing was exported")
 
 
 @dataclass
@@ -91,7 +115,7 @@ def parity_shapes(input_size: Sequence[int], stride: int, batch: int = 2) -> lis
 
 
 def _session(path: str | os.PathLike, threads: int | None = None):
-    import onnxruntime as ort
+    import onnxruntime as ort  # heavy runtime, needed only for the parity check
 
     opts = ort.SessionOptions()
     if threads:
@@ -101,9 +125,23 @@ def _session(path: str | os.PathLike, threads: int | None = None):
 
 def check_parity(onnx_path: str | os.PathLike, model: nn.Module, shapes: Sequence[Sequence[int]],
                  seed: int = 0) -> float:
-    """Largest |onnxruntime logits - PyTorch logits| over random inputs of the given shapes, in units of
-    max(1, largest |PyTorch logit|): float32 rounding grows with the logits' size, and a trained model's
-    logits reach tens. NaN or inf anywhere counts as an infinite difference."""
+    """Compare an exported model with PyTorch on random inputs.
+
+    The difference is in units of max(1, largest |PyTorch logit|): float32 rounding grows with the logits'
+    size, and a trained model's logits reach tens. NaN or inf anywhere counts as an infinite difference.
+
+    Args:
+        onnx_path: The exported model, run by onnxruntime on CPU.
+        model: The PyTorch model it was exported from.
+        shapes: Input shapes (N, 3, H, W) to compare at.
+        seed: Seed of the random inputs.
+
+    Returns:
+        The largest |onnxruntime logits - PyTorch logits| over the inputs, relative as above.
+
+    Raises:
+        ParityError: The two give outputs of different shapes.
+    """
     sess = _session(onnx_path)
     name = sess.get_inputs()[0].name
     gen = torch.Generator().manual_seed(seed)
@@ -123,7 +161,7 @@ def check_parity(onnx_path: str | os.PathLike, model: nn.Module, shapes: Sequenc
     return worst
 
 
-def embed_config(model_proto, config: dict[str, Any]) -> None:
+def embed_config(model_proto: onnx.ModelProto, config: dict[str, Any]) -> None:
     """Store `config` (JSON) in the ONNX model's metadata_props."""
     for prop in list(model_proto.metadata_props):
         if prop.key == ONNX_CONFIG_KEY:
@@ -132,9 +170,7 @@ def embed_config(model_proto, config: dict[str, Any]) -> None:
     entry.key, entry.value = ONNX_CONFIG_KEY, json.dumps(config)
 
 
-def _save_onnx(model_proto, out: Path) -> None:
-    import onnx
-
+def _save_onnx(model_proto: onnx.ModelProto, out: Path) -> None:
     with atomic_path(out) as tmp:
         onnx.save(model_proto, str(tmp))  # one file: small models need no external data
 
@@ -142,31 +178,32 @@ def _save_onnx(model_proto, out: Path) -> None:
 def export_onnx(weights: str | os.PathLike | nn.Module, out: str | os.PathLike, opset: int = 18,
                 exporter: str = "dynamo", atol: float = PARITY_ATOL, config: dict[str, Any] | None = None,
                 check: bool = True) -> ExportReport:
-    """Export a checkpoint (or a model with `config`) to ONNX, check parity, embed the config."""
-    import onnx
+    """Export a checkpoint (or a model with `config`) to ONNX, check parity, embed the config.
 
-    if exporter not in EXPORTERS:
-        raise ValueError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
-    low, high = opset_range(exporter)
-    if isinstance(opset, bool) or not isinstance(opset, int):
-        raise OpsetError(f"opset must be an integer, got {opset!r}")
-    if opset < 17:
-        raise OpsetError(f"opset {opset} is too old: use 17 or newer")
-    if exporter == "dynamo" and opset < 18:
-        raise OpsetError("the dynamo exporter emits opset 18 or newer; use opset 18, or the legacy exporter for 17")
-    if opset > high:
-        raise OpsetError(f"opset {opset} is newer than the {exporter} exporter of torch {torch.__version__} emits "
-                         f"({low}..{high}); nothing was exported")
-    if isinstance(weights, nn.Module):
-        # a CPU float32 copy: the caller's model may be on a GPU or in training mode, and stays as it was
-        model = copy.deepcopy(weights).float().cpu().eval()
-        cfg = dict(config or getattr(weights, "pretrained_config", {}) or {})
-        cfg = ModelSpec.from_dict(cfg, "config", require_model=False).to_dict()
-    else:
-        from resunetpp.hub import load_model
+    The config is embedded as metadata, and written as config.json beside `out` when none is there
+    (module docstring).
 
-        model = load_model(weights)  # the spec and the weights checked (resunetpp.spec)
-        cfg = ModelSpec.from_dict(config, "config").to_dict() if config else dict(model.pretrained_config)
+    Args:
+        weights: A run folder, a .safetensors file or a bundled model's name; or an `nn.Module` (a CPU
+            float32 copy is exported; the module itself stays as it was).
+        out: The .onnx file to write; it appears only once the export passed its checks.
+        opset: The ONNX opset: 18 or newer for dynamo, 17 or newer for legacy, at most what the exporter emits.
+        exporter: "dynamo" (torch.export-based) or "legacy" (the TorchScript exporter).
+        atol: The largest parity difference accepted (relative to max(1, |logit|); `check_parity`).
+        config: Replaces the weights' config (for an `nn.Module`: its `pretrained_config`).
+        check: Whether to run the parity check.
+
+    Returns:
+        The path, exporter and opset, the parity difference (NaN without the check), the shapes checked and
+        the config.json written (None if one was there).
+
+    Raises:
+        ValueError: An unknown exporter, or `out` does not end in .onnx.
+        OpsetError: An opset the exporter cannot emit, or the exporter produced another one.
+        ParityError: The export disagrees with PyTorch (no model file is left).
+    """
+    check_opset(opset, exporter)
+    model, cfg = _model_and_config(weights, config)
     out = Path(out)
     if out.suffix != ".onnx":
         raise ValueError(f"{out}: the output file name must end in .onnx")
@@ -175,49 +212,19 @@ def export_onnx(weights: str | os.PathLike | nn.Module, out: str | os.PathLike, 
     example = torch.rand(*shapes[0])
     with torch.inference_mode(False), torch.no_grad():
         if exporter == "dynamo":
-            from torch.export import Dim
-
-            dims = {0: Dim("batch", min=1), 2: stride * Dim("h_blocks", min=1), 3: stride * Dim("w_blocks", min=1)}
-            # quiet the exporter's known noise: "torchvision is not installed" and a pytree FutureWarning
-            noisy = logging.getLogger("torch.onnx._internal.exporter._registration")
-            level = noisy.level
-            noisy.setLevel(logging.ERROR)
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", FutureWarning)
-                    program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset,
-                                                input_names=["image"], output_names=["logits"],
-                                                dynamic_shapes=(dims,), verbose=False)
-            finally:
-                noisy.setLevel(level)
-            proto = program.model_proto
+            proto = _dynamo_export(model, example, opset, stride)
         else:
-            import io
-
-            buf = io.BytesIO()
-            axes = {0: "batch", 2: "height", 3: "width"}
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the deprecation and tracer warnings are known and harmless here
-                torch.onnx.export(model, (example,), buf, dynamo=False, opset_version=opset, input_names=["image"],
-                                  output_names=["logits"], dynamic_axes={"image": axes, "logits": axes})
-            proto = onnx.load_from_string(buf.getvalue())
+            proto = _legacy_export(model, example, opset)
     actual_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset)
     if actual_opset != opset:  # a requested opset is never silently replaced by another
         raise OpsetError(f"the {exporter} exporter produced opset {actual_opset}, not the requested {opset}; "
                          f"nothing was written to {out}")
     embed_config(proto, {**cfg, "onnx": {"exporter": exporter, "opset": opset, "precision": "fp32"}})
-    diff = float("nan")
-    with atomic_path(out) as tmp:  # checked before it is renamed into place: a failed export leaves no model
-        onnx.save(proto, str(tmp))  # one file: small models need no external data
-        if check:
-            try:
-                diff = check_parity(tmp, model, shapes)
-            except ParityError as e:  # name the output, not the temporary file
-                raise ParityError(str(e).replace(str(tmp), str(out))) from None
-            if not diff <= atol:
-                raise ParityError(f"{out}: max |logit difference| vs PyTorch (relative to max(1, |logit|)) is "
-                                  f"{diff:.3g} > {atol:g}; "
-                                  f"the export is wrong (try exporter='legacy' or another opset)")
+    if check:
+        diff = _save_checked(proto, out, model, shapes, atol)
+    else:
+        _save_onnx(proto, out)
+        diff = float("nan")
     config_path = None
     if not out.with_name("config.json").exists():
         config_path = out.with_name("config.json")
@@ -225,10 +232,65 @@ def export_onnx(weights: str | os.PathLike | nn.Module, out: str | os.PathLike, 
     return ExportReport(out, exporter, int(actual_opset), diff, [tuple(s) for s in shapes], config_path)
 
 
+def _model_and_config(weights: str | os.PathLike | nn.Module,
+                      config: dict[str, Any] | None) -> tuple[nn.Module, dict[str, Any]]:
+    """The model to export, on CPU in eval mode, and its config checked (`resunetpp.spec`)."""
+    if isinstance(weights, nn.Module):
+        # a CPU float32 copy: the caller's model may be on a GPU or in training mode, and stays as it was
+        model = copy.deepcopy(weights).float().cpu().eval()
+        cfg = dict(config or getattr(weights, "pretrained_config", {}) or {})
+        return model, ModelSpec.from_dict(cfg, "config", require_model=False).to_dict()
+    model = load_model(weights)  # the spec and the weights checked (resunetpp.spec)
+    return model, ModelSpec.from_dict(config, "config").to_dict() if config else dict(model.pretrained_config)
+
+
+def _dynamo_export(model: nn.Module, example: torch.Tensor, opset: int, stride: int) -> onnx.ModelProto:
+    """The torch.export-based export, batch, height and width dynamic (height and width multiples of `stride`)."""
+    dims = {0: Dim("batch", min=1), 2: stride * Dim("h_blocks", min=1), 3: stride * Dim("w_blocks", min=1)}
+    # quiet the exporter's known noise: "torchvision is not installed" and a pytree FutureWarning
+    noisy = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = noisy.level
+    noisy.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset,
+                                        input_names=["image"], output_names=["logits"],
+                                        dynamic_shapes=(dims,), verbose=False)
+    finally:
+        noisy.setLevel(level)
+    return program.model_proto
+
+
+def _legacy_export(model: nn.Module, example: torch.Tensor, opset: int) -> onnx.ModelProto:
+    """The TorchScript exporter's export, batch, height and width dynamic."""
+    buf = io.BytesIO()
+    axes = {0: "batch", 2: "height", 3: "width"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the deprecation and tracer warnings are known and harmless here
+        torch.onnx.export(model, (example,), buf, dynamo=False, opset_version=opset, input_names=["image"],
+                          output_names=["logits"], dynamic_axes={"image": axes, "logits": axes})
+    return onnx.load_from_string(buf.getvalue())
+
+
+def _save_checked(proto: onnx.ModelProto, out: Path, model: nn.Module, shapes: list[tuple[int, int, int, int]],
+                  atol: float) -> float:
+    """Write `proto` to `out` if it passes the parity check (else `ParityError`); the difference found."""
+    with atomic_path(out) as tmp:  # checked before it is renamed into place: a failed export leaves no model
+        onnx.save(proto, str(tmp))  # one file: small models need no external data
+        try:
+            diff = check_parity(tmp, model, shapes)
+        except ParityError as e:  # name the output, not the temporary file
+            raise ParityError(str(e).replace(str(tmp), str(out))) from None
+        if not diff <= atol:
+            raise ParityError(f"{out}: max |logit difference| vs PyTorch (relative to max(1, |logit|)) is "
+                              f"{diff:.3g} > {atol:g}; "
+                              f"the export is wrong (try exporter='legacy' or another opset)")
+    return diff
+
+
 def calibration_images(source: str | os.PathLike | Sequence[str | os.PathLike], count: int = 64) -> list[Path]:
     """Up to `count` image files from a folder (recursive) or list, spread evenly over the sorted list."""
-    from resunetpp.inference.predict import collect_inputs
-
     listing = collect_inputs([source] if isinstance(source, (str, os.PathLike)) else list(source))
     files = listing.files
     if not files:
@@ -242,8 +304,6 @@ def concat_fed(path: str | os.PathLike) -> list[str]:
     """Names of the Concat nodes and of the convolutions that read a Concat directly (the decoder
     shortcuts). Quantising a concatenation of attention output and skip with one scale crushes the
     small-range skip channels, which the BatchNorm after it then amplifies: keep them float."""
-    import onnx
-
     graph = onnx.load(str(path), load_external_data=False).graph
     producer = {o: n for n in graph.node for o in n.output}
     cats = [n.name for n in graph.node if n.op_type == "Concat"]
@@ -255,36 +315,38 @@ def concat_fed(path: str | os.PathLike) -> list[str]:
 def quantize_int8(fp32_onnx: str | os.PathLike, out: str | os.PathLike,
                   calib: str | os.PathLike | Sequence[str | os.PathLike], count: int = 64,
                   method: str = "minmax", per_channel: bool = True, progress: bool = True) -> Path:
-    """Static int8 quantisation (QDQ, per-channel weights) of an exported fp32 model, calibrated
-    on real images preprocessed as `Segmenter` does. The config metadata is carried over."""
-    import tempfile
+    """Static int8 quantisation of an exported fp32 model, calibrated on real images.
 
-    import onnx
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    QDQ format, per-channel weights, only the convolutions that do not read a concatenation (module
+    docstring); the images are preprocessed as `Segmenter` does. The config metadata is carried over.
 
-    from resunetpp.inference.backends import onnx_config
-    from resunetpp.inference.transforms import preprocess_images
-    from resunetpp.io import read_image
-    from resunetpp.progress import progress_bar
+    Args:
+        fp32_onnx: The fp32 model from `export_onnx`.
+        out: The int8 .onnx file to write.
+        calib: A folder of images (searched recursively) or a list of image files.
+        count: At most this many calibration images, spread evenly over the sorted list.
+        method: The calibration method: "minmax", "entropy" or "percentile".
+        per_channel: Per-channel weight scales (else per tensor).
+        progress: Whether to show a progress bar over the calibration images.
 
-    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-               "percentile": CalibrationMethod.Percentile}
-    if method not in methods:
-        raise ValueError(f"unknown calibration method {method!r}; choose one of {', '.join(methods)}")
+    Returns:
+        `out`.
+
+    Raises:
+        ValueError: An unknown calibration method.
+        FileNotFoundError: No calibration image found.
+        ModelError: `fp32_onnx` is not a readable ONNX model, or has no config.
+    """
+    from onnxruntime import quantization  # heavy (onnxruntime's quantisation tools), only for int8 models
+
+    if method not in CALIB_METHODS:
+        raise ValueError(f"unknown calibration method {method!r}; choose one of {', '.join(CALIB_METHODS)}")
     fp32_onnx, out = Path(fp32_onnx), Path(out)
     cfg = onnx_config(fp32_onnx)
     files = calibration_images(calib, count)
-    size = cfg["input_size"]
-    norm = cfg["normalization"]
+    size, norm = cfg["input_size"], cfg["normalization"]
 
-    class Reader(CalibrationDataReader):
+    class Reader(quantization.CalibrationDataReader):
         def __init__(self) -> None:
             self.it = iter(progress_bar(files, desc="calibrate", unit="img", disable=not progress))
 
@@ -295,18 +357,26 @@ def quantize_int8(fp32_onnx: str | os.PathLike, out: str | os.PathLike,
             x = preprocess_images([read_image(f)], size, norm["mean"], norm["std"])
             return {"image": x.numpy()}
 
-    with tempfile.TemporaryDirectory() as tmp:
-        pre = Path(tmp) / "pre.onnx"
-        # ONNX shape inference + graph optimisation (BatchNorm folded into Conv) before placing Q/DQ pairs;
-        # onnxruntime's symbolic shape inference cannot follow the "8 * h_blocks" dimensions, and is not needed
-        quant_pre_process(str(fp32_onnx), str(pre), skip_symbolic_shape=True)
-        q = Path(tmp) / "int8.onnx"
-        quantize_static(str(pre), str(q), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=methods[method], op_types_to_quantize=["Conv"],
-                        nodes_to_exclude=concat_fed(pre))
-        proto = onnx.load(str(q))
+    proto = _quantize_static(quantization, fp32_onnx, Reader(), method, per_channel)
     embed_config(proto, {**cfg, "onnx": {**cfg.get("onnx", {}), "precision": "int8", "calibration": method,
                                          "calibration_images": len(files)}})
     _save_onnx(proto, out)
     return out
+
+
+def _quantize_static(quantization, fp32_onnx: Path, reader, method: str, per_channel: bool) -> onnx.ModelProto:
+    """The int8 model (`quantize_int8`); `quantization` is the onnxruntime.quantization module, `reader` its
+    CalibrationDataReader."""
+    methods = {"minmax": quantization.CalibrationMethod.MinMax, "entropy": quantization.CalibrationMethod.Entropy,
+               "percentile": quantization.CalibrationMethod.Percentile}
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        # ONNX shape inference + graph optimisation (BatchNorm folded into Conv) before placing Q/DQ pairs;
+        # onnxruntime's symbolic shape inference cannot follow the "8 * h_blocks" dimensions, and is not needed
+        quantization.shape_inference.quant_pre_process(str(fp32_onnx), str(pre), skip_symbolic_shape=True)
+        q = Path(tmp) / "int8.onnx"
+        quantization.quantize_static(str(pre), str(q), reader, quant_format=quantization.QuantFormat.QDQ,
+                                     per_channel=per_channel, activation_type=quantization.QuantType.QUInt8,
+                                     weight_type=quantization.QuantType.QInt8, calibrate_method=methods[method],
+                                     op_types_to_quantize=["Conv"], nodes_to_exclude=concat_fed(pre))
+        return onnx.load(str(q))

@@ -11,20 +11,26 @@ from __future__ import annotations
 import csv
 import errno
 import glob
+import io
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import cv2
 import numpy as np
+from tqdm import tqdm
 
+from resunetpp.inference.coco import CocoWriter
+from resunetpp.inference.findings import describe
+from resunetpp.inference.overlay import draw_label, draw_overlay
 from resunetpp.inference.segmenter import Segmenter
 from resunetpp.io import IMAGE_EXTENSIONS, ImageReadError, read_image
+from resunetpp.progress import progress_bar
 
 CSV_COLUMNS = ("input", "mask", "overlay", "prob", "height", "width", "area_fraction", "polyp",
                "confidence", "certainty", "finding", "x0", "y0", "x1", "y1", "time_ms", "error")
@@ -75,14 +81,20 @@ def collect_inputs(inputs: Iterable[str | os.PathLike]) -> InputList:
     return result
 
 
+def common_root(files: Sequence[Path]) -> Path:
+    """The deepest folder holding every file of `files` (absolute), or "." for none."""
+    if not files:
+        return Path(".")
+    return Path(os.path.commonpath([os.path.abspath(f.parent) for f in files]))
+
+
 def output_names(files: Sequence[Path]) -> list[Path]:
     """Relative output paths (".png") that keep the inputs' folder structure below their deepest
     common folder, so same-named files in different folders never collide; two inputs that
     differ only by extension keep it in the name (a.jpg -> a.jpg.png)."""
     if not files:
         return []
-    parents = [os.path.abspath(f.parent) for f in files]
-    root = Path(os.path.commonpath(parents))
+    root = common_root(files)
     rel = [Path(os.path.abspath(f)).relative_to(root) for f in files]
     stems = [r.with_suffix(".png") for r in rel]
     counts: dict[Path, int] = {}
@@ -140,19 +152,20 @@ def prepare_out_dir(out: str | os.PathLike) -> Path:
     An existing file is never replaced by the folder."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise PredictOutputError(f"{out}: exists and is a file, not a folder; choose a folder for --out "
+        raise PredictOutputError(f"{out}: exists and is a file, not a folder; choose another output folder "
                                  "(nothing was written)")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         blocker = next((a for a in [out, *out.parents] if a.exists() and not a.is_dir()), out.parent)
         raise PredictOutputError(f"{out}: cannot create this folder because {blocker} is a file; "
-                                 "choose another --out") from None
+                                 "choose another output folder") from None
     except PermissionError:
         raise PredictOutputError(f"{out}: cannot create this folder: permission denied; choose a folder you can "
-                                 "write to for --out") from None
+                                 "write to") from None
     except OSError as e:
-        raise PredictOutputError(f"{out}: cannot create this folder ({e.strerror}); choose another --out") from None
+        raise PredictOutputError(f"{out}: cannot create this folder ({e.strerror}); "
+                                 "choose another output folder") from None
     return out
 
 
@@ -206,8 +219,6 @@ def _timed_read(path: Path) -> tuple[np.ndarray | None, str, float]:
 
 
 def _print_error(message: str) -> None:
-    from tqdm import tqdm
-
     tqdm.write(f"error: {message}", file=sys.stderr)
 
 
@@ -215,134 +226,217 @@ def predict_files(segmenter: Segmenter, inputs: Iterable[str | os.PathLike], out
                   batch_size: int = 4, save_prob: str | None = None, overlay: bool = True, progress: bool = True,
                   on_error: Callable[[str], None] | None = _print_error,
                   coco: str | os.PathLike | None = None) -> PredictSummary:
-    """Segment image files and write, under `out_dir`: masks/<rel>.png (0/255), overlays/<rel>.png
-    (the polyp tinted and outlined, and its finding written in the corner that hides least of it: "no polyp
-    found" or "polyp 11.3 %, certainty high"), with save_prob="png" probs/<rel>.png (8-bit, round(255 p)) or
-    "npy" probs/<rel>.npy (float32), and predictions.csv (one row per input, written as the run goes; the
-    finding in words, `resunetpp.inference.findings`). With `coco`, also that COCO instance file
-    (`resunetpp.inference.coco`:
-    one image entry per segmented input, one RLE annotation per predicted polyp), written at the end, after
-    Ctrl-C or a full disk too, for what was done.
+    """Segment image files and write their masks, overlays, probability maps and `predictions.csv`.
 
-    A file that cannot be read or processed gets a row with its error and `on_error(message)`
-    (the message starts with the path); every other file is still done. `time_ms` is that file's
-    wall time: reading, its share of its batch's forward pass, post-processing and writing.
+    A file that cannot be read or processed gets a CSV row with its error and `on_error(message)` (the message
+    starts with the path); every other file is still done. The CSV has one row per input, written as the run
+    goes, with the finding in words (`resunetpp.inference.findings`) and `time_ms`, that file's wall time:
+    reading, its share of its batch's forward pass, post-processing and writing.
+
+    Args:
+        segmenter: The model.
+        inputs: Files (kept whatever their extension), folders (searched recursively for images; hidden files
+            ignored) and glob patterns.
+        out_dir: The output folder, created if missing: masks/<rel>.png (0/255), predictions.csv and the below.
+        batch_size: Images per forward pass (>= 1); a failed batch is retried image by image.
+        save_prob: Also save the probability maps: "png" probs/<rel>.png (8-bit, round(255 p)) or "npy"
+            probs/<rel>.npy (float32); None saves none.
+        overlay: Write overlays/<rel>.png: the polyp tinted and outlined, and its finding written in the corner
+            that hides least of it ("no polyp found" or "polyp 11.3 %, certainty high").
+        progress: Show a progress bar.
+        on_error: Called with each failed file's message (default: an `error:` line on stderr); None: silent.
+        coco: Also write this COCO instance file (`resunetpp.inference.coco`: one image entry per segmented
+            input, one RLE annotation per predicted polyp), at the end, after Ctrl-C or a full disk too, for what
+            was done.
+
+    Returns:
+        The rows written, the CSV's path and the non-image files skipped in folders.
+
+    Raises:
+        ValueError: `save_prob` or `batch_size` out of range.
+        PredictOutputError: `out_dir`, its CSV or the COCO file cannot be written.
+        PredictStopped: The disk filled up or the CSV could not be written; its `summary` says what was done.
+        PredictInterrupted: Ctrl-C (a KeyboardInterrupt); its `summary` says what was done.
     """
-    from resunetpp.progress import progress_bar
-
-    if save_prob is not None and save_prob not in PROB_FORMATS:
-        raise ValueError(f"save_prob must be one of {', '.join(PROB_FORMATS)} or None, got {save_prob!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _check_options(save_prob, batch_size)
     out = prepare_out_dir(out_dir)
     listing = collect_inputs(inputs)
-    names = output_names(listing.files)
-    rows: list[dict[str, Any]] = []
     csv_path = out / "predictions.csv"
-    if csv_path.is_dir():
-        raise PredictOutputError(f"{csv_path}: is a folder; remove it or choose another --out")
-    report = on_error or (lambda _m: None)
-    summary = PredictSummary(rows=rows, csv_path=csv_path, skipped=listing.skipped)
+    summary = PredictSummary(rows=[], csv_path=csv_path, skipped=listing.skipped)
+    run = _Run(segmenter, out, listing, _open_csv(csv_path), summary, report=on_error or (lambda _m: None),
+               save_prob=save_prob, overlay=overlay, coco=CocoWriter() if coco is not None else None)
     try:
-        fh = open(csv_path, "w", newline="")
-    except OSError as e:
-        raise PredictOutputError(f"{csv_path}: cannot write it ({_os_reason(e)}); choose a folder you can write "
-                                 "to for --out") from None
-    writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
-    coco_writer = None
-    if coco is not None:
-        from resunetpp.inference.coco import CocoWriter
-
-        coco_writer = CocoWriter()
-        coco_root = (Path(os.path.commonpath([os.path.abspath(f.parent) for f in listing.files]))
-                     if listing.files else Path("."))
-
-    def record(row: dict[str, Any]) -> None:
-        rows.append(row)
-        try:
-            writer.writerow(row)
-        except OSError as e:
-            raise PredictStopped(f"{csv_path}: cannot write the CSV ({_os_reason(e)})", summary) from None
-
-    def fail(src: str, message: str, seconds: float = 0.0, quiet: bool = False) -> None:
-        row = dict.fromkeys(CSV_COLUMNS, "")
-        row.update(input=src, time_ms=f"{seconds * 1000:.1f}", error=message)
-        record(row)
-        if not quiet:
-            report(message)
-
-    batches = [list(range(i, min(i + batch_size, len(listing.files))))
-               for i in range(0, len(listing.files), batch_size)]
-    try:
-        with fh, ThreadPoolExecutor(max_workers=2) as pool, \
-                progress_bar(total=len(listing.files), unit="img", disable=not progress, desc="predict") as bar:
-            writer.writeheader()
-            for src, reason in listing.missing:
-                fail(src, f"{src}: {reason}")
-
-            def submit(b: list[int]) -> list[Future]:
-                return [pool.submit(_timed_read, listing.files[i]) for i in b]
-
-            pending = submit(batches[0]) if batches else []
-            for k, batch in enumerate(batches):
-                reads = [f.result() for f in pending]
-                pending = submit(batches[k + 1]) if k + 1 < len(batches) else []  # read ahead while computing
-                good = []
-                for i, (image, err, secs) in zip(batch, reads):
-                    if image is None:
-                        fail(str(listing.files[i]), err, secs)
-                    else:
-                        good.append((i, image, secs))
-                if good:
-                    t0 = time.perf_counter()
-                    results = _infer(segmenter, [g[1] for g in good])
-                    share = (time.perf_counter() - t0) / len(good)
-                    for (i, image, secs), (prob, err) in zip(good, results):
-                        src = listing.files[i]
-                        if prob is None:
-                            fail(str(src), f"{src}: inference failed ({err})", secs)
-                            continue
-                        t1 = time.perf_counter()
-                        written: list[Path] = []
-                        try:
-                            row = _write_outputs(segmenter, src, names[i], out, image, prob, save_prob, overlay,
-                                                 written, coco_writer, coco_root if coco_writer else None)
-                        except BaseException as e:
-                            _remove(written)  # no mask left behind for a row the CSV marks as failed
-                            if not isinstance(e, Exception):
-                                raise
-                            if isinstance(e, OSError) and e.errno in _DISK_FULL:  # said once, by the caller
-                                message = f"{src}: not written: {_os_reason(e)} in {out}"
-                                fail(str(src), message, secs, quiet=True)
-                                raise PredictStopped(message, summary) from None
-                            fail(str(src), f"{src}: not written: {_os_reason(e)}", secs)
-                            continue
-                        row["time_ms"] = f"{(secs + share + time.perf_counter() - t1) * 1000:.1f}"
-                        record(row)
-                try:
-                    fh.flush()
-                except OSError as e:
-                    raise PredictStopped(f"{csv_path}: cannot write the CSV ({_os_reason(e)})", summary) from None
-                bar.update(len(batch))
+        run.run(batch_size, progress)
     except (PredictStopped, KeyboardInterrupt) as e:
-        if coco_writer is not None:
-            _write_coco(coco_writer, coco)
-        summary.not_done = len(listing.files) - len({r["input"] for r in rows} & {str(f) for f in listing.files})
+        run.write_coco(coco)
+        done = {r["input"] for r in summary.rows} & {str(f) for f in listing.files}
+        summary.not_done = len(listing.files) - len(done)
         if isinstance(e, PredictStopped):
             summary.stopped = "disk full"
             raise
         summary.stopped = "interrupted"
         raise PredictInterrupted(summary) from None
-    if coco_writer is not None:
-        _write_coco(coco_writer, coco)
+    run.write_coco(coco)
     return summary
 
 
-def _write_coco(writer, path: str | os.PathLike) -> None:
+def _check_options(save_prob: str | None, batch_size: int) -> None:
+    if save_prob is not None and save_prob not in PROB_FORMATS:
+        raise ValueError(f"save_prob must be one of {', '.join(PROB_FORMATS)} or None, got {save_prob!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+
+def _open_csv(csv_path: Path) -> IO[str]:
+    """`csv_path` opened for writing, or `PredictOutputError` saying why it cannot be."""
+    if csv_path.is_dir():
+        raise PredictOutputError(f"{csv_path}: is a folder; remove it or choose another output folder")
     try:
-        writer.write(path)
+        return open(csv_path, "w", newline="")
     except OSError as e:
-        raise PredictOutputError(f"{path}: cannot write the COCO file ({_os_reason(e)})") from None
+        raise PredictOutputError(f"{csv_path}: cannot write it ({_os_reason(e)}); choose an output folder you can "
+                                 "write to") from None
+
+
+def _read_ahead(pool: ThreadPoolExecutor, files: list[Path],
+                batch_size: int) -> Iterator[tuple[list[int], list[tuple[np.ndarray | None, str, float]]]]:
+    """Each batch of indices into `files` with its reads; the next batch is read while this one is computed."""
+    batches = [list(range(i, min(i + batch_size, len(files)))) for i in range(0, len(files), batch_size)]
+
+    def submit(batch: list[int]) -> list[Future]:
+        return [pool.submit(_timed_read, files[i]) for i in batch]
+
+    pending = submit(batches[0]) if batches else []
+    for k, batch in enumerate(batches):
+        reads = [f.result() for f in pending]
+        pending = submit(batches[k + 1]) if k + 1 < len(batches) else []
+        yield batch, reads
+
+
+class _Run:
+    """One `predict_files` run: its CSV, written row by row, and what each input file becomes."""
+
+    def __init__(self, segmenter: Segmenter, out: Path, listing: InputList, fh: IO[str], summary: PredictSummary,
+                 report: Callable[[str], None], save_prob: str | None, overlay: bool, coco: CocoWriter | None):
+        self.segmenter, self.out, self.listing, self.fh, self.summary = segmenter, out, listing, fh, summary
+        self.report, self.save_prob, self.overlay, self.coco = report, save_prob, overlay, coco
+        self.files = listing.files
+        self.names = output_names(self.files)
+        self.coco_root = common_root(self.files)  # COCO file names as the outputs are named
+        self.writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
+
+    def run(self, batch_size: int, progress: bool) -> None:
+        """Every input, batch by batch; the CSV is flushed after each batch."""
+        with self.fh, ThreadPoolExecutor(max_workers=2) as pool, \
+                progress_bar(total=len(self.files), unit="img", disable=not progress, desc="predict") as bar:
+            self.writer.writeheader()
+            for src, reason in self.listing.missing:
+                self.fail(src, f"{src}: {reason}")
+            for batch, reads in _read_ahead(pool, self.files, batch_size):
+                self.segment(batch, reads)
+                try:
+                    self.fh.flush()
+                except OSError as e:
+                    raise PredictStopped(self.csv_error(e), self.summary) from None
+                bar.update(len(batch))
+
+    def write_coco(self, path: str | os.PathLike | None) -> None:
+        """The COCO file of what was done, if one was asked for."""
+        if self.coco is None:
+            return
+        try:
+            self.coco.write(path)
+        except OSError as e:
+            raise PredictOutputError(f"{path}: cannot write the COCO file ({_os_reason(e)})") from None
+
+    def csv_error(self, e: OSError) -> str:
+        return f"{self.summary.csv_path}: cannot write the CSV ({_os_reason(e)})"
+
+    def record(self, row: dict[str, Any]) -> None:
+        self.summary.rows.append(row)
+        try:
+            self.writer.writerow(row)
+        except OSError as e:
+            raise PredictStopped(self.csv_error(e), self.summary) from None
+
+    def fail(self, src: str, message: str, seconds: float = 0.0, quiet: bool = False) -> None:
+        row = dict.fromkeys(CSV_COLUMNS, "")
+        row.update(input=src, time_ms=f"{seconds * 1000:.1f}", error=message)
+        self.record(row)
+        if not quiet:
+            self.report(message)
+
+    def segment(self, batch: list[int], reads: list[tuple[np.ndarray | None, str, float]]) -> None:
+        """One batch: the files read (failed reads get their rows), one forward pass, each file written."""
+        good = []
+        for i, (image, err, secs) in zip(batch, reads):
+            if image is None:
+                self.fail(str(self.files[i]), err, secs)
+            else:
+                good.append((i, image, secs))
+        if not good:
+            return
+        t0 = time.perf_counter()
+        results = _infer(self.segmenter, [g[1] for g in good])
+        share = (time.perf_counter() - t0) / len(good)
+        for (i, image, secs), (prob, err) in zip(good, results):
+            if prob is None:
+                self.fail(str(self.files[i]), f"{self.files[i]}: inference failed ({err})", secs)
+            else:
+                self.write(i, image, prob, secs, share)
+
+    def write(self, i: int, image: np.ndarray, prob: np.ndarray, secs: float, share: float) -> None:
+        """File `i`'s outputs and row; if one output fails, none is left behind and the row says why. A full
+        disk stops the run (`PredictStopped`)."""
+        src = self.files[i]
+        t1 = time.perf_counter()
+        written: list[Path] = []
+        try:
+            row = self.write_outputs(src, self.names[i], image, prob, written)
+        except BaseException as e:
+            _remove(written)  # no mask left behind for a row the CSV marks as failed
+            if not isinstance(e, Exception):
+                raise
+            if isinstance(e, OSError) and e.errno in _DISK_FULL:  # said once, by the caller
+                message = f"{src}: not written: {_os_reason(e)} in {self.out}"
+                self.fail(str(src), message, secs, quiet=True)
+                raise PredictStopped(message, self.summary) from None
+            self.fail(str(src), f"{src}: not written: {_os_reason(e)}", secs)
+            return
+        row["time_ms"] = f"{(secs + share + time.perf_counter() - t1) * 1000:.1f}"
+        self.record(row)
+
+    def write_outputs(self, src: Path, name: Path, image: np.ndarray, prob: np.ndarray,
+                      written: list[Path]) -> dict[str, Any]:
+        """Mask, overlay and probability map of `src` under their folders; its CSV row (without time_ms)."""
+        out = self.out
+        mask = self.segmenter.postprocess(image, prob)
+        finding = describe(mask, prob)
+        row = dict.fromkeys(CSV_COLUMNS, "")
+        _write_png(out / "masks" / name, mask.astype(np.uint8) * 255, written)
+        row["mask"] = str(Path("masks") / name)
+        if self.overlay:
+            view = draw_label(draw_overlay(image, mask), finding.short, mask)
+            _write_png(out / "overlays" / name, cv2.cvtColor(view, cv2.COLOR_RGB2BGR), written)
+            row["overlay"] = str(Path("overlays") / name)
+        if self.save_prob == "png":
+            _write_png(out / "probs" / name, np.round(prob * 255).astype(np.uint8), written)
+            row["prob"] = str(Path("probs") / name)
+        elif self.save_prob == "npy":
+            buf = io.BytesIO()
+            np.save(buf, prob.astype(np.float32))
+            _write_bytes(out / "probs" / name.with_suffix(".npy"), buf.getvalue(), written)
+            row["prob"] = str(Path("probs") / name.with_suffix(".npy"))
+        box = bounding_box(mask)
+        row.update(input=str(src), height=mask.shape[0], width=mask.shape[1],
+                   area_fraction=f"{mask.mean():.6f}", polyp=int(finding.polyp), finding=finding.text,
+                   confidence="" if finding.confidence is None else f"{finding.confidence:.4f}",
+                   certainty=finding.certainty or "")
+        if box:
+            row.update(zip(("x0", "y0", "x1", "y1"), box))
+        if self.coco is not None:  # last: only an image whose files were all written is listed
+            self.coco.add(Path(os.path.abspath(src)).relative_to(self.coco_root).as_posix(), mask, prob)
+        return row
 
 
 def _infer(segmenter: Segmenter, images: list[np.ndarray]) -> list[tuple[np.ndarray | None, str]]:
@@ -354,40 +448,3 @@ def _infer(segmenter: Segmenter, images: list[np.ndarray]) -> list[tuple[np.ndar
         if len(images) == 1:
             return [(None, f"{type(e).__name__}: {e}")]
         return [r for im in images for r in _infer(segmenter, [im])]
-
-
-def _write_outputs(segmenter: Segmenter, src: Path, name: Path, out: Path, image: np.ndarray, prob: np.ndarray,
-                   save_prob: str | None, overlay: bool, written: list[Path], coco_writer=None,
-                   coco_root: Path | None = None) -> dict[str, Any]:
-    import io
-
-    from resunetpp.inference.findings import describe
-    from resunetpp.inference.overlay import draw_label, draw_overlay
-
-    mask = segmenter.postprocess(image, prob)
-    finding = describe(mask, prob)
-    row = dict.fromkeys(CSV_COLUMNS, "")
-    _write_png(out / "masks" / name, mask.astype(np.uint8) * 255, written)
-    row["mask"] = str(Path("masks") / name)
-    if overlay:
-        view = draw_label(draw_overlay(image, mask), finding.short, mask)
-        _write_png(out / "overlays" / name, cv2.cvtColor(view, cv2.COLOR_RGB2BGR), written)
-        row["overlay"] = str(Path("overlays") / name)
-    if save_prob == "png":
-        _write_png(out / "probs" / name, np.round(prob * 255).astype(np.uint8), written)
-        row["prob"] = str(Path("probs") / name)
-    elif save_prob == "npy":
-        buf = io.BytesIO()
-        np.save(buf, prob.astype(np.float32))
-        _write_bytes(out / "probs" / name.with_suffix(".npy"), buf.getvalue(), written)
-        row["prob"] = str(Path("probs") / name.with_suffix(".npy"))
-    box = bounding_box(mask)
-    row.update(input=str(src), height=mask.shape[0], width=mask.shape[1],
-               area_fraction=f"{mask.mean():.6f}", polyp=int(finding.polyp), finding=finding.text,
-               confidence="" if finding.confidence is None else f"{finding.confidence:.4f}",
-               certainty=finding.certainty or "")
-    if box:
-        row.update(zip(("x0", "y0", "x1", "y1"), box))
-    if coco_writer is not None:  # last: only an image whose files were all written is listed
-        coco_writer.add(Path(os.path.abspath(src)).relative_to(coco_root).as_posix(), mask, prob)
-    return row

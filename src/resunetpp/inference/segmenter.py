@@ -41,9 +41,10 @@ from resunetpp.inference.backends import BACKENDS, PRECISIONS, TorchRunner, open
 from resunetpp.inference.transforms import (
     check_min_area,
     check_threshold,
-    drop_small_components,
     preprocess_images,
     resize_prob,
+    sigmoid_probs,
+    threshold_mask,
 )
 from resunetpp.spec import MIN_AREA, ModelSpec  # noqa: F401  (MIN_AREA re-exported)
 
@@ -99,19 +100,36 @@ def open_weights(weights: str | os.PathLike | nn.Module, backend: str | None, de
 
 
 class Segmenter:
-    """Polyp segmentation of RGB images with a trained model.
+    """Polyp segmentation of RGB images with a trained model (module docstring for the conventions).
 
     >>> seg = Segmenter("runs/kvasir")            # or Segmenter("model.onnx") for onnxruntime
     >>> mask, prob = seg.segment(read_image("frame.jpg"))
 
-    backend: "torch", "onnxruntime", "openvino" (an .onnx file; the `openvino` extra), or None to
-    choose from the weights (".onnx" -> onnxruntime).
-    precision: "fp32", or "bf16" (torch autocast, or OpenVINO's bf16 inference precision; the
-    fastest accurate CPU option measured, see benchmarks/RESULTS.md). onnxruntime runs the
-    precision the .onnx file has (fp32, or int8 from `resunetpp export --int8`).
-    crf: None, "mask" or "bilateral" (needs the `crf` extra). min_area: predicted components smaller than
-    this fraction of the image are dropped (`MIN_AREA`; 0 keeps all). threads: onnxruntime / OpenVINO
-    threads (default: their choice, one per physical core). channels_last: PyTorch memory format.
+    Args:
+        weights: A run folder (config.json + model.safetensors), a .safetensors file with config.json beside
+            it, an .onnx file from `resunetpp export`, an `nn.Module`, or None for the bundled weights.
+        device: "auto", "cpu", "cuda" or "cuda:N".
+        backend: "torch", "onnxruntime", "openvino" (an .onnx file; the `openvino` extra), or None to
+            choose from the weights (".onnx" -> onnxruntime).
+        tta: Average the probabilities of the identity, horizontal-flip and vertical-flip predictions.
+        crf: None, "mask" or "bilateral" (needs the `crf` extra; `resunetpp.inference.crf`).
+        threshold: The probability threshold in [0, 1] (default: the config's).
+        config: Replaces the weights' config (input size, normalisation, threshold, min_area).
+        threads: onnxruntime / OpenVINO threads (default: their choice, one per physical core).
+        channels_last: PyTorch memory format.
+        precision: "fp32", or "bf16" (torch autocast, or OpenVINO's bf16 inference precision; the
+            fastest accurate CPU option measured, see benchmarks/RESULTS.md). onnxruntime runs the
+            precision the .onnx file has (fp32, or int8 from `resunetpp export --int8`).
+        min_area: Predicted components smaller than this fraction of the image are dropped (default: the
+            config's, `MIN_AREA`; 0 keeps all).
+
+    Raises:
+        ValueError: An unknown backend, precision or CRF mode, a threshold or min_area out of range, or
+            weights the backend cannot run.
+        CRFUnavailableError: A CRF is asked for without the `crf` extra.
+        DeviceError: A device this machine does not have.
+        FileNotFoundError: The weights (or the bundled weights) are missing.
+        ModelError: Weights or a config that cannot be used.
     """
 
     def __init__(self, weights: str | os.PathLike | nn.Module | None = None, device: str = "auto",
@@ -143,40 +161,82 @@ class Segmenter:
 
     # -- the steps, usable one by one (video smooths probabilities between them) --
     def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """Resize and normalise a list of (H, W, 3) uint8 images into an (N, 3, h, w) float tensor."""
+        """Resize and normalise images for the model, as training did.
+
+        Args:
+            images: (H, W, 3) uint8 RGB images, any sizes.
+
+        Returns:
+            An (N, 3, h, w) float32 tensor at the model's input size.
+
+        Raises:
+            ValueError: An image that is not an (H, W, 3) uint8 array.
+        """
         return preprocess_images(images, self.input_size, self.mean, self.std)
 
     def forward_probs(self, x: torch.Tensor) -> np.ndarray:
-        """(N, 3, h, w) normalised -> (N, h, w) float32 probabilities at the model's size (with TTA)."""
-        if not self.tta:
-            return torch.sigmoid(self._run(x))[:, 0].numpy()
-        n = len(x)
-        p = torch.sigmoid(self._run(torch.cat([x, x.flip(-1), x.flip(-2)])))[:, 0]
-        return ((p[:n] + p[n:2 * n].flip(-1) + p[2 * n:].flip(-2)) / 3).numpy()
+        """The model's probabilities (with TTA when asked for).
+
+        Args:
+            x: An (N, 3, h, w) normalised batch from `preprocess`.
+
+        Returns:
+            (N, h, w) float32 probabilities at the model's size.
+        """
+        return sigmoid_probs(self._run, x, self.tta)
 
     def probabilities(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Polyp probability maps, float32, each at its image's own (H, W)."""
+        """Polyp probability maps, in one forward pass.
+
+        Args:
+            images: (H, W, 3) uint8 RGB images, any sizes.
+
+        Returns:
+            One float32 (H, W) map per image, at its own size (resized back bilinearly).
+        """
         if not len(images):
             return []
         probs = self.forward_probs(self.preprocess(images))
         return [np.ascontiguousarray(resize_prob(p, im.shape[:2]), dtype=np.float32) for p, im in zip(probs, images)]
 
     def postprocess(self, image: np.ndarray, prob: np.ndarray, threshold: float | None = None) -> np.ndarray:
-        """(H, W) bool mask from a probability map: threshold (this one's unless given), or the CRF's
-        labelling; then the components smaller than `min_area` dropped."""
+        """The mask of a probability map: thresholded, or the CRF's labelling; then the components smaller
+        than `min_area` dropped.
+
+        Args:
+            image: The (H, W, 3) uint8 RGB image (the CRF reads it).
+            prob: Its (H, W) probability map.
+            threshold: The threshold (default: this segmenter's).
+
+        Returns:
+            The (H, W) bool mask.
+        """
         threshold = self.threshold if threshold is None else threshold
-        if self.crf is not None:
-            mask = crf_module.crf_refine(image, prob, mode=self.crf, threshold=threshold) > 0.5
-        else:
-            mask = prob > threshold
-        return drop_small_components(mask, self.min_area)
+        if self.crf is not None:  # the MAP labelling of the CRF's two labels
+            posterior = crf_module.crf_refine(image, prob, mode=self.crf, threshold=threshold)
+            return threshold_mask(posterior, 0.5, self.min_area)
+        return threshold_mask(prob, threshold, self.min_area)
 
     # -- the API most callers want --
     def segment(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(mask bool (H, W), prob float32 (H, W)) for one (H, W, 3) uint8 RGB image."""
+        """Segment one image.
+
+        Args:
+            image: An (H, W, 3) uint8 RGB image.
+
+        Returns:
+            (mask, prob): the bool (H, W) mask and the float32 (H, W) probability map.
+        """
         return self.segment_batch([image])[0]
 
     def segment_batch(self, images: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """`segment` for a list of images (any sizes) in one forward pass."""
+        """`segment` for a list of images in one forward pass.
+
+        Args:
+            images: (H, W, 3) uint8 RGB images, any sizes.
+
+        Returns:
+            One (mask, prob) pair per image, each at its image's size.
+        """
         probs = self.probabilities(images)
         return [(self.postprocess(im, p), p) for im, p in zip(images, probs)]

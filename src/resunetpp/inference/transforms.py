@@ -9,11 +9,12 @@ mean 0 and std 1 reproduce the authors' code, which only divides by 255.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 DEFAULT_MEAN = (0.0, 0.0, 0.0)
 DEFAULT_STD = (1.0, 1.0, 1.0)
@@ -54,6 +55,17 @@ def predict_probs(model: torch.nn.Module, images: torch.Tensor, normalization: d
     return torch.sigmoid(forward(model, x, amp))
 
 
+def sigmoid_probs(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tta: bool = False) -> np.ndarray:
+    """(N, 3, h, w) normalised -> (N, h, w) float32 probabilities at the model's size, from `run`'s logits.
+    `tta` averages the probabilities of the identity, horizontal-flip and vertical-flip predictions (each
+    flipped back), as the ResUNet++ follow-up (JBHI 2021) did."""
+    if not tta:
+        return torch.sigmoid(run(x))[:, 0].numpy()
+    n = len(x)
+    p = torch.sigmoid(run(torch.cat([x, x.flip(-1), x.flip(-2)])))[:, 0]
+    return ((p[:n] + p[n:2 * n].flip(-1) + p[2 * n:].flip(-2)) / 3).numpy()
+
+
 def resize_image(image: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
     """(H, W, 3) uint8 -> (h, w, 3): area when shrinking (no aliasing), bilinear when enlarging."""
     if size is None or image.shape[:2] == tuple(size):
@@ -77,6 +89,20 @@ def resize_prob(prob: np.ndarray, size: Sequence[int]) -> np.ndarray:
     if prob.shape == tuple(size):
         return prob
     return cv2.resize(prob, (int(size[1]), int(size[0])), interpolation=cv2.INTER_LINEAR)
+
+
+def resize_prob_tensor(prob: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Bilinear resize (half-pixel centres, as `resize_prob`) of a (1, h, w) probability tensor to an (H, W)
+    one on the CPU: the evaluation's scoring at the mask's original size."""
+    return F.interpolate(prob[None], size=tuple(size), mode="bilinear", align_corners=False)[0, 0].cpu()
+
+
+def smooth_prob(previous: np.ndarray | None, prob: np.ndarray, alpha: float) -> np.ndarray:
+    """The exponential moving average alpha * previous + (1 - alpha) * prob of probability maps across video
+    frames; `prob` itself when there is no previous map of its shape (the first frame, or a size change)."""
+    if previous is None or previous.shape != prob.shape:
+        return prob
+    return alpha * previous + (1 - alpha) * prob
 
 
 def preprocess_images(images: Sequence[np.ndarray], size: Sequence[int], mean: Sequence[float],
@@ -114,6 +140,11 @@ def check_min_area(min_area: float) -> float:
     if not 0.0 <= value < 1.0:  # also refuses NaN
         raise ValueError(f"min_area must be a fraction of the image in [0, 1), got {min_area}")
     return value
+
+
+def threshold_mask(prob: np.ndarray, threshold: float, min_area: float) -> np.ndarray:
+    """(H, W) bool mask `prob > threshold`, without its components smaller than `min_area` of the image."""
+    return drop_small_components(prob > threshold, min_area)
 
 
 def drop_small_components(mask: np.ndarray, min_area: float) -> np.ndarray:

@@ -45,6 +45,8 @@ import numpy as np
 from resunetpp.inference.findings import describe
 from resunetpp.inference.overlay import draw_overlay, draw_text
 from resunetpp.inference.segmenter import Segmenter
+from resunetpp.inference.transforms import smooth_prob
+from resunetpp.progress import progress_bar
 
 CSV_COLUMNS = ("frame", "timestamp_s", "polyp", "area_fraction", "latency_ms", "certainty", "finding")
 DEFAULT_FPS = 30.0
@@ -59,7 +61,7 @@ class _H264Writer:
     """H.264 in MP4 through PyAV (its wheels ship libx264): what browsers play."""
 
     def __init__(self, path: Path, fps: float, size: tuple[int, int]):
-        import av
+        import av  # heavy (FFmpeg's libraries), and `open_writer` falls back to mp4v without it
 
         self.size = size
         self.even = (size[0] + size[0] % 2, size[1] + size[1] % 2)
@@ -192,42 +194,37 @@ def process_video(segmenter: Segmenter, source: str | int | os.PathLike, out: st
                   csv_path: str | os.PathLike | None = None, batch_size: int | None = None, smooth: float = 0.0,
                   max_frames: int | None = None, readout: bool = True, progress: bool = True,
                   codec: str = "auto") -> VideoStats:
-    """Segment every frame of `source` and write the overlay video `out` and its CSV.
+    """Segment every frame of `source` and write the overlay video `out` and its per-frame CSV.
 
-    batch_size defaults to 1 for cameras (lowest latency) and 4 for files (throughput).
-    csv_path defaults to `out` with ".csv". codec: "auto" (H.264, else mp4v with a notice), "h264", "mp4v".
+    Args:
+        segmenter: The model that segments the frames.
+        source: A video file, or a camera index (an int or an integer string, "0").
+        out: The output video, an .mp4 file (written under a temporary name, renamed at the end).
+        csv_path: The per-frame CSV (default: `out` with ".csv").
+        batch_size: Frames per forward pass (default: 1 for cameras, lowest latency; 4 for files, throughput).
+        smooth: Exponential smoothing alpha of the probability maps across frames, in [0, 1) (module
+            docstring); 0 leaves them as they are.
+        max_frames: Stop after this many frames (default: the whole stream).
+        readout: Whether to draw the rate, latency and finding in the top-left corner.
+        progress: Whether to show a progress bar.
+        codec: "auto" (H.264, else mp4v with a notice), "h264" or "mp4v".
+
+    Returns:
+        The frames written, the rates and latency, whether it was interrupted, the paths and the codec used.
+
+    Raises:
+        ValueError: An option out of range, an output that is not .mp4, a source OpenCV cannot open, or no
+            frame read (or an interruption before the first one).
+        FileNotFoundError: The video file does not exist.
+        OSError: The video or the CSV cannot be written.
     """
-    if codec not in CODECS:
-        raise ValueError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
-    from resunetpp.progress import progress_bar
-
-    if not 0 <= smooth < 1:
-        raise ValueError(f"--smooth must lie in [0, 1), got {smooth}")
     out = Path(out)
-    if out.suffix.lower() != ".mp4":
-        raise ValueError(f"{out}: the output must be an .mp4 file")
+    _check_options(out, codec, smooth, batch_size)
     csv_path = Path(csv_path) if csv_path else out.with_suffix(".csv")
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     out.parent.mkdir(parents=True, exist_ok=True)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     cap, live = open_source(source)
-    batch_size = batch_size or (1 if live else 4)
-    fps = cap.get(cv2.CAP_PROP_FPS)
-    fps = fps if 0 < fps < 1000 else DEFAULT_FPS
-    total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if not live else 0
-    total = min(total, max_frames) if (total > 0 and max_frames) else (max_frames or total or None)
-
-    tmp = out.with_name(f".{out.stem}.partial.mp4")  # the container is chosen from the extension
-    writer = None
-    codec_used, notice = "", ""
-    size: tuple[int, int] = (0, 0)
-    ema: np.ndarray | None = None
-    written = 0
-    latencies: list[float] = []
-    done_times: deque[float] = deque(maxlen=30)
-    interrupted = False
-    start = time.perf_counter()
+    run = _Run(segmenter, out, _frame_rate(cap), live, smooth, readout, codec)
     try:
         fh = open(csv_path, "w", newline="")
     except OSError:
@@ -235,63 +232,134 @@ def process_video(segmenter: Segmenter, source: str | int | os.PathLike, out: st
         raise
     rows = csv.writer(fh)
     rows.writerow(CSV_COLUMNS)
-    bar = progress_bar(total=total, unit="frame", disable=not progress, desc="video")
+    bar = progress_bar(total=_frame_total(cap, live, max_frames), unit="frame", disable=not progress, desc="video")
+    interrupted = False
     try:
         with _Stop():
-            while max_frames is None or written < max_frames:
-                frames, grabbed = [], []
-                while len(frames) < batch_size and (max_frames is None or written + len(frames) < max_frames):
-                    ok, bgr = cap.read()
-                    if not ok:
-                        break
-                    grabbed.append(time.perf_counter())
-                    frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
-                if not frames:
-                    break
-                if writer is None:
-                    size = (frames[0].shape[1], frames[0].shape[0])
-                    try:  # kept out of `writer` until open: `finally` must not rename a missing file
-                        writer, codec_used, notice = open_writer(tmp, fps, size, codec)
-                    except OSError as e:
-                        raise OSError(str(e).replace(str(tmp), str(out))) from None
-                probs = segmenter.probabilities(frames)
-                for frame, prob, t_grab in zip(frames, probs, grabbed):
-                    if smooth > 0:
-                        ema = prob if ema is None or ema.shape != prob.shape else smooth * ema + (1 - smooth) * prob
-                        prob = ema
-                    mask = segmenter.postprocess(frame, prob)
-                    finding = describe(mask, prob)
-                    view = draw_overlay(frame, mask)
-                    if view.shape[1::-1] != size:  # a stream that changes size mid-way
-                        view = cv2.resize(view, size, interpolation=cv2.INTER_AREA)
-                    now = time.perf_counter()
-                    latency = (now - t_grab) * 1000
-                    if readout:
-                        rate = (len(done_times) / (now - done_times[0])) if len(done_times) > 1 else float("nan")
-                        text = [f"{rate:5.1f} fps" if rate == rate else "  --- fps", f"{latency:5.0f} ms",
-                                finding.short]
-                        draw_text(view, text)
-                    writer.write(view)
-                    done_times.append(time.perf_counter())
-                    latencies.append(latency)
-                    stamp = (t_grab - start) if live else written / fps
-                    rows.writerow([written, f"{stamp:.3f}", int(finding.polyp), f"{finding.area_fraction:.6f}",
-                                   f"{latency:.1f}", finding.certainty or "", finding.text])
-                    written += 1
-                bar.update(len(frames))
+            run.frames(cap, rows, batch_size or (1 if live else 4), max_frames, bar)
     except KeyboardInterrupt:
         interrupted = True
     finally:
         bar.close()
         cap.release()
         fh.close()
-        if writer is not None:
-            writer.release()  # writes the MP4 index: the file is valid whatever stopped the loop
-            os.replace(tmp, out)
-    if written == 0:
+        run.close()
+    if run.written == 0:
         raise ValueError(f"{source}: interrupted before the first frame" if interrupted
                          else f"{source}: no frames could be read")
-    elapsed = time.perf_counter() - start
-    return VideoStats(frames=written, source_fps=fps, size=size, mean_latency_ms=float(np.mean(latencies)),
-                      processing_fps=written / elapsed if elapsed > 0 else float("nan"), interrupted=interrupted,
-                      out_path=out, csv_path=csv_path, codec=codec_used, notice=notice)
+    return run.stats(interrupted, csv_path)
+
+
+def _check_options(out: Path, codec: str, smooth: float, batch_size: int | None) -> None:
+    if codec not in CODECS:
+        raise ValueError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
+    if not 0 <= smooth < 1:
+        raise ValueError(f"smooth must lie in [0, 1), got {smooth}")
+    if out.suffix.lower() != ".mp4":
+        raise ValueError(f"{out}: the output must be an .mp4 file")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+
+def _frame_rate(cap: cv2.VideoCapture) -> float:
+    """The source's fps, or `DEFAULT_FPS` when it does not say (or says nonsense)."""
+    fps = cap.get(cv2.CAP_PROP_FPS)
+    return fps if 0 < fps < 1000 else DEFAULT_FPS
+
+
+def _frame_total(cap: cv2.VideoCapture, live: bool, max_frames: int | None) -> int | None:
+    """The frames the run will do, for the progress bar: None when unknown (a camera without `max_frames`)."""
+    total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if not live else 0
+    return min(total, max_frames) if (total > 0 and max_frames) else (max_frames or total or None)
+
+
+def _read_frames(cap: cv2.VideoCapture, count: int) -> tuple[list[np.ndarray], list[float]]:
+    """Up to `count` RGB frames (fewer at the end of the stream) and the moments they were grabbed."""
+    frames, grabbed = [], []
+    while len(frames) < count:
+        ok, bgr = cap.read()
+        if not ok:
+            break
+        grabbed.append(time.perf_counter())
+        frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+    return frames, grabbed
+
+
+class _Run:
+    """One `process_video` run: the writer (opened on the first frame, at its size), the smoothed
+    probability, the frames written and their latencies."""
+
+    def __init__(self, segmenter: Segmenter, out: Path, fps: float, live: bool, smooth: float, readout: bool,
+                 codec: str):
+        self.segmenter, self.out, self.fps, self.live = segmenter, out, fps, live
+        self.smooth, self.readout, self.codec = smooth, readout, codec
+        self.tmp = out.with_name(f".{out.stem}.partial.mp4")  # the container is chosen from the extension
+        self.writer = None
+        self.codec_used, self.notice = "", ""
+        self.size: tuple[int, int] = (0, 0)
+        self.ema: np.ndarray | None = None
+        self.written = 0
+        self.latencies: list[float] = []
+        self.done_times: deque[float] = deque(maxlen=30)
+        self.start = time.perf_counter()
+
+    def frames(self, cap: cv2.VideoCapture, rows, batch_size: int, max_frames: int | None, bar) -> None:
+        """Every frame of `cap` (up to `max_frames`), `batch_size` per forward pass."""
+        while max_frames is None or self.written < max_frames:
+            count = batch_size if max_frames is None else min(batch_size, max_frames - self.written)
+            frames, grabbed = _read_frames(cap, count)
+            if not frames:
+                break
+            if self.writer is None:
+                self.open(frames[0])
+            probs = self.segmenter.probabilities(frames)
+            for frame, prob, t_grab in zip(frames, probs, grabbed):
+                self.write(frame, prob, t_grab, rows)
+            bar.update(len(frames))
+
+    def open(self, frame: np.ndarray) -> None:
+        self.size = (frame.shape[1], frame.shape[0])
+        try:  # kept out of `writer` until open: `close` must not rename a missing file
+            self.writer, self.codec_used, self.notice = open_writer(self.tmp, self.fps, self.size, self.codec)
+        except OSError as e:
+            raise OSError(str(e).replace(str(self.tmp), str(self.out))) from None
+
+    def write(self, frame: np.ndarray, prob: np.ndarray, t_grab: float, rows) -> None:
+        """One frame: its probability smoothed, its overlay (and readout) written, its CSV row."""
+        if self.smooth > 0:
+            prob = self.ema = smooth_prob(self.ema, prob, self.smooth)
+        mask = self.segmenter.postprocess(frame, prob)
+        finding = describe(mask, prob)
+        view = draw_overlay(frame, mask)
+        if view.shape[1::-1] != self.size:  # a stream that changes size mid-way
+            view = cv2.resize(view, self.size, interpolation=cv2.INTER_AREA)
+        now = time.perf_counter()
+        latency = (now - t_grab) * 1000
+        if self.readout:
+            draw_text(view, self.readout_lines(now, latency, finding.short))
+        self.writer.write(view)
+        self.done_times.append(time.perf_counter())
+        self.latencies.append(latency)
+        stamp = (t_grab - self.start) if self.live else self.written / self.fps
+        rows.writerow([self.written, f"{stamp:.3f}", int(finding.polyp), f"{finding.area_fraction:.6f}",
+                       f"{latency:.1f}", finding.certainty or "", finding.text])
+        self.written += 1
+
+    def readout_lines(self, now: float, latency: float, finding: str) -> list[str]:
+        """Rate over the last 30 frames, this frame's latency and its finding."""
+        done = self.done_times
+        rate = (len(done) / (now - done[0])) if len(done) > 1 else float("nan")
+        return [f"{rate:5.1f} fps" if rate == rate else "  --- fps", f"{latency:5.0f} ms", finding]
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.release()  # writes the MP4 index: the file is valid whatever stopped the loop
+            os.replace(self.tmp, self.out)
+
+    def stats(self, interrupted: bool, csv_path: Path) -> VideoStats:
+        elapsed = time.perf_counter() - self.start
+        return VideoStats(frames=self.written, source_fps=self.fps, size=self.size,
+                          mean_latency_ms=float(np.mean(self.latencies)),
+                          processing_fps=self.written / elapsed if elapsed > 0 else float("nan"),
+                          interrupted=interrupted, out_path=self.out, csv_path=csv_path, codec=self.codec_used,
+                          notice=self.notice)
