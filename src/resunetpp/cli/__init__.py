@@ -8,6 +8,7 @@ from __future__ import annotations
 import typer
 
 from resunetpp.cli import data, infer, models, serve, train
+from resunetpp.version import __version__
 
 app = typer.Typer(
     name="resunetpp",
@@ -20,8 +21,6 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
-        from resunetpp.version import __version__
-
         typer.echo(f"resunetpp {__version__}")
         raise typer.Exit()
 

@@ -16,10 +16,28 @@ from __future__ import annotations
 import contextlib
 import errno
 import math
-from collections.abc import Iterator
-from enum import IntEnum
+import re
+from collections.abc import Iterator, Mapping
+from enum import Enum, IntEnum
 
 import typer
+
+from resunetpp.data import DatasetCheckError
+from resunetpp.data.download import DownloadError
+from resunetpp.data.layouts import DataLayoutError
+from resunetpp.device import DeviceError
+from resunetpp.errors import SettingError
+from resunetpp.inference.crf import CRFUnavailableError
+from resunetpp.inference.export import ParityError
+from resunetpp.inference.predict import PredictOutputError
+from resunetpp.io import ImageReadError
+from resunetpp.spec import ModelError
+from resunetpp.training.loop import CheckpointError, CheckpointWriteError, NonFiniteError
+
+try:
+    from typer.core import TyperArgument, TyperOption
+except ImportError:  # another typer: its own help, unchanged
+    TyperArgument = TyperOption = None
 
 
 class ExitCode(IntEnum):
@@ -36,36 +54,23 @@ def fail(message: str, code: int = ExitCode.BAD_INPUT) -> typer.Exit:
     return typer.Exit(int(code))
 
 
-def _error_table() -> list[tuple[tuple[type[BaseException], ...], ExitCode]]:
-    """The one mapping from library exceptions to exit codes (docs/cli.md's table), most specific first.
-    Imported lazily: the command modules load fast, and optional extras stay optional."""
-    from resunetpp.data import DatasetCheckError
-    from resunetpp.data.download import DownloadError
-    from resunetpp.data.layouts import DataLayoutError
-    from resunetpp.device import DeviceError
-    from resunetpp.inference.crf import CRFUnavailableError
-    from resunetpp.inference.export import ParityError
-    from resunetpp.inference.predict import PredictOutputError
-    from resunetpp.io import ImageReadError
-    from resunetpp.spec import ModelError
-    from resunetpp.training.loop import CheckpointError, CheckpointWriteError, NonFiniteError
-
-    return [
-        # 1: the command ran and stopped part-way (its last good files kept) or its result failed a check
-        ((NonFiniteError, CheckpointWriteError, ParityError), ExitCode.PARTIAL),
-        # 2: an option (or a setting) this machine or this command cannot take
-        ((DeviceError, CRFUnavailableError, ImportError), ExitCode.USAGE),
-        # 3: what was given cannot be used: weights, a spec, images, data, a checkpoint, a path
-        ((ModelError, ImageReadError, DatasetCheckError, DataLayoutError, CheckpointError, DownloadError,
-          PredictOutputError, OSError), ExitCode.BAD_INPUT),
-    ]
+# The one mapping from library exceptions to exit codes (docs/cli.md's table), most specific first.
+ERRORS: list[tuple[tuple[type[BaseException], ...], ExitCode]] = [
+    # 1: the command ran and stopped part-way (its last good files kept) or its result failed a check
+    ((NonFiniteError, CheckpointWriteError, ParityError), ExitCode.PARTIAL),
+    # 2: an option (or a setting) this machine or this command cannot take
+    ((SettingError, DeviceError, CRFUnavailableError, ImportError), ExitCode.USAGE),
+    # 3: what was given cannot be used: weights, a spec, images, data, a checkpoint, a path
+    ((ModelError, ImageReadError, DatasetCheckError, DataLayoutError, CheckpointError, DownloadError,
+      PredictOutputError, OSError), ExitCode.BAD_INPUT),
+]
 
 
 def exit_code(e: BaseException, plain: ExitCode = ExitCode.USAGE) -> ExitCode:
-    """The exit code of a library exception: the typed ones by `_error_table`; a plain ValueError, KeyError or
+    """The exit code of a library exception: the typed ones by `ERRORS`; a plain ValueError, KeyError or
     TypeError (a setting out of range, an unknown name) by `plain`: USAGE, except in `data`, whose plain
     errors are about the dataset (BAD_INPUT); anything else (a RuntimeError mid-run) is PARTIAL."""
-    for types, code in _error_table():
+    for types, code in ERRORS:
         if isinstance(e, types):
             return code
     if isinstance(e, (ValueError, KeyError, TypeError)):
@@ -73,14 +78,18 @@ def exit_code(e: BaseException, plain: ExitCode = ExitCode.USAGE) -> ExitCode:
     return ExitCode.PARTIAL
 
 
-def error_message(e: BaseException) -> str:
-    """One line for an exception: a KeyError's own text (not its repr), the real cause of a full disk."""
+def error_message(e: BaseException, flags: Mapping[str, str] | None = None) -> str:
+    """One line for an exception: a KeyError's own text (not its repr), the real cause of a full disk, and,
+    for a setting the library refused (it names settings, never flags), the command's flag from `flags`."""
     msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
     msg = str(msg) or type(e).__name__
     if isinstance(e, OSError) and e.errno == errno.ENOSPC and "no space left" not in msg.lower():
         msg += " (no space left on device)"
     if isinstance(e, OSError) and e.filename and str(e.filename) not in msg:
         msg = f"{e.filename}: {msg}"
+    flag = (flags or {}).get(e.setting) if isinstance(e, SettingError) and e.setting else None
+    if flag and flag not in msg:
+        msg += f" ({flag})"
     return msg.strip() or type(e).__name__
 
 
@@ -88,15 +97,21 @@ HANDLED = (ValueError, KeyError, TypeError, OSError, RuntimeError, ImportError)
 
 
 @contextlib.contextmanager
-def errors(plain: ExitCode = ExitCode.USAGE) -> Iterator[None]:
+def errors(plain: ExitCode = ExitCode.USAGE, flags: Mapping[str, str] | None = None) -> Iterator[None]:
     """Every command's body runs in this: a library exception becomes one `error:` line and the exit code of
-    `exit_code` (never a traceback). typer.Exit and Ctrl-C pass through."""
+    `exit_code` (never a traceback). typer.Exit and Ctrl-C pass through.
+
+    Args:
+        plain: The exit code of a plain ValueError, KeyError or TypeError (see `exit_code`).
+        flags: The command's flag for each library setting it sets (`{"batch_size": "--batch-size"}`),
+            named after the message of a `SettingError` about that setting.
+    """
     try:
         yield
     except (typer.Exit, KeyboardInterrupt):
         raise
     except HANDLED as e:
-        raise fail(error_message(e), exit_code(e, plain)) from None
+        raise fail(error_message(e, flags), exit_code(e, plain)) from None
 
 
 def number(minimum: float | None = None, maximum: float | None = None, *, above: bool = False,
@@ -122,8 +137,6 @@ def choices(name: str, values) -> type:
     """A str Enum of the library's own tuple of names (`Backend = choices("Backend", BACKENDS)`), so
     typer shows and checks them as choices, and a name added to the library is offered at once.
     Members are looked up by value: `Backend("torch")`."""
-    from enum import Enum
-
     return Enum(name, {v: v for v in values}, type=str)
 
 
@@ -131,11 +144,7 @@ def _tidy_help_types() -> None:
     """typer's help shows `<bool>` after every flag (--tta, --help) and `<list[str]>` for a variadic
     argument; a flag takes no value and `INPUTS...` already says "several". Show neither.
     Runs once, when the command modules import this one."""
-    import re
-
-    try:
-        from typer.core import TyperArgument, TyperOption
-    except ImportError:  # another typer: its own help, unchanged
+    if TyperOption is None:
         return
     for cls in (TyperOption, TyperArgument):
         original = getattr(cls, "display_type_rich", None)

@@ -7,10 +7,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import typer
+from rich.console import Console
 
 from resunetpp.cli.common import ExitCode, choices, errors
+from resunetpp.data import SegmentationFolder, check_dataset, leaks, make_split, prepare_cache, save_split
 from resunetpp.data.augment import PRESETS
+from resunetpp.data.cache import read_manifest
+from resunetpp.data.download import download_dataset
+from resunetpp.data.folder import hash_folder
 from resunetpp.data.layouts import LAYOUTS
+from resunetpp.data.show import show_dataset
 from resunetpp.io import MASK_VALUES
 
 Layout = choices("Layout", LAYOUTS)
@@ -53,8 +59,6 @@ def _v(choice):
 
 
 def _print_report(report) -> None:
-    from rich.console import Console
-
     console = Console(width=120)
     console.print(report.headline(), style="bold green" if report.ok else "bold red", markup=False,
                   soft_wrap=True)
@@ -80,8 +84,6 @@ def check(root: Path = typer.Argument(..., help="Dataset folder (or prepared cac
           ) -> None:
     """Check a dataset's pairs; exits 1 when a pair is unusable (or there are none). The full check also warns
     when the split leaks: near-duplicate images, or frames of one video sequence, in different parts."""
-    from resunetpp.data import check_dataset
-
     with _friendly_errors():
         report = check_dataset(root, layout=_v(layout), deep=not quick, progress=True, mask_values=mask_values.value,
                                split=split if split is not None else "auto")
@@ -105,9 +107,6 @@ def split(root: Path = typer.Argument(..., help="Dataset folder (or prepared cac
           ) -> None:
     """Write a deterministic train/val/test split of the dataset's ids (naturally sorted, then shuffled by seed);
     with --group-by, no video sequence or near-duplicate group is split across parts."""
-    from resunetpp.data import SegmentationFolder, leaks, make_split, save_split
-    from resunetpp.data.folder import hash_folder
-
     with _friendly_errors():
         try:
             fr = [float(x) for x in fractions.split(",")]
@@ -144,8 +143,6 @@ def download(name: str = typer.Argument(..., help="kvasir-seg or cvc-clinicdb.")
              archive: Path = typer.Option(None, "--archive", help="Use this local archive (no download)."),
              sha256: str = typer.Option(None, "--sha256", help="Expected SHA-256 of the archive.")) -> None:
     """Download (resumable), verify, safely unpack and check a dataset."""
-    from resunetpp.data.download import download_dataset
-
     with _friendly_errors():
         root, report = download_dataset(name, to, url=url, archive=archive, sha256=sha256)
     _print_report(report)
@@ -164,9 +161,6 @@ def prepare(root: Path = typer.Argument(..., help="Dataset folder."),
                                                help="Store JPEG images at this quality (lossy, smaller) instead of "
                                                "the default exact lossless WebP.")) -> None:
     """Write an exact resized copy (lossless WebP images, PNG masks, manifest, split) that loads fast."""
-    from resunetpp.data import prepare_cache
-    from resunetpp.data.cache import read_manifest
-
     with _friendly_errors():
         out = prepare_cache(root, out, size=size, layout=_v(layout), skip_bad=skip_bad, quality=quality)
     manifest = read_manifest(out)
@@ -187,8 +181,6 @@ def show(root: Path = typer.Argument(..., help="Dataset folder (or prepared cach
          skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave unusable pairs out instead of failing.")
          ) -> None:
     """Draw pairs with their mask outlines (and their augmented versions)."""
-    from resunetpp.data.show import show_dataset
-
     with _friendly_errors():
         path = show_dataset(root, out, n=n, augment=_v(augment), seed=seed, size=size, layout=_v(layout),
                             skip_bad=skip_bad)

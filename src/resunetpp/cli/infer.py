@@ -12,11 +12,21 @@ from pathlib import Path
 
 import typer
 
+import resunetpp.inference.video
 from resunetpp.cli.common import ExitCode, choices, errors, fail, number
+from resunetpp.hub import bundled_weights
 from resunetpp.inference.backends import BACKENDS, PRECISIONS
 from resunetpp.inference.crf import CRF_MODES
-from resunetpp.inference.export import CALIB_METHODS, EXPORTERS
-from resunetpp.inference.predict import PROB_FORMATS
+from resunetpp.inference.export import CALIB_METHODS, EXPORTERS, export_onnx, quantize_int8
+from resunetpp.inference.predict import (
+    IMAGE_EXTENSIONS,
+    PROB_FORMATS,
+    PredictInterrupted,
+    PredictStopped,
+    predict_files,
+)
+from resunetpp.inference.segmenter import Segmenter
+from resunetpp.progress import LogProgress
 
 # choices generated from the library's own tuples, so the CLI can never offer what the library refuses
 Backend = choices("Backend", BACKENDS)
@@ -45,8 +55,6 @@ def register(app: typer.Typer) -> None:
 def make_segmenter(weights, backend, device, tta, crf, crf_mode, threshold, threads, precision, min_area):
     """The `Segmenter` of predict, video and serve; a damaged model, a missing extra or a device this machine
     lacks is one `error:` line with the exit code of `common.exit_code` (3, 2 and 2)."""
-    from resunetpp.inference.segmenter import Segmenter
-
     with errors():
         return Segmenter(weights, device=device, backend=backend.value if backend else None, tta=tta,
                          crf=crf_mode.value if crf else None, threshold=threshold, threads=threads,
@@ -83,9 +91,6 @@ def predict(
     Inputs that fail are named on stderr and in the CSV; the others are still done (exit code 1).
     Ctrl-C stops after the current image and prints what was written (exit code 130).
     """
-    from resunetpp.inference.predict import IMAGE_EXTENSIONS, PredictInterrupted, PredictStopped, predict_files
-    from resunetpp.progress import LogProgress
-
     seg = make_segmenter(weights, backend, device, tta, crf, crf_mode, threshold, threads, precision, min_area)
     try:
         with errors():  # an --out that cannot be written: PredictOutputError, bad input
@@ -131,13 +136,12 @@ def video(
 
     Ctrl-C stops cleanly: the video written so far stays valid.
     """
-    from resunetpp.inference.video import process_video
-
     seg = make_segmenter(weights, backend, device, tta, False, CrfMode("mask"), threshold, threads, precision,
                      min_area)
     with errors(plain=ExitCode.BAD_INPUT):  # a source OpenCV cannot open is bad input
-        stats = process_video(seg, source, out, csv_path=csv_path, batch_size=batch_size, smooth=smooth,
-                              max_frames=max_frames, readout=readout)
+        # called through its module: tests replace resunetpp.inference.video.process_video
+        stats = resunetpp.inference.video.process_video(seg, source, out, csv_path=csv_path, batch_size=batch_size,
+                                                        smooth=smooth, max_frames=max_frames, readout=readout)
     stop = "interrupted" if stats.interrupted else "done"
     typer.echo(f"{stop}: {stats.frames} frames {stats.size[0]}x{stats.size[1]} at {stats.source_fps:g} fps -> "
                f"{stats.out_path}; processing {stats.processing_fps:.1f} frames/s, mean latency "
@@ -164,9 +168,6 @@ def export(
     calib_method: CalibMethod = typer.Option(CalibMethod("minmax"), help="Calibration method."),
 ) -> None:
     """Export to ONNX (dynamic batch/height/width), check parity with PyTorch, optionally quantise to int8."""
-    from resunetpp.hub import bundled_weights
-    from resunetpp.inference.export import export_onnx, quantize_int8
-
     if fmt != "onnx":
         raise fail(f"unsupported --format {fmt!r}: only onnx", ExitCode.USAGE)
     if out.suffix != ".onnx":  # checked here too: with --int8 only the fp32 sibling reaches export_onnx

@@ -4,6 +4,11 @@ weights/ folder, `resunetpp.catalog`), each usable as `--weights NAME`."""
 from __future__ import annotations
 
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from resunetpp.catalog import bundled, default_name
+from resunetpp.networks.registry import count_parameters, create_model, list_models, model_info
 
 
 def register(app: typer.Typer) -> None:
@@ -13,12 +18,6 @@ def register(app: typer.Typer) -> None:
 def models() -> None:
     """List the architectures (parameters, default loss) and the bundled trained weights (name, architecture,
     dataset, test Dice, size on disk)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from resunetpp.catalog import bundled, default_name
-    from resunetpp.networks.registry import count_parameters, create_model, list_models, model_info
-
     console = Console(width=140)
     table = Table(title="resunetpp models")
     for col in ("name", "parameters", "default loss", "description"):

@@ -1,34 +1,38 @@
 """`resunetpp train`, `resunetpp evaluate` and `resunetpp reproduce`: thin layers over
 `resunetpp.training.loop`, `resunetpp.evaluation.evaluator` and `resunetpp.training.reproduce`.
 
-Settings precedence for `train`: the library defaults (the paper's recipe), then `--config FILE`
-(YAML or TOML with the same names, e.g. `batch_size: 8`), then the flags given on the command line.
-`--resume RUN` starts from that run's `train_config.yaml` instead of the defaults.
+`train`'s options are made from `TrainConfig`'s fields: each field whose `Setting` is a flag becomes
+`--name-with-dashes`, with the field's help, choices and range; the settings' precedence (defaults or the
+resumed run's, then `--config FILE`, then the flags) is `resunetpp.training.config.settings`.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import shlex
+from dataclasses import MISSING, Field, fields
 from pathlib import Path
+from typing import Any, get_type_hints
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
 from resunetpp.cli.common import ExitCode, choices, errors, number
+from resunetpp.data.layouts import dataset_name
 from resunetpp.evaluation.evaluator import PROTOCOLS
+from resunetpp.evaluation.evaluator import evaluate as run_evaluate
+from resunetpp.evaluation.metrics import BENCHMARK_NAMES, METRIC_NAMES
+from resunetpp.hub import DEFAULT_PRETRAINED, list_pretrained
 from resunetpp.inference.segmenter import MIN_AREA
-from resunetpp.networks.registry import list_models
-from resunetpp.training.config import AUGMENTS, COMPILE_MODES, OPTIMIZERS, SCHEDULES
-from resunetpp.training.losses import LOSSES
+from resunetpp.training.config import TrainConfig, settings
+from resunetpp.training.loop import train as run_train
+from resunetpp.training.reproduce import MODELS
+from resunetpp.training.reproduce import reproduce as run_reproduce
 
-# the choices are the library's own tuples: a model, loss or schedule added there is offered here at once
-Model = choices("Model", list_models())
-Loss = choices("Loss", tuple(LOSSES))
-Optimizer = choices("Optimizer", OPTIMIZERS)
-Schedule = choices("Schedule", SCHEDULES)
-AugmentPreset = choices("AugmentPreset", AUGMENTS)
-Compile = choices("Compile", COMPILE_MODES)
 Protocol = choices("Protocol", PROTOCOLS)
+
 
 def register(app: typer.Typer) -> None:
     app.command("train")(train)
@@ -36,75 +40,95 @@ def register(app: typer.Typer) -> None:
     app.command("reproduce")(reproduce)
 
 
+def flag_name(name: str) -> str:
+    """The flag of a `TrainConfig` field: `batch_size` -> `--batch-size`."""
+    return "--" + name.replace("_", "-")
+
+
+def _value_type(f: Field) -> type:
+    """The type a field's flag parses: its annotation without None, or a str Enum of its choices."""
+    names = f.metadata["setting"].names()
+    if names:
+        return choices(f.name.title().replace("_", ""), names)  # choices are the library's own names
+    hint = get_type_hints(TrainConfig)[f.name]
+    kinds = [t for t in getattr(hint, "__args__", (hint,)) if t is not type(None)]
+    return kinds[0]
+
+
+def _default_text(f: Field) -> str:
+    """" Default: 256." for a field with a default worth showing; a None default is told by the help itself."""
+    if f.default is MISSING or f.default is None or f.default is False or f.default == "":
+        return ""
+    return f" Default: {f.default:g}." if isinstance(f.default, float) else f" Default: {f.default}."
+
+
+def _option(f: Field) -> inspect.Parameter:
+    """The typer option of a `TrainConfig` field. It defaults to None (not given), so the config file and
+    the resumed run show through; the help shows the library's default instead."""
+    s = f.metadata["setting"]
+    kind = _value_type(f)
+    flag = flag_name(f.name)
+    if kind is bool and f.default is None:  # on, off, or not given: --amp/--no-amp
+        flag = f"{flag}/--no-{flag[2:]}"
+    checks: dict[str, Any] = {}
+    if kind is int:
+        checks = {"min": s.low, "max": s.high}
+    elif kind is float and (s.low is not None or s.high is not None):
+        checks = {"callback": number(s.low, s.high, above=s.above)}  # finite, in range
+        if not s.above:
+            checks.update(min=s.low, max=s.high)  # shown in the help as a range
+    option = typer.Option(None, flag, help=s.help + _default_text(f), show_default=False,
+                          **{k: v for k, v in checks.items() if v is not None})
+    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind | None)
+
+
+FLAG_FIELDS = [f for f in fields(TrainConfig) if f.metadata["setting"].flag]
+SETTING_FLAGS = {f.name: flag_name(f.name) for f in FLAG_FIELDS}  # for the messages of refused settings
+
+
+def _with_setting_options(command):
+    """`command`'s own parameters, then an option for each `TrainConfig` field that is a flag, gathered in
+    its `**flags`."""
+    own = [p for p in inspect.signature(command).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    command.__signature__ = inspect.Signature([*own, *map(_option, FLAG_FIELDS)], return_annotation=None)
+    return command
+
+
+@_with_setting_options
 def train(
-    model: Model | None = typer.Option(None, help="Registry name (default resunetpp)."),
-    data: str | None = typer.Option(None, "--data", help="Dataset folder or prepared cache."),
-    split: str | None = typer.Option(None, help="Split JSON (default: the committed split of a known dataset)."),
-    size: int | None = typer.Option(None, min=1, help="Square input size (default 256)."),
-    epochs: int | None = typer.Option(None, min=1, help="Epochs (default 120)."),
-    batch_size: int | None = typer.Option(None, min=1, help="Global batch size over all processes (default 16)."),
-    lr: float | None = typer.Option(None, callback=number(0, above=True), help="Learning rate (default 1e-4)."),
-    optimizer: Optimizer | None = typer.Option(None, help="Default adam."),
-    loss: Loss | None = typer.Option(None, help="Default: the model's own loss."),
-    schedule: Schedule | None = typer.Option(None, help="Default sgdr."),
-    augment: AugmentPreset | None = typer.Option(None, help="Default paper."),
-    seed: int | None = typer.Option(None, min=0, help="Random seed (default 0)."),
-    device: str | None = typer.Option(None, help="auto | cpu | cuda | cuda:N (default auto)."),
-    amp: bool | None = typer.Option(None, "--amp/--no-amp", help="bf16 autocast (default on for CUDA, off for CPU)."),
-    out: str | None = typer.Option(None, "--out", help="Run folder (default runs/resunetpp)."),
-    config: Path | None = typer.Option(None, "--config", help="YAML or TOML file of settings; flags override it."),
-    resume: Path | None = typer.Option(None, "--resume", help="Continue the run in this folder from its last.pt."),
-    skip_bad: bool | None = typer.Option(None, "--skip-bad", help="Train on the good pairs of a failing dataset."),
-    early_stop: int | None = typer.Option(None, "--early-stop", min=0, help="Patience in epochs (0: off)."),
-    limit: int | None = typer.Option(None, min=1, help="Use only the first N train/val/test ids."),
-    compile: Compile | None = typer.Option(None, "--compile", help="torch.compile the model (reduce-overhead: CUDA "
-                                           "graphs); default auto: on CUDA for long runs."),
-    eval_every: int | None = typer.Option(None, "--eval-every", min=1, help="Validate and write last.pt every N "
-                                          "epochs (default 1; the last epoch always)."),
-    time_limit: float | None = typer.Option(None, "--time-limit", callback=number(0, above=True),
-                                            help="Seconds: stop resumably before an epoch that would not fit."),
-    sync_bn: bool | None = typer.Option(None, "--sync-bn", help="SyncBatchNorm across torchrun's CUDA processes."),
-    teacher: str | None = typer.Option(None, "--teacher", help="Distil from this model (a bundled name or run "
-                                       "folder): its probabilities join the masks as targets."),
-    distill_weight: float | None = typer.Option(None, "--distill-weight", min=0.0, max=1.0,
-                                                help="Share of the teacher's term in the loss (default 0.5)."),
-    init: str | None = typer.Option(None, "--init", help="Start from these weights (a bundled name or run "
-                                    "folder) instead of random ones: fine-tuning."),
+    config: Path | None = typer.Option(None, "--config", help="YAML, TOML or JSON file of settings (the same "
+                                       "names, e.g. batch_size: 8); flags override it."),
+    resume: Path | None = typer.Option(None, "--resume", help="Continue the run in this folder from its last.pt, "
+                                       "with its settings (flags and --config override them)."),
+    **flags: Any,
 ) -> None:
     """Train a model (paper recipe by default). Works as is under `torchrun --nproc_per_node=N`."""
-    flags = {"model": model, "data": data, "split": split, "size": size, "epochs": epochs, "batch_size": batch_size,
-             "lr": lr, "optimizer": optimizer, "loss": loss, "schedule": schedule, "augment": augment, "seed": seed,
-             "device": device, "amp": amp, "out": out, "skip_bad": skip_bad, "early_stop": early_stop, "limit": limit,
-             "compile": compile, "eval_every": eval_every, "time_limit": time_limit,
-             "sync_bn": sync_bn, "teacher": teacher, "distill_weight": distill_weight,
-             "init": init}
     flags = {k: v.value if hasattr(v, "value") else v for k, v in flags.items()}  # choices are str Enums
+    with errors(flags=SETTING_FLAGS):
+        cfg = settings(resume=resume, config_file=config, overrides=flags)
+    out = Path(resume or cfg.out)
     try:
-        with errors():
-            run = _run_train(flags, config, resume)
+        with errors(flags=SETTING_FLAGS):
+            run = run_train(cfg, resume=resume)
     except KeyboardInterrupt:  # train() has said where the last checkpoint is
+        _advise_resume(out)
         raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, once
+    except typer.Exit as e:
+        if e.exit_code == ExitCode.PARTIAL:  # stopped part-way: a NaN loss, a full disk
+            _advise_resume(out)
+        raise
+    if _first_process():
         typer.echo(f"run folder: {run}")
 
 
-def _run_train(flags: dict, config: Path | None, resume: Path | None) -> Path:
-    """Settings: the defaults (or the resumed run's), then the config file, then the flags; then train."""
-    from resunetpp.training.loop import TrainConfig, config_from_dict, read_config_file
-    from resunetpp.training.loop import train as run_train
+def _first_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"  # under torchrun, print once
 
-    values: dict = {}
-    if resume is not None:
-        saved = resume / "train_config.yaml"
-        if not saved.is_file():
-            raise FileNotFoundError(f"{saved}: not found; --resume takes a run folder written by `resunetpp train`")
-        known = TrainConfig.__dataclass_fields__
-        values = {k: v for k, v in read_config_file(saved).items() if k in known}
-    if config is not None:
-        values.update(read_config_file(config))
-    values.update({k: v for k, v in flags.items() if v is not None})
-    cfg = config_from_dict(values, str(config or "settings"))
-    return run_train(cfg, resume=resume)
+
+def _advise_resume(out: Path) -> None:
+    """The command that continues a stopped run, when it has a checkpoint to continue from."""
+    if (out / "last.pt").is_file() and _first_process():
+        typer.echo(f"continue with: resunetpp train --resume {out}", err=True)
 
 
 def evaluate(
@@ -128,16 +152,7 @@ def evaluate(
 ) -> None:
     """Score a trained model: Dice, IoU, recall, precision, F2, accuracy, 2-class mIoU (mean and pooled), the
     paper's Keras mIoU, per-polyp detection; `--protocol polyp-benchmark` adds the benchmark's columns."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from resunetpp.data.layouts import dataset_name
-    from resunetpp.evaluation.evaluator import evaluate as run_evaluate
-    from resunetpp.evaluation.metrics import BENCHMARK_NAMES, METRIC_NAMES
-
     with errors():
-        from resunetpp.hub import DEFAULT_PRETRAINED, list_pretrained
-
         if out is None:  # beside a run; bundled models' reports go under runs/eval/, not into the package
             own = weights is not None and str(weights) not in list_pretrained()
             base = weights / "eval" if own else Path("runs") / "eval" / str(weights or DEFAULT_PRETRAINED)
@@ -185,9 +200,6 @@ def reproduce(
                                   "(a run without weights by its own eval/metrics.json)."),
 ) -> None:
     """Train the paper's four models and write table.md, results.json and fig3.png."""
-    from resunetpp.training.reproduce import MODELS
-    from resunetpp.training.reproduce import reproduce as run_reproduce
-
     # the command as given (rebuilt from the parsed options, so it is right however the CLI was invoked)
     given = {"--data": data, "--epochs": epochs, "--out": out, "--quick": quick, "--device": device, "--size": size,
              "--limit": limit, "--batch-size": batch_size, "--models": models,
