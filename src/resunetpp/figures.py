@@ -15,16 +15,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 import torch
 
 from resunetpp.utils import atomic_path
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files, no display). Imported on first use: pyplot takes a
+    second to load, and a command that draws nothing should not pay it."""
+    matplotlib.use("Agg", force=False)  # before pyplot is first imported
     import matplotlib.pyplot as plt
 
     return plt
@@ -36,13 +37,13 @@ def _save(fig, path: str | os.PathLike) -> Path:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=120, bbox_inches="tight")
     finally:
-        _pyplot().close(fig)  # also when saving fails: pyplot keeps every open figure alive
+        pyplot().close(fig)  # also when saving fails: pyplot keeps every open figure alive
     return path
 
 
 def plot_curves(history: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
     """Loss (train, val) and val Dice / IoU against the epoch."""
-    plt = _pyplot()
+    plt = pyplot()
     epochs = [int(r["epoch"]) for r in history]
     fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(10, 3.8))
     ax_loss.plot(epochs, [float(r["train_loss"]) for r in history], label="train")
@@ -67,7 +68,7 @@ def plot_curves(history: Sequence[Mapping[str, Any]], path: str | os.PathLike) -
 def plot_polyp_dice(detection: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Bars of `detection["polyp_dice_histogram"]` (from `metrics.summarize_detection`): how many ground-truth
     polyps got each per-polyp Dice; the IoU 0.5 line (Dice 2/3) marks where a polyp counts as found."""
-    plt = _pyplot()
+    plt = pyplot()
     h = detection["polyp_dice_histogram"]
     edges, counts = np.asarray(h["edges"], dtype=float), h["counts"]
     fig, ax = plt.subplots(figsize=(6, 3.6))
@@ -95,7 +96,7 @@ def plot_fig3(images: torch.Tensor, masks: torch.Tensor, predictions: Mapping[st
 
     `images` uint8 (K, 3, H, W); `masks` and each prediction (K, 1, H, W) binary.
     """
-    plt = _pyplot()
+    plt = pyplot()
     k = len(images)
     cols = ["Image", "Ground truth", *predictions]
     fig, axes = plt.subplots(k, len(cols), figsize=(1.9 * len(cols), 1.9 * k + (0.4 if title else 0)), squeeze=False)

@@ -26,6 +26,7 @@ from torch import nn
 from resunetpp.networks.registry import create_model
 from resunetpp.spec import ModelError, ModelSpec, ModelSpecError
 from resunetpp.utils import atomic_path, write_json
+from resunetpp.version import __version__
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -36,8 +37,11 @@ DEFAULT_PRETRAINED = "resunetpp-kvasir-seg"
 
 
 def list_pretrained() -> list[str]:
-    """Names of the bundled trained models (each sub-folder of `WEIGHTS_DIR` holding weights and a config), the
-    default first, e.g. ``load_model("resunetpp-cvc-clinicdb")``."""
+    """The bundled trained models, loadable by name, e.g. ``load_model("resunetpp-cvc-clinicdb")``.
+
+    Returns:
+        The names of the sub-folders of `WEIGHTS_DIR` that hold weights and a config, the default first.
+    """
     if not WEIGHTS_DIR.is_dir():
         return []
     names = [p.name for p in WEIGHTS_DIR.iterdir() if (p / WEIGHTS_NAME).is_file() and (p / CONFIG_NAME).is_file()]
@@ -70,9 +74,20 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, config: dict
                     dtype: torch.dtype | None = None) -> Path:
     """Write `model.safetensors` and `config.json` into `directory`, each atomically.
 
-    `config` must name the registry entry ("model") and its "model_kwargs"; missing
-    preprocessing keys get their defaults. Non-finite weights are refused, so a diverged run
-    can never overwrite a good checkpoint.
+    Args:
+        model: the network to save.
+        directory: the folder to write (it must exist).
+        config: the model spec and provenance: it must name the registry entry ("model") and its
+            "model_kwargs"; missing preprocessing keys get their defaults.
+        dtype: a floating-point type to store the weights in (None: as they are).
+
+    Returns:
+        `directory`.
+
+    Raises:
+        ValueError: no "model" in `config`, or non-finite weights (so a diverged run can never overwrite a
+            good checkpoint).
+        ModelSpecError: an invalid field of `config`; nothing is written.
     """
     directory = Path(directory)
     if "model" not in config:
@@ -82,8 +97,6 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, config: dict
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise ValueError(f"refusing to save non-finite weights ({len(bad)} tensors, e.g. {bad[0]})")
-    from resunetpp.version import __version__
-
     spec = ModelSpec.from_dict({"version": __version__, **config}, directory / CONFIG_NAME)  # nothing invalid saved
     with atomic_path(directory / WEIGHTS_NAME) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt", "model": spec.model})
@@ -105,12 +118,22 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_model(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a model from a run folder, a `.safetensors` file with `config.json` beside it, the
-    name of a bundled model (`list_pretrained()`) or (path=None) the default bundled weights.
-    Returns it in eval mode, float32, with its validated `ModelSpec` as `model.spec` (and as a dict,
-    `model.pretrained_config`). A damaged model is refused here, for every front end: `ModelSpecError`
-    for a bad config.json field, `ModelError` for weights that are unreadable, do not match the spec
-    or hold NaN/inf, `FileNotFoundError` for missing files."""
+    """Rebuild a trained model. A damaged model is refused here, for every front end.
+
+    Args:
+        path: a run folder, a `.safetensors` file with `config.json` beside it, the name of a bundled model
+            (`list_pretrained()`) or None: the default bundled weights.
+        device: where to put it.
+
+    Returns:
+        The model in eval mode, float32, with its validated `ModelSpec` as `model.spec` (and as a dict,
+        `model.pretrained_config`).
+
+    Raises:
+        FileNotFoundError: the weights or their config.json are missing.
+        ModelSpecError: a bad config.json field.
+        ModelError: weights that are unreadable, do not match the spec or hold NaN/inf.
+    """
     if path is None:
         path = bundled_weights()
     weights, cfg_path = _files(path)
@@ -178,8 +201,8 @@ def bundled_weights(name: str = DEFAULT_PRETRAINED) -> Path:
     if not (folder / WEIGHTS_NAME).is_file():
         raise FileNotFoundError(
             f"{folder / WEIGHTS_NAME}: the bundled weights {name!r} are missing from this install (a source "
-            "checkout without them?). Reinstall resunetpp, or train a model: `resunetpp train --config "
-            "configs/quick-cpu.yaml` (minutes on a CPU) and pass --weights runs/quick-cpu.")
+            "checkout without them?). Reinstall resunetpp, or train a model (`resunetpp train` with the "
+            "settings of configs/quick-cpu.yaml: minutes on a CPU) and use its run folder, runs/quick-cpu.")
     return folder
 
 

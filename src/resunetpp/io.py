@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import tifffile
 from PIL import Image, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
@@ -92,8 +93,6 @@ def decode_array(data: bytes, what: str | os.PathLike = "image", max_pixels: int
 
 
 def _decode_tiff(data: bytes, what, limit: int, pillow_error: ImageReadError) -> np.ndarray:
-    import tifffile
-
     try:
         with tifffile.TiffFile(io.BytesIO(data)) as tif:
             pages = [p for p in tif.pages if not getattr(p, "is_reduced", False)]

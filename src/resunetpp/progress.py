@@ -14,6 +14,8 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from tqdm import tqdm
+
 LOG_EVERY_S = 30.0
 
 
@@ -85,7 +87,5 @@ def progress_bar(iterable: Iterable | None = None, **kwargs: Any):
     if mode == "off":
         kwargs["disable"] = True
     if mode == "tty":
-        from tqdm import tqdm
-
         return tqdm(iterable, **kwargs)
     return LogProgress(iterable, **kwargs)

@@ -47,9 +47,9 @@ def test_01_masks_are_detected_and_read_as_labels(tmp_path):
     assert rio.read_mask(root / "masks" / "a.png", "255").sum() == 0
     assert rio.read_mask(root / "masks" / "a.png", "01").sum() == _disc(1).sum()
     r = runner.invoke(app, ["data", "check", str(root)])
-    assert r.exit_code == 0 and "0/1" in r.output and "--mask-values" in r.output, r.output
+    assert r.exit_code == 0 and "0/1" in r.output and "mask values" in r.output, r.output
     r = runner.invoke(app, ["data", "check", str(root), "--mask-values", "255"])
-    assert "largest grey level is 1" in r.output and "--mask-values 01" in r.output, r.output
+    assert "largest grey level is 1" in r.output and "mask values 01" in r.output, r.output
     faint = _dataset(tmp_path / "faint", {"a": _disc(40)})
     report = check_dataset(faint)
     assert any("largest grey level is 40" in p.what for p in report.warnings)

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -185,3 +187,44 @@ def test_version_is_the_projects_and_the_cli_and_checkpoints_report_it(tmp_path)
     resunetpp.save_pretrained(create_model("unet", filters=(4, 4, 4, 4, 4)), tmp_path / "m",
                               {"model": "unet", "model_kwargs": {"filters": [4, 4, 4, 4, 4]}})
     assert json.loads((tmp_path / "m" / "config.json").read_text())["version"] == project
+
+
+@pytest.mark.parametrize("name, filters", [("resunetpp", (8, 8, 8, 8, 8)), ("resunetpp-lite", (8, 8, 8, 8, 8)),
+                                           ("resunet", (8, 8, 8, 8)), ("unet", (4, 8, 8, 8, 8))])
+def test_in_channels_builds_the_first_convolution_for_that_many_channels(name, filters):
+    model = create_model(name, filters=filters, in_channels=1)
+    assert model.in_channels == 1
+    assert model(torch.randn(2, 1, 32, 32)).shape == (2, 1, 32, 32)
+    with pytest.raises(ValueError, match=r"\(N, 1, H, W\)"):
+        model(torch.randn(2, 3, 32, 32))
+    assert create_model(name, filters=filters).in_channels == 3
+
+
+def test_a_one_channel_model_trains_a_step_and_exports_its_config(tmp_path):
+    from resunetpp import load_model
+    from resunetpp.hub import save_pretrained
+    from resunetpp.training.loop import training_step
+    from resunetpp.training.losses import get_loss
+
+    torch.manual_seed(0)
+    model = create_model("resunetpp", filters=(8, 8, 8, 8, 8), in_channels=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    def as_float(images, masks, soft):  # Augment's presets are for RGB (colour jitter)
+        return images.float() / 255, masks.float()
+
+    step = training_step(model, opt, get_loss("dice"), as_float, {"mean": torch.zeros(1), "std": torch.ones(1)},
+                         amp=False, channels_last=False)
+    grey = torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8)
+    loss = step(grey, (grey > 127).to(torch.uint8))
+    assert torch.isfinite(loss)
+    assert not torch.equal(before["stem.conv1.weight"], model.state_dict()["stem.conv1.weight"])
+    assert model.stem.conv1.weight.shape[1] == 1
+
+    save_pretrained(model, tmp_path, {"model": "resunetpp", "model_kwargs": {"filters": [8] * 5, "in_channels": 1},
+                                      "input_size": [32, 32]})
+    assert json.loads((tmp_path / "config.json").read_text())["model_kwargs"]["in_channels"] == 1
+    loaded = load_model(tmp_path)
+    model.eval()
+    x = torch.rand(1, 1, 32, 32)
+    assert loaded.in_channels == 1 and torch.equal(loaded(x), model(x))

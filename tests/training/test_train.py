@@ -287,7 +287,7 @@ def test_config_file_and_flag_override(discs, tmp_path):
     r = runner.invoke(app, ["train", "--data", str(discs), "--loss", "focal", "--out", str(tmp_path / "f")])
     assert r.exit_code == 2 and "'focal' is not one of" in r.output  # typer's choice check, from LOSSES
     r = runner.invoke(app, ["train", "--data", str(discs), "--out", str(tmp_path / "y")])
-    assert r.exit_code == 3 and "--resume" in r.output  # refuses to overwrite a run: bad input
+    assert r.exit_code == 3 and "resume it" in r.output  # refuses to overwrite a run: bad input
 
 
 def test_dataset_check_refuses_or_skips_bad_pairs(tmp_path):
@@ -642,8 +642,8 @@ def test_load_checkpoint_takes_exactly_the_four_keys_and_quotes_120_characters_o
     with pytest.raises(T.CheckpointError) as info:
         T.load_checkpoint(folder)
     assert str(info.value) == (f"{folder}: damaged or not a checkpoint ({reason[:120]}). The best model so far is "
-                               f"still in {tmp_path / 'model.safetensors'}; start a new run (another --out) to "
-                               "train again.")
+                               f"still in {tmp_path / 'model.safetensors'}; start a new run (in another folder) "
+                               "to train again.")
 
 
 def test_compile_auto_only_where_it_was_measured_to_pay():

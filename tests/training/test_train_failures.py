@@ -10,7 +10,7 @@ import yaml
 from typer.testing import CliRunner
 
 import resunetpp.training.loop as T
-from helpers.training import TINY, write_discs
+from helpers.training import TINY, tiny, write_discs
 from resunetpp.cli import app
 
 runner = CliRunner()
@@ -91,7 +91,7 @@ def test_ctrl_c_says_where_the_checkpoint_is(data, tmp_path, monkeypatch):
     r = cli_train(data, tmp_path / "run")
     assert r.exit_code == 130, r.output
     assert f"last checkpoint is {tmp_path / 'run' / 'last.pt'} (epoch 1)" in r.output
-    assert f"resunetpp train --resume {tmp_path / 'run'}" in r.output
+    assert f"resume the run in {tmp_path / 'run'} to continue" in r.output
     assert T.load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 1
 
 
@@ -107,7 +107,7 @@ def test_disk_full_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):
     r = cli_train(data, tmp_path / "run")
     assert r.exit_code == 1
     line = one_line_error(r)
-    assert "No space left on device" in line and "epoch 1 are intact" in line and "--resume" in line
+    assert "No space left on device" in line and "epoch 1 are intact" in line and "resume the run in" in line
     monkeypatch.setattr(T.torch, "save", real_save)
     assert T.load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 1
     assert not list((tmp_path / "run").glob("*.tmp*")), "a partial file was left behind"
@@ -119,7 +119,7 @@ def test_disk_full_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):
 def test_sync_bn_without_several_cuda_processes_is_a_usage_error(data, tmp_path):
     r = cli_train(data, tmp_path / "run", "--sync-bn")
     assert r.exit_code == 2
-    assert "--sync-bn needs torchrun with several CUDA processes" in one_line_error(r)
+    assert "sync_bn needs torchrun with several CUDA processes" in one_line_error(r)
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
@@ -158,3 +158,10 @@ def test_nan_weights_on_one_ddp_rank_stop_every_rank_with_one_clear_error(data, 
     assert out.count("error: non-finite weights after epoch 1") == 2, out[-3000:]  # each rank, the same line
     assert "Traceback" not in proc.stdout
     assert not (tmp_path / "ddp" / "last.pt").exists()  # nothing of the bad epoch was written
+
+
+def test_a_model_for_other_than_three_channels_is_refused_before_training(data, tmp_path):
+    """The networks take `in_channels`, but training reads RGB images: a grey model is refused by name."""
+    with pytest.raises(ValueError, match="training reads RGB images, so resunetpp must take 3 input channels, not 1"):
+        T.train(tiny(data, tmp_path / "run", model_kwargs={**TINY, "in_channels": 1}))
+    assert not (tmp_path / "run" / "last.pt").exists()

@@ -81,10 +81,18 @@ _TRANSFORMS = GEOMETRIC + PHOTOMETRIC
 
 
 class Augment(nn.Module):
-    """Image/mask batch augmentation; see the module docstring for the presets.
+    """Image/mask batch augmentation on the device; see the module docstring for the presets.
 
-    `p` overrides every transform's probability; `only` keeps just the named transforms (any known
-    name), e.g. ``Augment("paper", p=1.0, only=["rotate"])``.
+    Call it on uint8 images (N, 3, H, W) and masks (N, 1, H, W): it returns float images in [0, 1] and
+    {0, 1} masks, each image with its own random draw.
+
+    Args:
+        preset: "paper", "light" or "none".
+        p: every transform's probability (None: each its own default).
+        only: keep just the named transforms (any known name), e.g. ``Augment("paper", p=1.0, only=["rotate"])``.
+
+    Raises:
+        ValueError: an unknown preset or transform name.
     """
 
     def __init__(self, preset: str = "paper", p: float | None = None, only: list[str] | tuple[str, ...] | None = None):

@@ -25,6 +25,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -89,8 +90,6 @@ def prepare_cache(root: str | os.PathLike, out: str | os.PathLike, size: Size = 
             image, mask = decoded[i]
             _write_bytes(tmp / "images" / f"{i}{ext}", ext, cv2.cvtColor(image, cv2.COLOR_RGB2BGR), params)
             _write_bytes(tmp / "masks" / f"{i}.png", ".png", mask * np.uint8(255), png)
-
-        from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # the encoders release the GIL
             list(pool.map(write, ids))
@@ -199,8 +198,3 @@ def load_cache(source: Source, ids: Sequence[str] | None = None, size: tuple[int
     fail_or_warn(report, skip_bad)
     keep = [i for i in chosen if i in decoded]
     return stack_pairs([decoded[i] for i in keep], keep, source.name)
-
-
-def cache_split(folder: str | os.PathLike) -> Path:
-    """The split file stored beside a cache."""
-    return Path(folder) / "split.json"

@@ -32,7 +32,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from resunetpp.data.layouts import Source, natural_sorted
+import numpy as np
+import tifffile
+from PIL import Image, UnidentifiedImageError
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from resunetpp.data import leaks
+from resunetpp.data.layouts import KNOWN_DATASETS, Source, natural_sorted
+from resunetpp.data.leaks import phash
+from resunetpp.data.splits import default_split, load_split
 from resunetpp.io import (
     IMAGE_EXTENSIONS,
     MASK_VALUES,
@@ -43,6 +53,7 @@ from resunetpp.io import (
     mask_grey,
     read_image,
 )
+from resunetpp.progress import progress_bar
 
 # summary rows, in print order
 COUNTS = ("pairs found", "images without masks", "masks without images", "duplicate ids", "unreadable or empty files",
@@ -92,9 +103,6 @@ class CheckReport:
 
     def table(self):
         """The summary as a rich Table."""
-        from rich import box
-        from rich.table import Table
-
         table = Table(box=box.SIMPLE)
         table.add_column("check")
         table.add_column("count", justify="right")
@@ -110,8 +118,6 @@ class CheckReport:
 
     def format(self, limit: int = 20) -> str:
         """A short plain-text table plus the files at fault (at most `limit` of each kind)."""
-        from rich.console import Console
-
         buf = io.StringIO()
         Console(file=buf, width=110, color_system=None, force_terminal=False).print(self.table())
         lines = [self.headline(), buf.getvalue().rstrip("\n")]
@@ -122,7 +128,7 @@ class CheckReport:
                 if len(items) > limit:
                     lines.append(f"  ... and {len(items) - limit} more")
         if self.problems:
-            lines.append("Fix or remove these files, or pass skip_bad=True (--skip-bad) to use only the good pairs.")
+            lines.append("Fix or remove these files, or set skip_bad to use only the good pairs.")
         return "\n".join(lines)
 
 
@@ -140,8 +146,6 @@ def header_size(path: Path) -> tuple[int, int]:
     if path.stat().st_size == 0:
         raise ImageReadError(path, "empty file (0 bytes)")
     if path.suffix.lower() in (".tif", ".tiff"):
-        import tifffile
-
         try:
             with tifffile.TiffFile(path) as tif:
                 shape = tif.pages[0].shape
@@ -150,8 +154,6 @@ def header_size(path: Path) -> tuple[int, int]:
         if len(shape) == 3 and shape[0] in (3, 4) and shape[-1] not in (3, 4):
             shape = shape[1:]  # planar (C, H, W)
         return int(shape[0]), int(shape[1])
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as im:
             return im.height, im.width
@@ -185,10 +187,6 @@ def _list_folder(folder: Path, report: CheckReport) -> dict[str, Path]:
 
 def _deep_read(pair: tuple[Path, Path], mask_values: str = "auto"):
     """(image (H, W), mask (H, W), mask not empty, (largest grey level, soft fraction, perceptual hash))."""
-    import numpy as np
-
-    from resunetpp.data.leaks import phash
-
     image = read_image(pair[0])
     grey = mask_grey(pair[1])
     mask = mask_from_grey(grey, mask_values)
@@ -203,6 +201,33 @@ def scan(source: Source, deep: bool = True, progress: bool = False, workers: int
     if mask_values not in MASK_VALUES:
         raise ValueError(f"unknown mask values {mask_values!r}; choose one of {', '.join(MASK_VALUES)}")
     report = CheckReport(source.root, source.name, source.layout, deep=deep)
+    _pair_files(source, report)
+    todo = [i for i in report.pairs if i not in report.bad_ids]
+    read = (lambda pair: _deep_read(pair, mask_values)) if deep else \
+        (lambda pair: (header_size(pair[0]), header_size(pair[1]), True, None))
+
+    def one(i):
+        try:
+            return i, read(report.pairs[i]), None
+        except ImageReadError as e:
+            return i, None, e
+        except OSError as e:  # name the file at fault, which may be the mask
+            return i, None, ImageReadError(e.filename or report.pairs[i][0], str(e))
+
+    with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
+        results = pool.map(one, todo)
+        if progress:
+            results = progress_bar(results, total=len(todo), desc=f"checking {source.name}", unit="pair")
+        for i, got, err in results:
+            if err is not None:
+                report.add("unreadable or empty files", err.path, err.reason, bad_id=i)
+            else:
+                _judge_pair(report, i, got, mask_values)
+    return report
+
+
+def _pair_files(source: Source, report: CheckReport) -> None:
+    """List the image and mask folders into `report.pairs`; an unmatched file, or no files at all, is a problem."""
     images = _list_folder(source.image_dir, report)
     masks = _list_folder(source.mask_dir, report)
     mask_dir = source.mask_dir.name
@@ -217,53 +242,32 @@ def scan(source: Source, deep: bool = True, progress: bool = False, workers: int
         report.problems.append(Problem(source.root, f"no images in {image_dir}/ and no masks in {mask_dir}/: "
                                        "nothing to train or evaluate on; put the image and mask files there"))
 
-    todo = [i for i in report.pairs if i not in report.bad_ids]
-    read = (lambda pair: _deep_read(pair, mask_values)) if deep else \
-        (lambda pair: (header_size(pair[0]), header_size(pair[1]), True, None))
-    workers = workers or min(8, os.cpu_count() or 1)
 
-    def one(i):
-        try:
-            return i, read(report.pairs[i]), None
-        except ImageReadError as e:
-            return i, None, e
-        except OSError as e:  # name the file at fault, which may be the mask
-            return i, None, ImageReadError(e.filename or report.pairs[i][0], str(e))
-
-    with ThreadPoolExecutor(workers) as pool:
-        results = pool.map(one, todo)
-        if progress:
-            from resunetpp.progress import progress_bar
-
-            results = progress_bar(results, total=len(todo), desc=f"checking {source.name}", unit="pair")
-        for i, got, err in results:
-            if err is not None:
-                report.add("unreadable or empty files", err.path, err.reason, bad_id=i)
-                continue
-            (ih, iw), (mh, mw), nonempty, stats = got
-            mask_path = report.pairs[i][1]
-            if (ih, iw) != (mh, mw):
-                report.add("size mismatches", mask_path,
-                           f"mask is {mw}x{mh} but its image {report.pairs[i][0].name} is {iw}x{ih} (WxH)", bad_id=i)
-                continue
-            top, soft, report.hashes[i] = stats if stats is not None else (None, 0.0, None)
-            if report.hashes[i] is None:
-                del report.hashes[i]
-            if top == 1 and mask_values == "auto":
-                report.add("0/1 label masks", mask_path, "mask values are 0/1 (largest 1): read as labels, polyp = 1 "
-                           "(--mask-values 01); pass --mask-values 255 if 1 means background noise", warning=True)
-            elif not nonempty:
-                if top is not None and 0 < top <= 127:
-                    hint = ("a 0/1 label mask? use --mask-values 01 (or auto)" if top == 1 else
-                            "if it is a label image, rescale it to 0/255")
-                    what = f"mask is all background: its largest grey level is {top:g} (< 128); {hint}"
-                else:
-                    what = "mask is all background (no pixel > 127)"
-                report.add("all-empty masks", mask_path, what, warning=True)
-            if soft > SOFT_FRACTION:
-                report.add("soft masks", mask_path, f"soft mask: {100 * soft:.1f}% of its pixels are neither near 0 "
-                           f"nor near 255 (grey {NEAR + 1}..{254 - NEAR}); thresholded at 127", warning=True)
-    return report
+def _judge_pair(report: CheckReport, i: str, got: tuple, mask_values: str) -> None:
+    """Add to `report` what the read of pair `i` shows: a size mismatch, and (full check) its mask's warnings."""
+    (ih, iw), (mh, mw), nonempty, stats = got
+    mask_path = report.pairs[i][1]
+    if (ih, iw) != (mh, mw):
+        report.add("size mismatches", mask_path,
+                   f"mask is {mw}x{mh} but its image {report.pairs[i][0].name} is {iw}x{ih} (WxH)", bad_id=i)
+        return
+    top, soft, report.hashes[i] = stats if stats is not None else (None, 0.0, None)
+    if report.hashes[i] is None:
+        del report.hashes[i]
+    if top == 1 and mask_values == "auto":
+        report.add("0/1 label masks", mask_path, "mask values are 0/1 (largest 1): read as labels, polyp = 1 "
+                   "(mask values 01); choose mask values 255 if 1 means background noise", warning=True)
+    elif not nonempty:
+        if top is not None and 0 < top <= 127:
+            hint = ("a 0/1 label mask? choose mask values 01 (or auto)" if top == 1 else
+                    "if it is a label image, rescale it to 0/255")
+            what = f"mask is all background: its largest grey level is {top:g} (< 128); {hint}"
+        else:
+            what = "mask is all background (no pixel > 127)"
+        report.add("all-empty masks", mask_path, what, warning=True)
+    if soft > SOFT_FRACTION:
+        report.add("soft masks", mask_path, f"soft mask: {100 * soft:.1f}% of its pixels are neither near 0 "
+                   f"nor near 255 (grey {NEAR + 1}..{254 - NEAR}); thresholded at 127", warning=True)
 
 
 def check_folder(source: Source, deep: bool = True, progress: bool = False, mask_values: str = "auto",
@@ -278,10 +282,6 @@ def check_folder(source: Source, deep: bool = True, progress: bool = False, mask
 
 def audit_split(report: CheckReport, split: str | os.PathLike) -> None:
     """Add "split leaks" warnings to a full check's report (module docstring)."""
-    from resunetpp.data import leaks
-    from resunetpp.data.layouts import KNOWN_DATASETS
-    from resunetpp.data.splits import default_split, load_split
-
     if str(split) == "auto":
         if report.name not in KNOWN_DATASETS:
             return
@@ -307,7 +307,7 @@ def audit_split(report: CheckReport, split: str | os.PathLike) -> None:
             report.add("split leaks", Path(split), f"{len(cut)} of {len(seqs)} video sequences ({path.name}) have "
                        f"frames in more than one part; {one} of {len(parts['test'])} test frames have a "
                        f"neighbouring frame in train ({both} both neighbours). For leak-free scores use a split "
-                       "grouped by sequence (resunetpp data split --group-by sequences)", warning=True)
+                       "that keeps every sequence in one part (grouped by sequences)", warning=True)
 
 
 def choose_ids(report: CheckReport, ids: Sequence[str] | None, skip_bad: bool) -> list[str]:

@@ -29,6 +29,7 @@ from pathlib import Path, PurePosixPath
 
 from resunetpp.data.check import CheckReport
 from resunetpp.data.load import check_dataset
+from resunetpp.progress import progress_bar
 
 # sha256 None: not published by the dataset authors and not verified here; pass --sha256 to pin one
 DATASETS = {
@@ -59,7 +60,7 @@ def _verify(path: Path, expected: str | None, source: str) -> None:
     if got.lower() != expected.lower():
         path.unlink()
         raise DownloadError(f"{source}: SHA-256 mismatch: expected {expected.lower()}, got {got}; the file was "
-                            "deleted. Check the URL / archive, or the --sha256 value.")
+                            "deleted. Check the URL / archive, or the expected sha256.")
 
 
 def fetch(url: str, dest: str | os.PathLike, sha256: str | None = None, progress: bool = True,
@@ -99,10 +100,8 @@ def fetch(url: str, dest: str | os.PathLike, sha256: str | None = None, progress
             total = have + int(length) if length is not None else None
             bar = None
             if progress:
-                from resunetpp.progress import progress_bar
-
                 bar = progress_bar(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
-                           desc=dest.name)
+                                   desc=dest.name)
             try:
                 with open(part, mode) as f:
                     for block in iter(lambda: resp.read(CHUNK), b""):
@@ -191,8 +190,8 @@ def download_dataset(name: str, to: str | os.PathLike, url: str | None = None, a
     else:
         url = url or info["url"]
         if url is None:
-            raise ValueError(f"{name} has no public direct download; get it from {info['where']} and pass "
-                             "--archive FILE (or --url URL)")
+            raise ValueError(f"{name} has no public direct download; get it from {info['where']} and give "
+                             "the downloaded archive (or a url)")
         archive = fetch(url, to / info["filename"], sha256=expected, progress=progress)
     safe_extract(archive, to)
     report = check_dataset(to, layout=key, progress=progress)

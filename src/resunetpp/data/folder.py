@@ -27,6 +27,7 @@ from resunetpp.data.leaks import phash
 from resunetpp.data.pairs import Pairs, Size, parse_size, stack_pairs
 from resunetpp.inference.transforms import resize_image, resize_mask  # noqa: F401  (also the data layer's names)
 from resunetpp.io import ImageReadError, read_image, read_mask
+from resunetpp.progress import progress_bar
 
 
 def read_pair(image_path: Path, mask_path: Path, size: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -112,8 +113,6 @@ def decode_pairs(pairs: dict[str, tuple[Path, Path]], size: tuple[int, int] | No
     with ThreadPoolExecutor(workers) as pool:
         results = pool.map(one, list(pairs))
         if progress:
-            from resunetpp.progress import progress_bar
-
             results = progress_bar(results, total=len(pairs), desc=desc, unit="pair")
         for i, got, err in results:
             if err is not None:
@@ -157,7 +156,5 @@ def hash_folder(root: str | os.PathLike, ids: Sequence[str] | None = None, layou
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
         it = pool.map(lambda p: phash(read_image(p)), paths)
         if progress:
-            from resunetpp.progress import progress_bar
-
             it = progress_bar(it, total=len(paths), desc=f"hashing {ds.name}", unit="img")
         return dict(zip(ds.ids, it))

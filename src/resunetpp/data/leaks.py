@@ -130,7 +130,7 @@ def sequences(name: str) -> list[list[str]]:
     path = sequences_path(name)
     if not path.is_file():
         raise KeyError(f"no committed sequence file for dataset {name!r} (only cvc-clinicdb has one); "
-                       "use --group-by near-duplicates")
+                       "group by near-duplicates instead")
     return load_sequences(path)
 
 

@@ -20,10 +20,26 @@ def load_pairs(data: str | os.PathLike, ids: Sequence[str] | None = None, size: 
                progress: bool = True, layout: str | None = None) -> Pairs:
     """Load a whole dataset (or the given ids) as uint8 tensors resized to `size`.
 
-    `data` is a raw dataset folder or a cache made by `prepare_cache` (the fast path: no resizing,
-    only decoding). Every file is decoded, so the check is the full one: a failing dataset raises
-    DatasetCheckError (its message is the `resunetpp data check` report) unless ``skip_bad``.
-    ``size=None`` keeps the native size, which must then be the same for every pair.
+    Every file is decoded, so the check is the full one (`resunetpp.data.check`).
+
+    Args:
+        data: a raw dataset folder or a cache made by `prepare_cache` (the fast path: no resizing, only
+            decoding).
+        ids: the pairs to load, in this order; None: every good pair.
+        size: the size to resize to (an int, or (height, width)); None keeps the native size, which must
+            then be the same for every pair.
+        skip_bad: leave out the pairs that fail the check (with a warning) instead of refusing the dataset.
+        progress: show a progress bar.
+        layout: the folder layout; None detects it.
+
+    Returns:
+        The `Pairs`: uint8 images (N, 3, H, W), masks (N, 1, H, W) and their ids.
+
+    Raises:
+        DatasetCheckError: the dataset fails its check (the message is the `resunetpp data check` report)
+            and `skip_bad` is not set.
+        KeyError: an id of `ids` is not in the dataset.
+        ValueError: native sizes that differ while `size` is None.
     """
     source = locate(data, layout)
     size = parse_size(size)

@@ -9,22 +9,20 @@ from pathlib import Path
 
 import torch
 
+from resunetpp.data.augment import Augment
+from resunetpp.data.cache import read_manifest
 from resunetpp.data.check import scan
 from resunetpp.data.layouts import locate
 from resunetpp.data.load import load_pairs
 from resunetpp.data.pairs import Size
+from resunetpp.figures import pyplot
+from resunetpp.utils import atomic_path
 
 
 def draw_grid(images: torch.Tensor, masks: torch.Tensor, titles: list[str], out: str | os.PathLike,
               columns: int | None = None, suptitle: str | None = None) -> Path:
     """Save a grid of images (N, 3, H, W) (uint8 or float [0, 1]) with their masks (N, 1, H, W) outlined."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    from resunetpp.utils import atomic_path
-
+    plt = pyplot()
     n = images.shape[0]
     columns = columns or max(1, math.ceil(math.sqrt(n)))
     rows = max(1, math.ceil(n / columns))
@@ -54,12 +52,8 @@ def draw_grid(images: torch.Tensor, masks: torch.Tensor, titles: list[str], out:
 def show_dataset(data: str | os.PathLike, out: str | os.PathLike, n: int = 16, augment: str | None = None,
                  seed: int = 0, size: Size = 256, layout: str | None = None, skip_bad: bool = False) -> Path:
     """Draw `n` pairs picked with `seed` (and, with `augment`, each one again after that preset)."""
-    from resunetpp.data.augment import Augment
-
     source = locate(data, layout)
     if source.layout == "cache":
-        from resunetpp.data.cache import read_manifest
-
         all_ids = list(read_manifest(source.root)["ids"])
         size = None
     else:

@@ -30,7 +30,20 @@ PARTS = ("train", "val", "test")
 
 
 def make_split(ids: Iterable[str], seed: int = 0, fractions: Sequence[float] = (0.8, 0.1, 0.1)) -> dict[str, list[str]]:
-    """{"train": [...], "val": [...], "test": [...]}: a deterministic shuffle of the naturally sorted ids."""
+    """A random split of `ids`, the same for the same ids and seed.
+
+    Args:
+        ids: the dataset's ids (unique).
+        seed: the shuffle's seed.
+        fractions: the train, val and test shares: three non-negative numbers summing to 1.
+
+    Returns:
+        {"train": [...], "val": [...], "test": [...]}: a seeded shuffle of the naturally sorted ids, cut by
+        `fractions` (val and test rounded), each part naturally sorted.
+
+    Raises:
+        ValueError: duplicate ids, or `fractions` that are not three shares summing to 1.
+    """
     ids = [str(i) for i in ids]
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
@@ -89,7 +102,7 @@ def load_split(path: str | os.PathLike) -> dict:
 
 def default_split(name: str) -> Path:
     """Path of the committed split for "kvasir-seg" or "cvc-clinicdb"."""
-    return _committed(name, {k: k for k in KNOWN_DATASETS}, "split", "resunetpp data split DIR --out FILE")
+    return _committed(name, {k: k for k in KNOWN_DATASETS}, "split", "make_split")
 
 
 # Leak-free splits (resunetpp.data.leaks): whole video sequences / near-duplicate groups in one part each
@@ -99,7 +112,7 @@ GROUPED_SPLITS = {"cvc-clinicdb": "cvc-clinicdb-by-sequence", "kvasir-seg": "kva
 def grouped_split_path(name: str) -> Path:
     """Path of the committed grouped split: CVC-ClinicDB by sequence, Kvasir-SEG by near-duplicate group."""
     return _committed(name, GROUPED_SPLITS, "grouped split",
-                      "resunetpp data split DIR --group-by near-duplicates --out FILE")
+                      "leaks.grouped_split")
 
 
 def _committed(name: str, files_by_name: dict[str, str], what: str, how: str) -> Path:

@@ -161,9 +161,19 @@ class UpConcat(nn.Module):
 
 
 class SegmentationModel(nn.Module):
-    """Base class: checks the input size against the network's total stride."""
+    """Base class: checks the input's channels and size against the network's `in_channels` and total stride."""
 
     total_stride: int = 1
+    label: str = "model"  # in messages
+
+    def __init__(self, filters: tuple[int, ...], count: int, in_channels: int = 3):
+        """Keep `filters` (`count` widths, else a ValueError) and `in_channels`; the subclass builds the layers."""
+        super().__init__()
+        f = tuple(filters)
+        if len(f) != count:
+            raise ValueError(f"{self.label} takes {count} filter counts, got {len(f)}: {f}")
+        self.filters = f
+        self.in_channels = in_channels
 
     def encode(self, x: torch.Tensor, *stages: nn.Module) -> list[torch.Tensor]:
         """Check `x`, then run `stages` one after another, keeping each output (the decoder's skips)."""
@@ -175,8 +185,9 @@ class SegmentationModel(nn.Module):
         return outputs
 
     def check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"{type(self).__name__} expects an (N, 3, H, W) tensor, got shape {tuple(x.shape)}")
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"{type(self).__name__} expects an (N, {self.in_channels}, H, W) tensor, got shape "
+                             f"{tuple(x.shape)}")
         h, w = x.shape[-2:]
         s = self.total_stride
         if h % s or w % s:

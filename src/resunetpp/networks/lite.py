@@ -23,57 +23,36 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from resunetpp.networks.blocks import (
-    ConvBNReLU,
-    LiteASPP,
-    LiteAttentionGate,
-    LiteResidualUnit,
-    SegmentationModel,
-    UpConcat,
-)
+from resunetpp.networks.blocks import ConvBNReLU, LiteASPP, LiteAttentionGate, LiteResidualUnit
 from resunetpp.networks.registry import register_model
-from resunetpp.networks.resunetpp import ResUNetPlusPlus
+from resunetpp.networks.resunetpp import ResUNetPlusPlus, Units
+
+
+def lite_stem(cin: int, cout: int) -> nn.Module:
+    """The stem at half resolution: a stride-2 conv-BN-ReLU, then a residual unit."""
+    return nn.Sequential(ConvBNReLU(cin, cout, stride=2), LiteResidualUnit(cout, cout))
+
+
+# no ASPP head: a conv1x1 at half resolution
+LITE_UNITS = Units(stem=lite_stem, residual=LiteResidualUnit, bridge=LiteASPP, gate=LiteAttentionGate, head=None)
 
 
 class ResUNetPlusPlusLite(ResUNetPlusPlus):
-    """`ResUNetPlusPlus.forward`'s graph over the lite units; the logits come at half resolution, upsampled x2."""
+    """`ResUNetPlusPlus`'s graph (and arguments, but `units`) over `LITE_UNITS`; the logits come at half
+    resolution, upsampled x2."""
 
     total_stride = 16
+    label = "ResUNet++-lite"
 
-    def __init__(self, filters: tuple[int, ...] = (16, 16, 32, 64, 128)):
-        SegmentationModel.__init__(self)  # the parent's graph, not its units
-        f = tuple(filters)
-        if len(f) != 5:
-            raise ValueError(f"ResUNet++-lite takes 5 filter counts, got {len(f)}: {f}")
-        self.filters = f
-        # Encoder (stem at half resolution)
-        self.stem = nn.Sequential(ConvBNReLU(3, f[0], stride=2), LiteResidualUnit(f[0], f[0]))
-        self.enc1 = LiteResidualUnit(f[0], f[1], stride=2)
-        self.enc2 = LiteResidualUnit(f[1], f[2], stride=2)
-        self.enc3 = LiteResidualUnit(f[2], f[3], stride=2)
-        # Bridge
-        self.bridge = LiteASPP(f[3], f[4])
-        # Decoder: attention(skip, x) -> upsample, concat skip -> residual unit
-        self.attn1 = LiteAttentionGate(f[2], f[4])
-        self.dec1 = LiteResidualUnit(f[4] + f[2], f[3])
-        self.attn2 = LiteAttentionGate(f[1], f[3])
-        self.dec2 = LiteResidualUnit(f[3] + f[1], f[2])
-        self.attn3 = LiteAttentionGate(f[0], f[2])
-        self.dec3 = LiteResidualUnit(f[2] + f[0], f[1])
-        self.up = UpConcat()
-        # Output: no ASPP head; a conv1x1 at half resolution
-        self.head_aspp = nn.Identity()
-        self.head = nn.Conv2d(f[1], 1, 1)
+    def __init__(self, filters: tuple[int, ...] = (16, 16, 32, 64, 128), in_channels: int = 3):
+        super().__init__(filters, in_channels, units=LITE_UNITS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.interpolate(super().forward(x), scale_factor=2.0, mode="bilinear", align_corners=False)
 
 
-@register_model(
-    "resunetpp-lite",
-    default_loss="bce+dice",
-    description="ResUNet++-lite: the same units cut for real time on a CPU (1.3 GFLOP at 256x256)",
-)
+@register_model("resunetpp-lite", default_loss="bce+dice",
+                description="ResUNet++-lite: the same units cut for real time on a CPU (1.3 GFLOP at 256x256)")
 def resunetpp_lite(**kwargs) -> ResUNetPlusPlusLite:
     return ResUNetPlusPlusLite(**kwargs)
 

@@ -22,7 +22,20 @@ _REGISTRY: dict[str, ModelEntry] = {}
 
 
 def register_model(name: str, *, default_loss: str, description: str, **default_kwargs):
-    """Decorator that adds a constructor to the registry under `name`."""
+    """Decorator that adds a model constructor to the registry.
+
+    Args:
+        name: the registry name (`create_model(name)`, config.json's "model").
+        default_loss: the loss training uses for it unless told otherwise (`resunetpp.training.losses`).
+        description: one line for `resunetpp models`.
+        **default_kwargs: constructor arguments that `create_model` passes unless overridden.
+
+    Returns:
+        The decorator, which registers the constructor and returns it unchanged.
+
+    Raises:
+        ValueError: `name` is already registered.
+    """
 
     def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
@@ -34,12 +47,26 @@ def register_model(name: str, *, default_loss: str, description: str, **default_
 
 
 def list_models() -> list[str]:
-    """Names of all registered models, sorted."""
+    """The registered models.
+
+    Returns:
+        Their names, sorted.
+    """
     return sorted(_REGISTRY)
 
 
 def model_info(name: str) -> ModelEntry:
-    """The registry entry of `name`; a KeyError lists the known names."""
+    """What the registry knows of a model.
+
+    Args:
+        name: a registered name.
+
+    Returns:
+        Its `ModelEntry`: constructor, default arguments, default loss and description.
+
+    Raises:
+        KeyError: an unknown name; the message lists the known ones.
+    """
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -47,7 +74,20 @@ def model_info(name: str) -> ModelEntry:
 
 
 def create_model(name: str, **kwargs) -> nn.Module:
-    """Build a registered model; `kwargs` override the entry's defaults."""
+    """Build a registered model with fresh (random) weights.
+
+    Args:
+        name: a registered name (`list_models()`).
+        **kwargs: constructor arguments, over the entry's defaults, e.g. ``filters=(32, 64, 128, 256, 512)``
+            or ``in_channels=1``.
+
+    Returns:
+        The network, in training mode; it returns logits (N, 1, H, W) for inputs (N, in_channels, H, W).
+
+    Raises:
+        KeyError: an unknown name.
+        TypeError, ValueError: arguments the constructor does not take.
+    """
     entry = model_info(name)
     return entry.constructor(**{**entry.default_kwargs, **kwargs})
 

@@ -22,14 +22,19 @@ from resunetpp.networks.registry import register_model
 
 
 class ResUNet(SegmentationModel):
+    """ResUNet (module docstring).
+
+    Args:
+        filters: the 4 widths: stem, the two encoder units, the bridge.
+        in_channels: channels of the input image (3: RGB).
+    """
+
     total_stride = 8
+    label = "ResUNet"
 
     def __init__(self, filters: tuple[int, ...] = (64, 128, 256, 512), in_channels: int = 3):
-        super().__init__()
-        f = tuple(filters)
-        if len(f) != 4:
-            raise ValueError(f"ResUNet takes 4 filter counts, got {len(f)}: {f}")
-        self.filters = f
+        super().__init__(filters, 4, in_channels)
+        f = self.filters
         self.stem = StemBlock(in_channels, f[0], se=False)
         self.enc1 = ResidualUnit(f[0], f[1], stride=2, se=False)
         self.enc2 = ResidualUnit(f[1], f[2], stride=2, se=False)

@@ -19,6 +19,9 @@ Inputs must be multiples of 8 in height and width (three stride-2 stages).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -26,33 +29,55 @@ from resunetpp.networks.blocks import ASPP, AttentionGate, ResidualUnit, Segment
 from resunetpp.networks.registry import register_model
 
 
-class ResUNetPlusPlus(SegmentationModel):
-    total_stride = 8
+@dataclass(frozen=True)
+class Units:
+    """The blocks that the ResUNet++ graph is built of, so that a variant (`resunetpp.networks.lite`) can cut
+    its own and keep the graph. Each takes (input channels, output channels); `residual` also a stride."""
 
-    def __init__(self, filters: tuple[int, ...] = (16, 32, 64, 128, 256), in_channels: int = 3):
-        super().__init__()
-        f = tuple(filters)
-        if len(f) != 5:
-            raise ValueError(f"ResUNet++ takes 5 filter counts, got {len(f)}: {f}")
-        self.filters = f
+    stem: Callable[[int, int], nn.Module]
+    residual: Callable[..., nn.Module]
+    bridge: Callable[[int, int], nn.Module]
+    gate: Callable[[int, int], nn.Module]        # (skip channels, decoder channels)
+    head: Callable[[int, int], nn.Module] | None  # before the output conv1x1; None: the conv1x1 alone
+
+
+PAPER_UNITS = Units(stem=StemBlock, residual=ResidualUnit, bridge=ASPP, gate=AttentionGate, head=ASPP)
+
+
+class ResUNetPlusPlus(SegmentationModel):
+    """ResUNet++ (module docstring).
+
+    Args:
+        filters: the 5 widths: stem, the three encoder units, the bridge.
+        in_channels: channels of the input image (3: RGB).
+        units: the blocks of the graph (`PAPER_UNITS`; ResUNet++-lite passes its own).
+    """
+
+    total_stride = 8
+    label = "ResUNet++"
+
+    def __init__(self, filters: tuple[int, ...] = (16, 32, 64, 128, 256), in_channels: int = 3, *,
+                 units: Units = PAPER_UNITS):
+        super().__init__(filters, 5, in_channels)
+        f = self.filters
         # Encoder
-        self.stem = StemBlock(in_channels, f[0])
-        self.enc1 = ResidualUnit(f[0], f[1], stride=2)
-        self.enc2 = ResidualUnit(f[1], f[2], stride=2)
-        self.enc3 = ResidualUnit(f[2], f[3], stride=2)
+        self.stem = units.stem(in_channels, f[0])
+        self.enc1 = units.residual(f[0], f[1], stride=2)
+        self.enc2 = units.residual(f[1], f[2], stride=2)
+        self.enc3 = units.residual(f[2], f[3], stride=2)
         # Bridge
-        self.bridge = ASPP(f[3], f[4])
+        self.bridge = units.bridge(f[3], f[4])
         # Decoder: attention(skip, x) -> upsample, concat skip -> residual unit
-        self.attn1 = AttentionGate(f[2], f[4])
-        self.dec1 = ResidualUnit(f[4] + f[2], f[3])
-        self.attn2 = AttentionGate(f[1], f[3])
-        self.dec2 = ResidualUnit(f[3] + f[1], f[2])
-        self.attn3 = AttentionGate(f[0], f[2])
-        self.dec3 = ResidualUnit(f[2] + f[0], f[1])
+        self.attn1 = units.gate(f[2], f[4])
+        self.dec1 = units.residual(f[4] + f[2], f[3])
+        self.attn2 = units.gate(f[1], f[3])
+        self.dec2 = units.residual(f[3] + f[1], f[2])
+        self.attn3 = units.gate(f[0], f[2])
+        self.dec3 = units.residual(f[2] + f[0], f[1])
         self.up = UpConcat()
         # Output
-        self.head_aspp = ASPP(f[1], f[0])
-        self.head = nn.Conv2d(f[0], 1, 1)
+        self.head_aspp = units.head(f[1], f[0]) if units.head else nn.Identity()
+        self.head = nn.Conv2d(f[0] if units.head else f[1], 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c1, c2, c3, c4 = self.encode(x, self.stem, self.enc1, self.enc2, self.enc3)

@@ -16,15 +16,21 @@ from resunetpp.networks.registry import register_model
 
 
 class UNet(SegmentationModel):
+    """U-Net (module docstring).
+
+    Args:
+        filters: the 5 widths, from the first level down.
+        in_channels: channels of the input image (3: RGB).
+        batch_norm: BatchNorm after each convolution (the original has none).
+    """
+
     total_stride = 16
+    label = "U-Net"
 
     def __init__(self, filters: tuple[int, ...] = (64, 128, 256, 512, 1024), in_channels: int = 3,
                  batch_norm: bool = False):
-        super().__init__()
-        f = tuple(filters)
-        if len(f) != 5:
-            raise ValueError(f"U-Net takes 5 filter counts, got {len(f)}: {f}")
-        self.filters = f
+        super().__init__(filters, 5, in_channels)
+        f = self.filters
         self.pool = nn.MaxPool2d(2)
         self.down = nn.ModuleList(
             DoubleConv(cin, cout, batch_norm) for cin, cout in zip((in_channels,) + f[:-1], f)

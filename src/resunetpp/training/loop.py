@@ -14,7 +14,7 @@ schedule, run folder), then per epoch `train_one_epoch`, `validate` and `checkpo
 - Data: `load_pairs` once into uint8 tensors on the device; per epoch a permutation seeded by
   (seed, epoch); batch slices; `Augment` on the batch (global RNG reseeded by (seed, epoch, rank) at
   each epoch start); `normalize`. No DataLoader workers: the whole set sits in memory.
-- `--batch-size` is the global batch: under torchrun each of the N ranks takes batch/N images of its
+- `batch_size` is the global batch: under torchrun each of the N ranks takes batch/N images of its
   own disjoint shard of every epoch's permutation. Batch statistics are per rank unless `sync_bn`
   (SyncBatchNorm, CUDA only); DDP copies rank 0's running statistics to the others at each forward.
 - Validation (rank 0): loss and the `resunetpp.evaluation.metrics` at the threshold, mean over images, in fp32
@@ -28,7 +28,7 @@ schedule, run folder), then per epoch `train_one_epoch`, `validate` and `checkpo
   checkpoint stays as it was.
 - Devices: CUDA runs use bf16 autocast, channels_last and the fused Adam; CPU runs float32, the foreach
   Adam and deterministic algorithms, so the same seed gives bit-identical weights, also across a kill
-  and `--resume`.
+  and a resume.
 - Fixed shapes: each epoch drops its last partial batch (at most batch-1 images, a different few each
   epoch), so a compiled or graph-captured step never meets a new shape. `compile` picks
   `torch.compile` of the model ("default", or "reduce-overhead" for CUDA graphs) or eager ("off");
@@ -46,19 +46,24 @@ import csv
 import errno
 import math
 import os
+import pickle
 import shutil
 import time
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+import yaml
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
+from resunetpp.data import Augment, load_pairs, make_split, save_split
 from resunetpp.data.layouts import dataset_name
 from resunetpp.evaluation.metrics import METRIC_NAMES, confusion, summarize
+from resunetpp.figures import plot_curves
 from resunetpp.hub import load_model, save_pretrained, state_mismatch
 from resunetpp.inference.transforms import default_normalization, forward, normalize
 from resunetpp.networks.registry import create_model
@@ -104,9 +109,6 @@ class NonFiniteError(RuntimeError):
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """A `last.pt` read with `torch.load(weights_only=True)`: tensors and plain types only, so a file
     holding other Python objects is refused without running any of it."""
-    import pickle
-    import zipfile
-
     path = Path(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)  # RNG states must stay on the CPU
@@ -116,8 +118,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
                               "resume a run folder of your own, or start a new run.") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         raise CheckpointError(f"{path}: damaged or not a checkpoint ({str(e).splitlines()[0][:120]}). The best model "
-                              f"so far is still in {path.parent / 'model.safetensors'}; start a new run (another "
-                              "--out) to train again.") from None
+                              f"so far is still in {path.parent / 'model.safetensors'}; start a new run (in another "
+                              "folder) to train again.") from None
     if not isinstance(ckpt, dict) or not {"model", "optimizer", "scheduler", "epoch"} <= set(ckpt):
         raise CheckpointError(f"{path}: not a resunetpp training checkpoint (no model/optimizer/scheduler/epoch)")
     return ckpt
@@ -228,13 +230,25 @@ class Run:
 
 
 def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
-    """Train a model; returns the run folder. `resume` continues the run in that folder from last.pt."""
+    """Train a model with the settings of `cfg` (module docstring: the recipe, the data, the run folder).
+
+    Args:
+        cfg: the settings; `cfg.resolved()` fills the model-dependent defaults and checks every choice.
+        resume: a run folder to continue from its `last.pt` (then `cfg.out` is not used).
+
+    Returns:
+        The run folder: the best model (`model.safetensors` + `config.json`), `last.pt`, `metrics.csv`,
+        `train_config.yaml`, `split.json`, `tb/` and `curves.png`.
+
+    Raises:
+        FileNotFoundError, FileExistsError: `resume` holds no `last.pt`; `cfg.out` already holds one.
+        ValueError: a setting that does not fit the data, the model or the processes.
+        CheckpointError: `last.pt` is damaged or holds more than tensors and plain types.
+        CheckpointWriteError, NonFiniteError: the run's files could not be written; the loss or weights
+            became NaN/inf. Both leave the last good checkpoint intact.
+    """
     cfg = cfg.resolved()
-    out = Path(resume or cfg.out)
-    if resume and not (out / "last.pt").is_file():
-        raise FileNotFoundError(f"{out / 'last.pt'}: nothing to resume (no checkpoint in {out})")
-    if not resume and (out / "last.pt").exists():
-        raise FileExistsError(f"{out} already holds a run (last.pt); pass --resume {out} or choose another --out")
+    out = run_folder(cfg, resume)
     rt = runtime.start(cfg)
     log = (lambda msg: tqdm.write(msg)) if rt.master else (lambda msg: None)
     run = None
@@ -255,24 +269,14 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
                 continue
             if not weights_finite(run.raw_model, rt.ddp):
                 raise NonFiniteError(f"non-finite weights after epoch {epoch}: training stopped. The last good "
-                                     f"checkpoint in {out} is intact; try a lower --lr.")
+                                     f"checkpoint in {out} is intact; try a lower learning rate (lr).")
             stop = out_of_time
             if rt.master:
-                row = {"epoch": epoch, "lr": run.opt.param_groups[0]["lr"], "train_loss": train_loss,
-                       **validate(run.raw_model, run.val_x, run.val_y, cfg, run.loss_fn, rt.device),
-                       "seconds": round(time.perf_counter() - t0, 3),
-                       "img_per_s": round(run.steps * cfg.batch_size / seconds, 2),
-                       "elapsed": round(before + time.perf_counter() - clock, 3)}  # over all sessions
+                row = epoch_row(run, epoch, train_loss, seconds, t0, clock, before)
                 checkpoint(run, row, epoch)
                 bar.set_postfix(loss=f"{train_loss:.4f}", val_dice=f"{row['val_dice']:.4f}",
                                 img_s=f"{row['img_per_s']:.1f}")
-                if out_of_time:
-                    log(f"time limit: stopped after epoch {epoch} of {cfg.epochs} ({cfg.time_limit:g} s); "
-                        f"continue with: resunetpp train --resume {out}")
-                elif cfg.early_stop and epoch - run.best["epoch"] >= cfg.early_stop:
-                    log(f"early stop: no better val Dice for {cfg.early_stop} epochs (best {run.best['dice']:.4f} "
-                        f"at epoch {run.best['epoch']})")
-                    stop = True
+                stop = should_stop(run, epoch, out_of_time)
             if agree(rt, stop):  # rank 0 decides; also keeps the ranks in step while it validates
                 break
         bar.close()
@@ -281,14 +285,53 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
             dist.barrier()  # leave together: a rank tearing down while another still works can abort gloo
         return out
     except KeyboardInterrupt:
-        if rt.master:
-            saved = run.saved_epoch if run else 0
-            where = (f"the last checkpoint is {out / 'last.pt'} (epoch {saved}); continue with: "
-                     f"resunetpp train --resume {out}") if saved else "no epoch was checkpointed yet"
-            log(f"interrupted: {where}")
+        log(interrupted(out, run.saved_epoch if run else 0))
         raise
     finally:
         runtime.stop(rt)
+
+
+def epoch_row(run: Run, epoch: int, train_loss: float, seconds: float, t0: float, clock: float,
+              before: float) -> dict[str, Any]:
+    """Rank 0: the epoch's row of `metrics.csv`: lr, losses, the validation metrics and the timings (`seconds`
+    with validation, since `t0`; `elapsed` over all the run's sessions: `before` this one, which began at
+    `clock`)."""
+    return {"epoch": epoch, "lr": run.opt.param_groups[0]["lr"], "train_loss": train_loss,
+            **validate(run.raw_model, run.val_x, run.val_y, run.cfg, run.loss_fn, run.rt.device),
+            "seconds": round(time.perf_counter() - t0, 3),
+            "img_per_s": round(run.steps * run.cfg.batch_size / seconds, 2),
+            "elapsed": round(before + time.perf_counter() - clock, 3)}
+
+
+def interrupted(out: Path, saved: int) -> str:
+    """The log line of a run stopped by Ctrl-C: where it can be resumed from, if anywhere."""
+    if not saved:
+        return "interrupted: no epoch was checkpointed yet"
+    return f"interrupted: the last checkpoint is {out / 'last.pt'} (epoch {saved}); resume the run in {out} to continue"
+
+
+def run_folder(cfg: TrainConfig, resume: str | os.PathLike | None) -> Path:
+    """Where the run lives: `resume` (which must hold a `last.pt`), else `cfg.out` (which must not)."""
+    out = Path(resume or cfg.out)
+    if resume and not (out / "last.pt").is_file():
+        raise FileNotFoundError(f"{out / 'last.pt'}: nothing to resume (no checkpoint in {out})")
+    if not resume and (out / "last.pt").exists():
+        raise FileExistsError(f"{out} already holds a run (last.pt); resume it, or choose another output folder")
+    return out
+
+
+def should_stop(run: Run, epoch: int, out_of_time: bool) -> bool:
+    """Rank 0: whether the run ends after this validated epoch (time limit or early stop), said in the log."""
+    cfg = run.cfg
+    if out_of_time:
+        run.log(f"time limit: stopped after epoch {epoch} of {cfg.epochs} ({cfg.time_limit:g} s); "
+                f"resume the run in {run.out} to continue")
+        return True
+    if cfg.early_stop and epoch - run.best["epoch"] >= cfg.early_stop:
+        run.log(f"early stop: no better val Dice for {cfg.early_stop} epochs (best {run.best['dice']:.4f} "
+                f"at epoch {run.best['epoch']})")
+        return True
+    return False
 
 
 def agree(rt: runtime.Runtime, flag: bool) -> bool:
@@ -298,6 +341,97 @@ def agree(rt: runtime.Runtime, flag: bool) -> bool:
     t = torch.tensor([float(flag)], device=rt.device)
     dist.broadcast(t, 0)
     return bool(t.item())
+
+
+# ---------------------------------------------------------------------------------------------- setup
+
+
+def setup(cfg: TrainConfig, rt: runtime.Runtime, out: Path, resume: bool, log) -> Run:
+    """Data (split ids, pairs as uint8 tensors on the device), model, loss, optimiser, schedule, and the run
+    folder; from `out/last.pt` when resuming."""
+    if cfg.batch_size % rt.world:
+        raise ValueError(f"batch size {cfg.batch_size} is not divisible by the {rt.world} processes")
+    data = load_data(cfg, rt, log)
+    raw_model = build_model(cfg, rt, resume)
+    model = distribute(raw_model, rt)
+    steps, rank_batch = plan_steps(cfg, rt, len(data.train_idx))
+    compile_mode = resolve_compile(cfg.compile, rt.cuda, cfg.epochs * steps * cfg.batch_size, rank_batch)
+    if compile_mode != "off":
+        model = torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
+    soft = None
+    if cfg.teacher:  # once, before the first epoch; cached in the run folder for resumes
+        soft = cached_teacher_probs(cfg.teacher, data.images, data.ids, out / CACHE_NAME, rt.master)
+    loss_fn, opt, sched, step = optimisation(cfg, rt, model, raw_model, steps)
+    run = Run(cfg, rt, out, data.images, data.masks, data.train_idx, data.images[data.val_idx],
+              data.masks[data.val_idx].float(), model, raw_model, opt, sched, loss_fn, step, steps, rank_batch,
+              checkpoint_config(cfg, data), log=log, soft=soft)
+    if resume:
+        restore(run, out / "last.pt")
+    if rt.master:  # rank 0 writes everything
+        write_run_files(run, data, compile_mode, resume)
+    return run
+
+
+@dataclass
+class Data:
+    """The run's pairs as uint8 tensors on the device, and the split that picked them."""
+    name: str
+    ids: list[str]
+    split: dict[str, Any]                   # the ids used: those of the split that loaded
+    split_source: str
+    images: torch.Tensor                    # uint8 (N, 3, H, W): train + val pairs
+    masks: torch.Tensor
+    train_idx: torch.Tensor
+    val_idx: torch.Tensor
+
+
+def load_data(cfg: TrainConfig, rt: runtime.Runtime, log) -> Data:
+    """The split's train and val pairs (a seeded 80/10/10 split of the good pairs for an unknown dataset),
+    without the pairs that fail the check under `skip_bad`."""
+    split, split_source = resolve_split(cfg, dataset_name(cfg.data))
+    if split is not None:
+        split = limit_split(split, cfg.limit)
+    wanted = None if split is None else [*split["train"], *split["val"]]
+    pairs = load_pairs(cfg.data, ids=wanted, size=cfg.size, skip_bad=cfg.skip_bad, progress=rt.master)
+    if split is None:
+        split = limit_split({"dataset": pairs.name, "seed": cfg.seed, **make_split(pairs.ids, seed=cfg.seed)},
+                            cfg.limit)
+    index = {k: i for i, k in enumerate(pairs.ids)}
+    skipped = [k for k in [*split["train"], *split["val"]] if k not in index]
+    if skipped:
+        log(f"skip_bad: left out {len(skipped)} pair(s) that fail the check: {', '.join(map(str, skipped))}")
+    split = {**split, **{part: [k for k in split[part] if k in index] for part in ("train", "val")}}
+    if not split["train"] or not split["val"]:
+        raise ValueError(f"{cfg.data}: the split leaves no training or no validation images")
+    device = rt.device
+    return Data(pairs.name, [str(k) for k in pairs.ids], split, split_source, pairs.images.to(device),
+                pairs.masks.to(device), torch.tensor([index[k] for k in split["train"]], device=device),
+                torch.tensor([index[k] for k in split["val"]], device=device))
+
+
+def build_model(cfg: TrainConfig, rt: runtime.Runtime, resume: bool) -> torch.nn.Module:
+    """The network to train (seeded: the same seed gives the same weights), on the device: from `cfg.init`'s
+    weights when fine-tuning, with SyncBatchNorm under `sync_bn`, channels_last on CUDA."""
+    seed_all(cfg.seed)
+    try:
+        model = create_model(cfg.model, **cfg.model_kwargs).to(rt.device)
+    except TypeError as e:  # a misspelt model_kwargs key
+        raise ValueError(f"model_kwargs {cfg.model_kwargs}: not options of {cfg.model} ({e})") from None
+    if getattr(model, "in_channels", 3) != 3:
+        raise ValueError(f"model_kwargs {cfg.model_kwargs}: training reads RGB images, so {cfg.model} must take "
+                         f"3 input channels, not {model.in_channels}")
+    if cfg.init and not resume:  # a resumed run's last.pt replaces these weights anyway
+        init_weights(model, cfg.init, cfg.model)
+    if cfg.size % model.total_stride:
+        raise ValueError(f"size {cfg.size} is not a multiple of {cfg.model}'s total stride {model.total_stride}")
+    if cfg.sync_bn:
+        if not (rt.ddp and rt.cuda):
+            raise ValueError("sync_bn needs torchrun with several CUDA processes (torch's SyncBatchNorm runs "
+                             "on GPUs only; one process has nothing to synchronise)")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same state_dict keys as BatchNorm2d
+    if rt.cuda:
+        model = model.to(memory_format=torch.channels_last)
+    return model
 
 
 def init_weights(model: torch.nn.Module, source: str, name: str) -> None:
@@ -312,108 +446,87 @@ def init_weights(model: torch.nn.Module, source: str, name: str) -> None:
     model.load_state_dict(donor.state_dict())
 
 
-def setup(cfg: TrainConfig, rt: runtime.Runtime, out: Path, resume: bool, log) -> Run:
-    """Data (split ids, pairs as uint8 tensors on the device), model, loss, optimiser, schedule, and the run
-    folder; from `out/last.pt` when resuming."""
-    from resunetpp.data import Augment, load_pairs, make_split, save_split
+def distribute(model: torch.nn.Module, rt: runtime.Runtime) -> torch.nn.Module:
+    """`model` under DistributedDataParallel when torchrun started several processes, else itself."""
+    if not rt.ddp:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.cuda else None)
 
-    device = rt.device
-    if cfg.batch_size % rt.world:
-        raise ValueError(f"batch size {cfg.batch_size} is not divisible by the {rt.world} processes")
-    split, split_source = resolve_split(cfg, dataset_name(cfg.data))
-    if split is not None:
-        split = limit_split(split, cfg.limit)
-    wanted = None if split is None else [*split["train"], *split["val"]]
-    pairs = load_pairs(cfg.data, ids=wanted, size=cfg.size, skip_bad=cfg.skip_bad, progress=rt.master)
-    if split is None:  # an unknown dataset: a seeded 80/10/10 split of the good pairs
-        split = limit_split({"dataset": pairs.name, "seed": cfg.seed, **make_split(pairs.ids, seed=cfg.seed)},
-                            cfg.limit)
-    index = {k: i for i, k in enumerate(pairs.ids)}
-    skipped = [k for k in [*split["train"], *split["val"]] if k not in index]
-    if skipped:
-        log(f"--skip-bad: left out {len(skipped)} pair(s) that fail the check: {', '.join(map(str, skipped))}")
-    split = {**split, **{part: [k for k in split[part] if k in index] for part in ("train", "val")}}
-    if not split["train"] or not split["val"]:
-        raise ValueError(f"{cfg.data}: the split leaves no training or no validation images")
-    images, masks = pairs.images.to(device), pairs.masks.to(device)
-    train_idx = torch.tensor([index[k] for k in split["train"]], device=device)
-    val_idx = torch.tensor([index[k] for k in split["val"]], device=device)
 
-    seed_all(cfg.seed)
-    try:
-        model = create_model(cfg.model, **cfg.model_kwargs).to(device)
-    except TypeError as e:  # a misspelt model_kwargs key
-        raise ValueError(f"model_kwargs {cfg.model_kwargs}: not options of {cfg.model} ({e})") from None
-    if cfg.init and not resume:  # a resumed run's last.pt replaces these weights anyway
-        init_weights(model, cfg.init, cfg.model)
-    if cfg.size % model.total_stride:
-        raise ValueError(f"--size {cfg.size} is not a multiple of {cfg.model}'s total stride {model.total_stride}")
-    if cfg.sync_bn:
-        if not (rt.ddp and rt.cuda):
-            raise ValueError("--sync-bn needs torchrun with several CUDA processes (torch's SyncBatchNorm runs "
-                             "on GPUs only; one process has nothing to synchronise)")
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same state_dict keys as BatchNorm2d
-    if rt.cuda:
-        model = model.to(memory_format=torch.channels_last)
-    raw_model = model
-    if rt.ddp:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if rt.cuda else None)
-    shard_len = len(train_idx) // rt.world
+def plan_steps(cfg: TrainConfig, rt: runtime.Runtime, n_train: int) -> tuple[int, int]:
+    """(steps per epoch, batch per process): each process takes an equal shard of the training images; the
+    last partial batch is dropped, so every step has the same shape."""
+    shard_len = n_train // rt.world
     if shard_len == 0:
-        raise ValueError(f"{len(train_idx)} training image(s) cannot be shared by {rt.world} processes")
+        raise ValueError(f"{n_train} training image(s) cannot be shared by {rt.world} processes")
     rank_batch = cfg.batch_size // rt.world
-    steps = shard_len // rank_batch  # the last partial batch is dropped: fixed shapes
+    steps = shard_len // rank_batch
     if steps == 0:
-        raise ValueError(f"batch size {cfg.batch_size} is larger than the {len(train_idx)} training images")
-    compile_mode = resolve_compile(cfg.compile, rt.cuda, cfg.epochs * steps * cfg.batch_size, rank_batch)
-    if compile_mode != "off":
-        model = torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
-    soft = None
-    if cfg.teacher:  # once, before the first epoch; cached in the run folder for resumes
-        soft = cached_teacher_probs(cfg.teacher, images, [str(k) for k in pairs.ids], out / CACHE_NAME, rt.master)
+        raise ValueError(f"batch size {cfg.batch_size} is larger than the {n_train} training images")
+    return steps, rank_batch
+
+
+def optimisation(cfg: TrainConfig, rt: runtime.Runtime, model: torch.nn.Module, raw_model: torch.nn.Module,
+                 steps: int):
+    """(validation loss, optimiser, schedule, training step); the step's loss adds the teacher's term when
+    distilling."""
     loss_fn = get_loss(cfg.loss)
     train_loss_fn = distillation_loss(loss_fn, cfg.distill_weight) if cfg.teacher else loss_fn
-    opt = make_optimizer(cfg, raw_model.parameters(), device)
+    opt = make_optimizer(cfg, raw_model.parameters(), rt.device)
     sched = make_scheduler(cfg, opt, cfg.epochs * steps)
-    step = training_step(model, opt, train_loss_fn, Augment(cfg.augment).to(device), normalization_on(device), rt.amp,
-                         channels_last=rt.cuda, sched=sched)
-    checkpoint_config = {
+    step = training_step(model, opt, train_loss_fn, Augment(cfg.augment).to(rt.device),
+                         normalization_on(rt.device), rt.amp, channels_last=rt.cuda, sched=sched)
+    return loss_fn, opt, sched, step
+
+
+def checkpoint_config(cfg: TrainConfig, data: Data) -> dict[str, Any]:
+    """The `config.json` of the run's best model, less its metrics (the model spec and its provenance)."""
+    split = data.split
+    config = {
         "model": cfg.model, "model_kwargs": cfg.model_kwargs, "input_size": [cfg.size, cfg.size],
-        "normalization": default_normalization(), "threshold": cfg.threshold, "dataset": pairs.name,
-        "split": {"file": "split.json", "source": split_source,
+        "normalization": default_normalization(), "threshold": cfg.threshold, "dataset": data.name,
+        "split": {"file": "split.json", "source": data.split_source,
                   "seed": split.get("seed"), **{k: len(split[k]) for k in ("train", "val", "test")}},
         "training": {k: getattr(cfg, k) for k in ("loss", "optimizer", "lr", "batch_size", "schedule",
                                                   "augment", "seed", "epochs")},
     }
     if cfg.init:
-        checkpoint_config["training"]["init"] = str(cfg.init)
+        config["training"]["init"] = str(cfg.init)
     if cfg.teacher:
-        checkpoint_config["training"]["distillation"] = {"teacher": str(cfg.teacher), "weight": cfg.distill_weight}
-    run = Run(cfg, rt, out, images, masks, train_idx, images[val_idx], masks[val_idx].float(), model, raw_model,
-              opt, sched, loss_fn, step, steps, rank_batch, checkpoint_config, log=log, soft=soft)
-    if resume:
-        ckpt = load_checkpoint(out / "last.pt")
-        raw_model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        run.start_epoch, run.history, run.best = ckpt["epoch"], ckpt["history"], ckpt["best"]
-        run.saved_epoch = run.start_epoch
-        set_rng_state(ckpt["rng"])
-        log(f"resuming {out} after epoch {run.start_epoch} (best val Dice {run.best['dice']:.4f} at epoch "
-            f"{run.best['epoch']})")
-    if rt.master:  # rank 0 writes everything
-        import yaml
-        from torch.utils.tensorboard import SummaryWriter
+        config["training"]["distillation"] = {"teacher": str(cfg.teacher), "weight": cfg.distill_weight}
+    return config
 
-        out.mkdir(parents=True, exist_ok=True)
-        settings = {**asdict(cfg), "out": str(out), "resolved_device": str(device), "amp": rt.amp,
-                    "deterministic": rt.deterministic, "world_size": rt.world, "dataset": pairs.name,
-                    "steps_per_epoch": steps, "compiled": compile_mode}
-        with atomic_path(out / "train_config.yaml") as tmp:
-            tmp.write_text(yaml.safe_dump(settings, sort_keys=False))
-        save_split(split, out / "split.json")
-        run.tb = SummaryWriter(str(out / "tb"), purge_step=run.start_epoch + 1 if resume else None)
-    return run
+
+def restore(run: Run, path: Path) -> None:
+    """Continue `run` from its `last.pt`: weights, optimiser, schedule, history, best epoch and RNG states."""
+    ckpt = load_checkpoint(path)
+    run.raw_model.load_state_dict(ckpt["model"])
+    run.opt.load_state_dict(ckpt["optimizer"])
+    run.sched.load_state_dict(ckpt["scheduler"])
+    run.start_epoch, run.history, run.best = ckpt["epoch"], ckpt["history"], ckpt["best"]
+    run.saved_epoch = run.start_epoch
+    set_rng_state(ckpt["rng"])
+    run.log(f"resuming {run.out} after epoch {run.start_epoch} (best val Dice {run.best['dice']:.4f} at epoch "
+            f"{run.best['epoch']})")
+
+
+def write_run_files(run: Run, data: Data, compile_mode: str, resume: bool) -> None:
+    """Rank 0: the run folder with `train_config.yaml` (the resolved settings), `split.json` and TensorBoard."""
+    # tensorboard is heavy to import (and pulls in its own dependencies): only when a run starts
+    from torch.utils.tensorboard import SummaryWriter
+
+    cfg, rt, out = run.cfg, run.rt, run.out
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {**asdict(cfg), "out": str(out), "resolved_device": str(rt.device), "amp": rt.amp,
+                "deterministic": rt.deterministic, "world_size": rt.world, "dataset": data.name,
+                "steps_per_epoch": run.steps, "compiled": compile_mode}
+    with atomic_path(out / "train_config.yaml") as tmp:
+        tmp.write_text(yaml.safe_dump(settings, sort_keys=False))
+    save_split(data.split, out / "split.json")
+    run.tb = SummaryWriter(str(out / "tb"), purge_step=run.start_epoch + 1 if resume else None)
+
+
+# ---------------------------------------------------------------------------------------------- epochs
 
 
 def train_one_epoch(run: Run, epoch: int, bar) -> float:
@@ -442,7 +555,7 @@ def train_one_epoch(run: Run, epoch: int, bar) -> float:
                 raise NonFiniteError(
                     f"non-finite loss ({done[bad].item()}) at epoch {epoch}, step {bad + 1}/{run.steps}: "
                     f"training stopped. The last good checkpoint in {run.out} (epoch {epoch - 1}) is intact; "
-                    "try a lower --lr or another --loss.")
+                    "try a lower learning rate (lr) or another loss.")
             bar.update((epoch - 1) * run.steps + step + 1 - bar.n)
             bar.set_postfix(loss=f"{done.mean():.4f}")
     # what the next epoch will take, for `time_limit`: the steps after the first (timed only under a
@@ -483,7 +596,7 @@ def checkpoint(run: Run, row: dict[str, Any], epoch: int) -> None:
 
 def write_failure(out: Path, epoch: int, error: BaseException, resumable: int, best_epoch: int) -> str:
     """The one line of a failed checkpoint write: its real cause, which epoch's files are intact, and advice
-    that works (`--resume` only when a `last.pt` exists to resume from)."""
+    that works (resuming only when a `last.pt` exists to resume from)."""
     text = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
     try:
         free = shutil.disk_usage(out).free
@@ -496,7 +609,7 @@ def write_failure(out: Path, epoch: int, error: BaseException, resumable: int, b
     fix = "free some space" if full else "fix the cause"
     if resumable:
         kept = f"The files of epoch {resumable} are intact (last.pt{'; ' + best if best else ''})"
-        advice = f"{fix}, then continue with: resunetpp train --resume {out}"
+        advice = f"{fix}, then resume the run in {out}"
     else:
         kept = "No last.pt was written yet, so there is nothing to resume" + (f"; {best}" if best else "")
         advice = f"{fix}, then start the run again in an empty folder"
@@ -508,7 +621,5 @@ def finish(run: Run) -> None:
         return
     run.tb.close()
     if run.history:
-        from resunetpp.figures import plot_curves
-
         plot_curves(run.history, run.out / "curves.png")
     run.log(f"done: best val Dice {run.best['dice']:.4f} at epoch {run.best['epoch']}; model in {run.out}")

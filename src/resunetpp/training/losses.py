@@ -54,7 +54,17 @@ LOSSES: dict[str, LossFn] = {"dice": dice_loss, "bce": bce_loss, "bce+dice": bce
 
 
 def get_loss(name: str) -> LossFn:
-    """The loss called `name`; a ValueError lists the choices."""
+    """The loss called `name`.
+
+    Args:
+        name: one of `LOSSES`: "dice", "bce", "bce+dice" or "mse".
+
+    Returns:
+        A function `(logits, target) -> scalar loss` (module docstring: shapes and precision).
+
+    Raises:
+        ValueError: an unknown name; the message lists the choices.
+    """
     try:
         return LOSSES[name]
     except KeyError:

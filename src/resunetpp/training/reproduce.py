@@ -25,27 +25,32 @@ paper's text.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import platform
 import shlex
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image, PngImagePlugin
 
+from resunetpp.data import load_pairs
 from resunetpp.data.splits import grouped_split_path
 from resunetpp.device import resolve_device
 from resunetpp.evaluation.evaluator import evaluate, read_metrics, resolve_ids
+from resunetpp.figures import plot_fig3
 from resunetpp.hub import load_model
 from resunetpp.inference.transforms import predict_probs
 from resunetpp.networks.registry import count_parameters, create_model
 from resunetpp.training.config import TrainConfig
-from resunetpp.training.loop import train
+from resunetpp.training.loop import load_checkpoint, train
 from resunetpp.utils import atomic_path, write_json
 
 MODELS = ("unet", "resunet", "resunet-mod", "resunetpp")
@@ -76,8 +81,8 @@ def default_data(table: str) -> Path:
     if path.is_dir():
         return path
     raise FileNotFoundError(
-        f"{TABLES[table]['dataset']} not found at {path}; pass --data DIR, or get it with "
-        f"`resunetpp data download {TABLES[table]['dataset'].lower()} --to DIR` (research use only)")
+        f"{TABLES[table]['dataset']} not found at {path}; give its folder (data), or download it first "
+        f"(`resunetpp data download {TABLES[table]['dataset'].lower()}`; research use only)")
 
 
 def _paper_row(table: str, model: str) -> dict[str, Any]:
@@ -138,53 +143,17 @@ def reproduce(table: str, data: str | os.PathLike | None = None, out: str | os.P
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         raise ValueError(f"unknown model(s) {', '.join(unknown)}; the paper's are {', '.join(MODELS)}")
-    data = Path(data) if data is not None else default_data(table)
     out = Path(out or f"runs/reproduce-{table}{'-quick' if quick else ''}")
-    base = TrainConfig()
-    settings = {"size": base.size, "epochs": base.epochs, "limit": None, "batch_size": base.batch_size}
-    if quick:
-        settings.update(QUICK)
-    settings.update({k: v for k, v in {"size": size, "epochs": epochs, "limit": limit,
-                                       "batch_size": batch_size}.items() if v is not None})
+    settings = shared_settings(quick, size=size, epochs=epochs, limit=limit, batch_size=batch_size)
+    plan = Plan(table, Path(data) if data is not None else default_data(table), models, settings,
+                {"seed": seed, "device": device, "progress": progress, "time_limit": time_limit}, overrides or {},
+                train_runs)
     dev = resolve_device(device)
     start = time.perf_counter()
-    results: dict[str, dict[str, Any]] = {}
-    def run_models(base: Path, split_file: str | None) -> dict[str, dict[str, Any]]:
-        found: dict[str, dict[str, Any]] = {}
-        for model in models:
-            extra = {"split": split_file} if split_file else {}
-            cfg = TrainConfig(model=model, data=str(data), out=str(base / model), seed=seed, device=device,
-                              progress=progress, time_limit=time_limit, **settings, **extra, **(overrides or {}))
-            run = base / model
-            done = _finished_epochs(run)
-            if train_runs and (done is None or done < cfg.epochs):
-                train(cfg, resume=run if done is not None else None)
-            elif done is None:
-                continue  # nothing to tabulate for this model
-            best = json.loads((run / "config.json").read_text())
-            if (run / "model.safetensors").is_file():
-                summary = evaluate(run, data, split="test", out=run / "eval", device=device, limit=settings["limit"],
-                                   progress=progress).summary
-            else:  # a run that came back from another machine without its weights: its own test report
-                summary = read_metrics(run / "eval" / "metrics.json")
-            found[model] = {"metrics": {"mean": summary["mean"], "pooled": summary["pooled"],
-                                        "miou_keras": summary.get("miou_keras"),
-                                        "detection": summary.get("detection")},
-                            "test_images": summary["images"], "best_epoch": best.get("best_epoch"),
-                            "val": best.get("metrics", {}).get("val"), "train_seconds": _train_seconds(run),
-                            "epochs_done": _finished_epochs(run),
-                            "parameters": count_parameters(create_model(best["model"], **best["model_kwargs"])),
-                            "settings": {**{k: v for k, v in asdict(cfg.resolved()).items() if k != "progress"},
-                                         **({"split": f"resunetpp/splits/{Path(split_file).name}"}  # no local path
-                                            if split_file else {})},
-                            "paper": _paper_row(table, model)}
-        return found
-
-    results = run_models(out, None) if random_split else {}
-    if table == "table2" if grouped is None else grouped:
-        leak_free = run_models(out / GROUPED[table][1], str(grouped_split_path(TABLES[table]["dataset"])))
-    else:
-        leak_free = {}
+    results = run_models(plan, out, None) if random_split else {}
+    grouped = table == "table2" if grouped is None else grouped
+    leak_free = run_models(plan, out / GROUPED[table][1], str(grouped_split_path(TABLES[table]["dataset"]))) \
+        if grouped else {}
     wall = time.perf_counter() - start
     if not results and not leak_free:
         raise FileNotFoundError(f"{out}: no runs of {', '.join(models)} to tabulate")
@@ -195,36 +164,98 @@ def reproduce(table: str, data: str | os.PathLike | None = None, out: str | os.P
         tmp.write_text(table_markdown(table, results, note, leak_free))
     drawn = tuple(m for m in results if (out / m / "model.safetensors").is_file() or (out / m / FIG3_MASKS).is_file())
     if drawn:
-        ids, _ = resolve_ids(data, "test", out / drawn[0], settings["limit"])
-        plot_fig3_for(out, data, drawn, ids[:FIG3_ROWS], dev, TABLES[table]["dataset"])
+        ids, _ = resolve_ids(plan.data, "test", out / drawn[0], settings["limit"])
+        plot_fig3_for(out, plan.data, drawn, ids[:FIG3_ROWS], dev, TABLES[table]["dataset"])
+    write_json(out / "results.json", {
+        "table": table, "dataset": TABLES[table]["dataset"], "data": str(plan.data), "quick": quick,
+        **machine(dev), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "wall_seconds": round(wall, 1), "command": command or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "settings": settings, "models": results,
+        **({"models_grouped": leak_free, "grouped_split": GROUPED[table][0]} if leak_free else {})})
+    return out
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What every model of a reproduction shares: the table, the data, the models and their settings."""
+    table: str
+    data: Path
+    models: tuple[str, ...]
+    settings: dict[str, Any]        # size, epochs, limit, batch_size: also written to results.json
+    train_settings: dict[str, Any]  # seed, device, progress, time_limit
+    overrides: dict[str, Any]       # further TrainConfig settings
+    train_runs: bool
+
+
+def shared_settings(quick: bool, **given: int | None) -> dict[str, Any]:
+    """Size, epochs, limit and batch size of every model: the paper's (`TrainConfig` defaults), or `QUICK`'s,
+    then those `given` (None: not given)."""
+    base = TrainConfig()
+    settings = {"size": base.size, "epochs": base.epochs, "limit": None, "batch_size": base.batch_size}
+    if quick:
+        settings.update(QUICK)
+    settings.update({k: v for k, v in given.items() if v is not None})
+    return settings
+
+
+def machine(dev: torch.device) -> dict[str, str]:
+    """The device of a reproduction in words, with the torch and Python versions, for results.json."""
     if dev.type == "cuda":
         device_name = torch.cuda.get_device_name(dev)
     else:
         device_name = f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
-    write_json(out / "results.json", {
-        "table": table, "dataset": TABLES[table]["dataset"], "data": str(data), "quick": quick,
-        "device": str(dev), "device_name": device_name, "torch": torch.__version__, "python": platform.python_version(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "wall_seconds": round(wall, 1),
-        "command": command or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "settings": settings, "models": results,
-        **({"models_grouped": leak_free, "grouped_split": GROUPED[table][0]} if leak_free else {})})
-    return out
+    return {"device": str(dev), "device_name": device_name, "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
+def run_models(plan: Plan, base: Path, split_file: str | None) -> dict[str, dict[str, Any]]:
+    """Train (or resume) each model of `plan` in `base/<model>` on `split_file` (None: the committed random
+    split) and evaluate it on the test split; the results of the models that have a run, by name."""
+    found: dict[str, dict[str, Any]] = {}
+    for model in plan.models:
+        extra = {"split": split_file} if split_file else {}
+        run = base / model
+        cfg = TrainConfig(model=model, data=str(plan.data), out=str(run), **plan.train_settings, **plan.settings,
+                          **extra, **plan.overrides)
+        done = _finished_epochs(run)
+        if plan.train_runs and (done is None or done < cfg.epochs):
+            train(cfg, resume=run if done is not None else None)
+        elif done is None:
+            continue  # nothing to tabulate for this model
+        found[model] = model_result(plan, run, cfg, split_file)
+    return found
+
+
+def model_result(plan: Plan, run: Path, cfg: TrainConfig, split_file: str | None) -> dict[str, Any]:
+    """One model's entry of results.json: its test metrics, best epoch, timings, size and settings."""
+    best = json.loads((run / "config.json").read_text())
+    if (run / "model.safetensors").is_file():
+        summary = evaluate(run, plan.data, split="test", out=run / "eval", device=plan.train_settings["device"],
+                           limit=plan.settings["limit"], progress=plan.train_settings["progress"]).summary
+    else:  # a run that came back from another machine without its weights: its own test report
+        summary = read_metrics(run / "eval" / "metrics.json")
+    return {"metrics": {"mean": summary["mean"], "pooled": summary["pooled"],
+                        "miou_keras": summary.get("miou_keras"), "detection": summary.get("detection")},
+            "test_images": summary["images"], "best_epoch": best.get("best_epoch"),
+            "val": best.get("metrics", {}).get("val"), "train_seconds": _train_seconds(run),
+            "epochs_done": _finished_epochs(run),
+            "parameters": count_parameters(create_model(best["model"], **best["model_kwargs"])),
+            "settings": {**{k: v for k, v in asdict(cfg.resolved()).items() if k != "progress"},
+                         **({"split": f"resunetpp/splits/{Path(split_file).name}"}  # no local path
+                            if split_file else {})},
+            "paper": _paper_row(plan.table, cfg.model)}
 
 
 def _finished_epochs(run: Path) -> int | None:
     """Epochs completed by the run in `run` (from last.pt; for a run returned without it, the last epoch
     in metrics.csv), or None when there is no run yet."""
     if (run / "last.pt").is_file():
-        from resunetpp.training.loop import load_checkpoint
-
         return int(load_checkpoint(run / "last.pt")["epoch"])
     rows = _metrics_rows(run)
     return int(rows[-1]["epoch"]) if rows and (run / "eval" / "metrics.json").is_file() else None
 
 
 def _metrics_rows(run: Path) -> list[dict[str, str]]:
-    import csv
-
     try:
         with open(run / "metrics.csv") as f:
             return list(csv.DictReader(f))
@@ -243,9 +274,6 @@ def plot_fig3_for(out: Path, data: Path, models: tuple[str, ...], ids: list[str]
     """fig3.png from the runs in `out`: the given test ids, ground truth and each model's mask, predicted
     by its weights (and kept in its `fig3_masks.png`) or, for a run without weights, read from that file.
     A model with neither, or whose kept masks are of other images or another size, is left out."""
-    from resunetpp.data import load_pairs
-    from resunetpp.figures import plot_fig3
-
     preds = {}
     loaded = {}  # input size -> pairs: the models usually share one, and loading scans the whole dataset
     for model in models:
@@ -271,8 +299,6 @@ def plot_fig3_for(out: Path, data: Path, models: tuple[str, ...], ids: list[str]
 
 
 def _save_fig3_masks(path: Path, masks: torch.Tensor, ids: list[str]) -> None:
-    from PIL import Image, PngImagePlugin
-
     info = PngImagePlugin.PngInfo()
     info.add_text("ids", json.dumps(list(ids)))
     stacked = (masks[:, 0].reshape(-1, masks.shape[-1]).to(torch.uint8) * 255).numpy()
@@ -282,9 +308,6 @@ def _save_fig3_masks(path: Path, masks: torch.Tensor, ids: list[str]) -> None:
 
 def _read_fig3_masks(path: Path, ids: list[str], size: tuple[int, int]) -> torch.Tensor | None:
     """The masks kept in `path` as (K, 1, H, W) bool, or None when missing or not of these ids at this size."""
-    import numpy as np
-    from PIL import Image
-
     if not path.is_file():
         return None
     with Image.open(path) as im:
