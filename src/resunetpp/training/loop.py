@@ -62,6 +62,7 @@ from tqdm.auto import tqdm
 
 from resunetpp.data import Augment, load_pairs, make_split, save_split
 from resunetpp.data.layouts import dataset_name
+from resunetpp.errors import SettingError
 from resunetpp.evaluation.metrics import METRIC_NAMES, confusion, summarize
 from resunetpp.figures import plot_curves
 from resunetpp.hub import load_model, save_pretrained, state_mismatch
@@ -242,7 +243,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
 
     Raises:
         FileNotFoundError, FileExistsError: `resume` holds no `last.pt`; `cfg.out` already holds one.
-        ValueError: a setting that does not fit the data, the model or the processes.
+        SettingError, ValueError: a setting that does not fit the data, the model or the processes.
         CheckpointError: `last.pt` is damaged or holds more than tensors and plain types.
         CheckpointWriteError, NonFiniteError: the run's files could not be written; the loss or weights
             became NaN/inf. Both leave the last good checkpoint intact.
@@ -350,7 +351,7 @@ def setup(cfg: TrainConfig, rt: runtime.Runtime, out: Path, resume: bool, log) -
     """Data (split ids, pairs as uint8 tensors on the device), model, loss, optimiser, schedule, and the run
     folder; from `out/last.pt` when resuming."""
     if cfg.batch_size % rt.world:
-        raise ValueError(f"batch size {cfg.batch_size} is not divisible by the {rt.world} processes")
+        raise SettingError(f"batch size {cfg.batch_size} is not divisible by the {rt.world} processes", "batch_size")
     data = load_data(cfg, rt, log)
     raw_model = build_model(cfg, rt, resume)
     model = distribute(raw_model, rt)
@@ -416,18 +417,20 @@ def build_model(cfg: TrainConfig, rt: runtime.Runtime, resume: bool) -> torch.nn
     try:
         model = create_model(cfg.model, **cfg.model_kwargs).to(rt.device)
     except TypeError as e:  # a misspelt model_kwargs key
-        raise ValueError(f"model_kwargs {cfg.model_kwargs}: not options of {cfg.model} ({e})") from None
+        raise SettingError(f"model_kwargs {cfg.model_kwargs}: not options of {cfg.model} ({e})",
+                           "model_kwargs") from None
     if getattr(model, "in_channels", 3) != 3:
-        raise ValueError(f"model_kwargs {cfg.model_kwargs}: training reads RGB images, so {cfg.model} must take "
-                         f"3 input channels, not {model.in_channels}")
+        raise SettingError(f"model_kwargs {cfg.model_kwargs}: training reads RGB images, so {cfg.model} must take "
+                           f"3 input channels, not {model.in_channels}", "model_kwargs")
     if cfg.init and not resume:  # a resumed run's last.pt replaces these weights anyway
         init_weights(model, cfg.init, cfg.model)
     if cfg.size % model.total_stride:
-        raise ValueError(f"size {cfg.size} is not a multiple of {cfg.model}'s total stride {model.total_stride}")
+        raise SettingError(f"size {cfg.size} is not a multiple of {cfg.model}'s total stride {model.total_stride}",
+                           "size")
     if cfg.sync_bn:
         if not (rt.ddp and rt.cuda):
-            raise ValueError("sync_bn needs torchrun with several CUDA processes (torch's SyncBatchNorm runs "
-                             "on GPUs only; one process has nothing to synchronise)")
+            raise SettingError("sync_bn needs torchrun with several CUDA processes (torch's SyncBatchNorm runs "
+                               "on GPUs only; one process has nothing to synchronise)", "sync_bn")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same state_dict keys as BatchNorm2d
     if rt.cuda:
         model = model.to(memory_format=torch.channels_last)
@@ -438,11 +441,12 @@ def init_weights(model: torch.nn.Module, source: str, name: str) -> None:
     """Copy the weights of `source` (a bundled model's name or a run folder) into `model` (fine-tuning)."""
     donor = load_model(source)
     if donor.spec.model != name:
-        raise ValueError(f"init {source}: holds a {donor.spec.model}, not a {name}; start from weights of the "
-                         "same architecture")
+        raise SettingError(f"init {source}: holds a {donor.spec.model}, not a {name}; start from weights of the "
+                           "same architecture", "init")
     problem = state_mismatch(model.state_dict(), donor.state_dict())
     if problem:
-        raise ValueError(f"init {source}: its weights do not fit {name} {donor.spec.model_kwargs}: {problem}")
+        raise SettingError(f"init {source}: its weights do not fit {name} {donor.spec.model_kwargs}: {problem}",
+                           "init")
     model.load_state_dict(donor.state_dict())
 
 
@@ -462,7 +466,7 @@ def plan_steps(cfg: TrainConfig, rt: runtime.Runtime, n_train: int) -> tuple[int
     rank_batch = cfg.batch_size // rt.world
     steps = shard_len // rank_batch
     if steps == 0:
-        raise ValueError(f"batch size {cfg.batch_size} is larger than the {n_train} training images")
+        raise SettingError(f"batch size {cfg.batch_size} is larger than the {n_train} training images", "batch_size")
     return steps, rank_batch
 
 
