@@ -283,7 +283,7 @@ def test_multipart_body_refusals_and_a_part_split_by_a_boundary_lookalike(seg):
         # a declared length over the limit is refused before reading, saying how large the body is
         r = c.post("/v1/segment", content=b"\0" * 1001, headers={"content-type": "image/png"})
         assert r.status_code == 413 and r.json()["message"] == (
-            "request body of 1,001 bytes is over the limit of 1,000 bytes (the server's --max-bytes)")
+            "request body of 1,001 bytes is over the limit of 1,000 bytes (the server's max_bytes)")
     with TestClient(create_app(seg)) as c:
         r = c.post("/v1/segment/batch", content=b"garbage without boundary",
                    headers={"content-type": "multipart/form-data; boundary=xyz"})
@@ -338,7 +338,7 @@ def test_upload_limit_edges_a_disconnect_and_other_multipart_kinds(seg):
                                  [{"type": "http.request", "body": b"\0" * 600, "more_body": True},
                                   {"type": "http.request", "body": b"\0" * 600, "more_body": False}])
         assert (status, body) == (413, {"error": "body_too_large", "status": 413, "message":
-                                        "request body is over the limit of 1,000 bytes (the server's --max-bytes)"})
+                                        "request body is over the limit of 1,000 bytes (the server's max_bytes)"})
         # the client goes away half-way through its body
         status, body = _raw_post(c, app, "/v1/segment", [(b"content-type", b"image/png")],
                                  [{"type": "http.request", "body": b"\0" * 100, "more_body": True},

@@ -35,7 +35,7 @@ def decode_image(data: bytes, what: str = "image", max_pixels: int = 25_000_000)
         code = e.code if e.code in ("too_many_pixels", "truncated", "corrupt_image") else "not_an_image"
         message = str(e)
         if e.code == "too_many_pixels":
-            message += " (the server's --max-pixels sets the limit)"
+            message += " (the server's max_pixels sets the limit)"
         raise ApiError(status, code, message) from None
     if a.ndim != 3 or a.shape[0] == 0 or a.shape[1] == 0:
         raise ApiError(400, "not_an_image", f"{what}: image has no pixels ({a.shape})")

@@ -72,14 +72,14 @@ async def _read_body(request: Request, limit: int) -> bytes:
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > limit:
         raise ApiError(413, "body_too_large", f"request body of {int(length):,} bytes is over the limit of "
-                       f"{limit:,} bytes (the server's --max-bytes)")
+                       f"{limit:,} bytes (the server's max_bytes)")
     chunks, n = [], 0
     try:
         async for chunk in request.stream():
             n += len(chunk)
             if n > limit:
                 raise ApiError(413, "body_too_large", f"request body is over the limit of {limit:,} bytes "
-                               "(the server's --max-bytes)")
+                               "(the server's max_bytes)")
             chunks.append(chunk)
     except ClientDisconnect:
         raise ApiError(400, "client_disconnected", "the client closed the connection before the body ended") from None
@@ -293,7 +293,7 @@ async def _batch_uploads(request: Request, settings: ServeSettings) -> list[Uplo
         raise ApiError(400, "no_image", "the multipart body has no file part")
     if len(uploads) > settings.max_batch:
         raise ApiError(413, "too_many_images", f"{len(uploads)} images, over the limit of "
-                       f"{settings.max_batch} per batch (the server's --max-batch)")
+                       f"{settings.max_batch} per batch (the server's max_batch)")
     return uploads
 
 
