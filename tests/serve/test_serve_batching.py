@@ -234,3 +234,31 @@ def test_workers_run_forward_passes_at_once(ckpt):
     gate = app.state.gate
     gate.s_per_image, gate.images_waiting = 0.4, 3
     assert gate.expected_wait_s() == pytest.approx((3 + 1) * 0.4 / 2)
+
+
+def test_a_second_worker_takes_what_is_queued_while_the_first_runs():
+    """Two submissions queued before any worker ran: the worker that takes the first must leave the second to
+    the idle one (it once cleared the wake-up and left it queued behind its own forward pass: with a forward
+    pass that waits for a second one, as here, the first never returned)."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from resunetpp.serve.batching import Batcher, Gate
+
+    barrier, threads = threading.Barrier(2, timeout=20), set()
+
+    def run_model(images):
+        threads.add(threading.get_ident())
+        barrier.wait()  # passes only with both forward passes under way at once
+        return [np.zeros(im.shape[:2], np.float32) for im in images]
+
+    async def scenario():
+        with ThreadPoolExecutor(2) as pool:
+            batcher = Batcher(run_model, pool, Gate(8, workers=2), max_images=1, max_wait_s=0, workers=2)
+            image = np.zeros((4, 4, 3), np.uint8)
+            answers = await asyncio.gather(batcher.submit([image]), batcher.submit([image]))
+            batcher.close()
+            return answers
+
+    answers = asyncio.run(scenario())
+    assert [a.batch_images for a in answers] == [1, 1] and len(threads) == 2 and not barrier.broken

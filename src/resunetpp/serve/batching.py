@@ -203,6 +203,8 @@ class Batcher:
                     n = self._take(batch, n)
                     if n == before and self._items:  # the next one does not fit: run what we have
                         break
+                if self._items:  # more is waiting: an idle worker takes it while this batch runs
+                    self._wake.set()
                 await self._run(batch, n)
 
     async def _run(self, batch: list, n: int) -> None:
