@@ -323,3 +323,23 @@ def test_brightness_adds_the_drawn_shift_and_clips_to_one():
     assert shift.min() < -0.1 and shift.max() > 0.15  # both signs drawn
     assert torch.allclose(out, (images + shift).clamp(0, 1), atol=1e-6)
     assert out.max() == 1.0 and (out[:, :, 4:] == 1.0).flatten(1).all(1).eq(shift.view(-1) >= 0.1).all()
+
+
+@pytest.mark.parametrize("preset", ["none", "paper"])
+def test_soft_targets_read_uint8_as_probabilities_and_must_match_the_masks(preset):
+    """A teacher's probabilities come as uint8 x 255 or as floats: both give the same soft targets in [0, 1]
+    (warped like the masks with the same draw), and a soft tensor of another shape is refused by name."""
+    torch.manual_seed(0)
+    images = torch.rand(4, 3, 24, 24)
+    masks = torch.stack([torch.from_numpy(blob_mask(24, 24, k)) for k in range(4)])[:, None].float()
+    soft_u8 = torch.randint(0, 256, (4, 1, 24, 24), dtype=torch.uint8)
+    torch.manual_seed(1)
+    _, _, from_u8 = Augment(preset)(images, masks, soft_u8)
+    torch.manual_seed(1)
+    _, _, from_float = Augment(preset)(images, masks, soft_u8.float() / 255.0)
+    assert from_u8.shape == masks.shape and 0 <= from_u8.min() and from_u8.max() <= 1
+    assert torch.allclose(from_u8, from_float, atol=1e-6)
+    if preset == "none":  # nothing moves: the soft targets are the teacher's own values
+        assert torch.allclose(from_u8, soft_u8.float() / 255.0)
+    with pytest.raises(ValueError, match=r"soft targets \(4, 1, 12, 12\) and masks \(4, 1, 24, 24\) do not match"):
+        Augment(preset)(images, masks, soft_u8[..., :12, :12])

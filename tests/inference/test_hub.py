@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -125,6 +126,11 @@ def test_not_found_errors_say_what_to_pass(tmp_path):
         load_model(tmp_path / "nomodel")
     with pytest.raises(ValueError, match="must contain 'model'"):
         save_pretrained(create_model("unet", filters=(4, 4, 4, 4, 4)), tmp_path / "x", {})
+    bad = tmp_path / "badcfg"
+    with pytest.raises(ValueError, match=re.escape(f"{bad / 'config.json'}") + ".*threshold"):  # names the file
+        save_pretrained(create_model("unet", filters=(4, 4, 4, 4, 4)), bad, {"model": "unet", "threshold": 2.0,
+                                                                              "model_kwargs": {"filters": [4] * 5}})
+    assert not (bad / "config.json").exists()  # nothing invalid is written
 
 
 def _tiny_unet_run(tmp_path, config):
