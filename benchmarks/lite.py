@@ -5,7 +5,8 @@ and docs/models.md.
 
     python benchmarks/lite.py [--weights resunetpp-kvasir-seg,resunetpp-lite-kvasir-seg]
         [--data ../shared/data/Kvasir-SEG] [--dice-count 100] [--threads 2] [--runs 50]
-        [--video-frames 150] [--train-speed]
+        [--video-frames 150] [--train-speed] [--torch-only]
+    ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/lite.py --torch-only   # an AVX2-only CPU, as PyTorch sees one
 
 Per model: parameters, GFLOP at its input size (torch's FlopCounterMode, multiply-add = 2), batch-1
 latency (median of `--runs`, preprocessed input, no pre/post-processing) and mean test Dice over the
@@ -13,7 +14,9 @@ first `--dice-count` ids of the committed Kvasir-SEG test split, for torch fp32,
 (bf16 only where the CPU has avx512_bf16 or AMX), onnxruntime int8 and OpenVINO int8 (static QDQ,
 calibrated on 64 training images). Then `resunetpp video` end to end (decode, model, overlay, H.264
 encode) at 384x288 on a clip made of the test images, with the model's fastest backend of the table
-whose Dice is within 0.005 of its fp32. `--train-speed`: a training step's images/s (batch 8, bce+dice,
+whose Dice is within 0.005 of its fp32. `--torch-only`: PyTorch fp32 alone, for the table and `video` (OpenVINO
+does not run under oneDNN's ISA limit, so this is how an AVX2-only CPU is stood in for here).
+`--train-speed`: a training step's images/s (batch 8, bce+dice,
 AdamW; the paper's augmentation) for each architecture.
 """
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -93,6 +97,16 @@ def make_clip(data: Path, path: Path, frames: int) -> Path:
     return path
 
 
+def torch_only_row(name: str, model, cfg: dict, size: tuple[int, int], args) -> str:
+    """The table row of PyTorch fp32 alone: latency and Dice."""
+    run = torch_runner(model)
+    med, _ = time_runner(run, np.random.default_rng(0).random((1, 3, *size), dtype=np.float32), args.runs, 5)
+    dice, _ = dice_of(run, load_dice_set(args.data, args.dice_count, size[0], cfg["normalization"]),
+                      float(cfg["threshold"]))
+    cost = f"{count_parameters(model):,} | {gflop(cfg['model'], cfg['model_kwargs'], size):.2f}"
+    return f"| {name} | {cost} | torch fp32 | {med:.1f} | {1000 / med:.1f} | {dice:.4f} | +0.0000 |"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", default="resunetpp-kvasir-seg,resunetpp-lite-kvasir-seg")
@@ -102,12 +116,15 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--video-frames", type=int, default=150)
     ap.add_argument("--train-speed", action="store_true")
+    ap.add_argument("--torch-only", action="store_true", help="PyTorch fp32 only (e.g. under ONEDNN_MAX_CPU_ISA)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     bf16 = any(f in cpu_flags() for f in ("avx512_bf16", "amx_bf16"))
     work = Path(tempfile.mkdtemp(prefix="resunetpp-lite-bench-"))
     print(f"# {datetime.date.today()} | {cpu_model()} | {args.threads} threads | torch {torch.__version__}")
     print(f"# CPU flags: {cpu_flags()}")
+    if os.environ.get("ONEDNN_MAX_CPU_ISA"):
+        print(f"# oneDNN limited to ONEDNN_MAX_CPU_ISA={os.environ['ONEDNN_MAX_CPU_ISA']}")
     print(f"# Dice: mean over the first {args.dice_count} ids of the committed Kvasir-SEG test split, threshold "
           "0.5, no min-area; latency: batch 1, median, preprocessed input\n")
     rows, video_rows = [], []
@@ -118,6 +135,15 @@ def main() -> None:
         size = tuple(cfg["input_size"])
         folder = work / name
         shutil.copytree(resolve_weights(name), folder)
+        if args.torch_only:
+            rows.append(torch_only_row(name, model, cfg, size, args))
+            print(rows[-1], flush=True)
+            if clip:
+                stats = process_video(resunetpp.Segmenter(name, backend="torch"), clip, work / f"{name}.mp4",
+                                      progress=False)
+                video_rows.append(f"| {name} | torch fp32 | {stats.frames} | {stats.processing_fps:.1f} | "
+                                  f"{stats.mean_latency_ms:.1f} | {stats.codec} |")
+            continue
         fp32 = export_onnx(model, folder / "model.onnx", exporter="legacy").path
         int8 = quantize_int8(fp32, folder / "model-int8.onnx", _calibration(args.data, 64, work, size[0]),
                              progress=False)
