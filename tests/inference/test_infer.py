@@ -595,3 +595,19 @@ def test_predict_cli_min_area(tmp_path, ckpt):
     r = runner.invoke(app, ["predict", str(tmp_path / "a.png"), "--weights", str(ckpt), "--out", str(tmp_path / "x"),
                             "--min-area", "1.5"])
     assert r.exit_code == 2 and "--min-area" in r.output and "0.99" in r.output
+
+
+def test_the_segmenter_names_where_a_bad_config_came_from_and_exposes_the_one_it_runs(ckpt):
+    """A config that breaks the model spec is refused naming its source (the `config` argument, or the module's
+    own `pretrained_config`); `seg.config` is the spec the segmenter runs, defaults filled in."""
+    from resunetpp.spec import ModelSpecError
+
+    with pytest.raises(ModelSpecError, match=r"^config: field 'input_size'"):
+        Segmenter(_MeanGrey(), config={"input_size": [0, 8]})
+    module = _MeanGrey()
+    module.pretrained_config = {"input_size": [8, 8], "threshold": 7}
+    with pytest.raises(ModelSpecError, match=r"^the module's pretrained_config: field 'threshold'"):
+        Segmenter(module)
+    seg = Segmenter(ckpt)
+    assert seg.config == seg.spec.to_dict() and seg.config["threshold"] == seg.threshold
+    assert seg.config["input_size"] == list(seg.input_size) and "normalization" in seg.config
