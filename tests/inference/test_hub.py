@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from resunetpp import create_model, list_models, load_model, save_pretrained
-from resunetpp.hub import bundled_weights
+from resunetpp.hub import bundled_weights, load_config
 
 
 def test_save_and_load_round_trip(tmp_path):
@@ -142,6 +142,8 @@ def _tiny_unet_run(tmp_path, config):
 
 def test_load_model_edge_cases_of_config_and_device(tmp_path):
     run = _tiny_unet_run(tmp_path, {"model": "unet", "model_kwargs": {"filters": [4, 4, 4, 4, 4]}})
+    assert load_config(run)["model_kwargs"] == {"filters": [4, 4, 4, 4, 4]}  # the checked spec, as a dict
+    assert load_config(run)["threshold"] == 0.5  # defaults filled in
     assert load_model(run / "config.json").pretrained_config["model"] == "unet"  # the config file names the run
     assert next(load_model(run, device="meta").parameters()).device.type == "meta"  # the device is honoured
     # no model_kwargs: the registry defaults, and the message shows {} (a full-width U-Net does not fit)

@@ -2,6 +2,7 @@
 the message names the file and the field, and every command exits 3."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -75,7 +76,8 @@ def test_non_finite_weights_are_refused(run):
     key = next(k for k, v in state.items() if v.is_floating_point())
     state[key] = torch.full_like(state[key], float("nan"))
     save_file(state, str(run / "model.safetensors"))
-    with pytest.raises(ModelError, match=r"model.safetensors: damaged weights: 1 tensor\(s\) hold NaN or inf"):
+    with pytest.raises(ModelError, match=r"model.safetensors: damaged weights: 1 tensor\(s\) hold NaN or inf \(e\.g\. "
+                       + re.escape(key) + r"\); a model like this answers nothing useful, so it is refused$"):
         load_model(run)
     with pytest.raises(ModelError, match="NaN or inf"):
         Segmenter(run, device="cpu")
