@@ -22,6 +22,7 @@ import click
 import pytest
 import typer
 
+from helpers.docs import strip_comment
 from resunetpp.catalog import bundled
 from resunetpp.cli import app
 
@@ -33,23 +34,12 @@ def text(page: str) -> str:
     return (ROOT / page).read_text()
 
 
-def strip_comment(line: str) -> str:
-    """The line without a trailing `# comment` (a # outside quotes, at the start or after a space)."""
-    quote = None
-    for i, ch in enumerate(line):
-        if ch in "'\"" and quote in (None, ch):
-            quote = None if quote else ch
-        elif ch == "#" and quote is None and (i == 0 or line[i - 1].isspace()):
-            return line[:i].strip()
-    return line.strip()
-
-
 def bash_lines(page: str) -> list[str]:
     """The command lines of a page's ```bash blocks, continuation lines joined, comments dropped."""
     out = []
     for block in re.findall(r"^```bash\n(.*?)^```", text(page), re.S | re.M):
         for line in re.sub(r"\\\n\s*", " ", block).splitlines():
-            line = strip_comment(line)
+            line = strip_comment(line).strip()
             if line:
                 out.append(line)
     return out

@@ -26,6 +26,7 @@ import typer
 
 import resunetpp
 import resunetpp.training.loop
+from helpers.docs import strip_comment
 from helpers.inference import disc_image, write_video
 from resunetpp.cli import app
 from resunetpp.training.config import TrainConfig
@@ -68,17 +69,6 @@ def blocks(doc: str) -> list[tuple[str, str]]:
                                                           re.S | re.M)]
 
 
-def _strip_comment(line: str) -> str:
-    """The line without a trailing `# comment` (a # outside quotes, after a space)."""
-    quote = None
-    for i, ch in enumerate(line):
-        if ch in "'\"" and quote in (None, ch):
-            quote = None if quote else ch
-        elif ch == "#" and quote is None and (i == 0 or line[i - 1].isspace()):
-            return line[:i].rstrip()
-    return line.rstrip()
-
-
 def steps(doc: str) -> list[tuple[str, str, list[str]]]:
     """("shell", command, expected output lines) and ("python", code, []) in document order."""
     out = []
@@ -87,13 +77,13 @@ def steps(doc: str) -> list[tuple[str, str, list[str]]]:
             out.append(("python", text, []))
         elif lang == "bash":
             for line in re.sub(r"\\\n\s*", " ", text).splitlines():
-                if _strip_comment(line):
-                    out.append(("shell", _strip_comment(line), []))
+                if strip_comment(line):
+                    out.append(("shell", strip_comment(line), []))
         elif lang == "":
             for chunk in re.split(r"^(?=\$ )", text, flags=re.M):
                 if chunk.startswith("$ "):
                     command, _, shown = chunk[2:].partition("\n")
-                    expected = [_strip_comment(s) for s in shown.splitlines()]
+                    expected = [strip_comment(s) for s in shown.splitlines()]
                     out.append(("shell", command.strip(), [s for s in expected if s and s.strip() != "..."]))
     return out
 

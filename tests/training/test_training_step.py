@@ -66,6 +66,22 @@ def _constant_validation(*args, **kwargs):  # validation is not what these tests
 
 # ------------------------------------------------------------------------------ augmentation alignment
 
+class Probe(torch.nn.Module):
+    """A one-parameter model that records what the training step feeds it (in `seen`: the input, its memory
+    layout, the autocast state) and answers its first channel, in float32."""
+
+    def __init__(self, seen: dict):
+        super().__init__()
+        self.seen = seen
+        self.w = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        self.seen.update(x=x.detach().clone(), channels_last=x.is_contiguous(memory_format=torch.channels_last)
+                         and not x.is_contiguous(), autocast=torch.is_autocast_enabled(x.device.type),
+                         dtype=torch.get_autocast_dtype(x.device.type))
+        return (self.w * x[:, :1]).float()
+
+
 def test_train_augments_image_and_mask_together(shapes, tmp_path, monkeypatch):
     """Every (model input, loss target) pair of every training step: the bright pixels of the augmented image
     lie on the augmented mask. Brightness (+-0.2) and cutout (which only darkens) cannot make the
@@ -117,20 +133,11 @@ def test_training_step_passes_one_draw_to_image_and_mask():
     the model input thresholded is the loss target."""
     seen = {}
 
-    class Probe(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.ones(()))
-
-        def forward(self, x):
-            seen["x"] = x.detach().clone()
-            return self.w * x[:, :1]
-
     def loss_fn(logits, target):
         seen["y"] = target.detach().clone()
         return logits.mean()
 
-    model = Probe()
+    model = Probe(seen)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     augment = Augment("paper", p=1.0, only=["random_crop", "hflip", "vflip", "rotate"])
     step = T.training_step(model, opt, loss_fn, augment, {"mean": [0.0] * 3, "std": [1.0] * 3}, amp=False,
@@ -219,18 +226,7 @@ def test_training_step_normalises_lays_out_and_autocasts_as_asked(amp, channels_
     when asked, and the forward runs under bf16 autocast exactly when `amp`."""
     seen = {}
 
-    class Probe(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.ones(()))
-
-        def forward(self, x):
-            seen.update(x=x.detach().clone(), channels_last=x.is_contiguous(memory_format=torch.channels_last)
-                        and not x.is_contiguous(), autocast=torch.is_autocast_enabled(x.device.type),
-                        dtype=torch.get_autocast_dtype(x.device.type))
-            return (self.w * x[:, :1]).float()
-
-    model = Probe()
+    model = Probe(seen)
     step = T.training_step(model, torch.optim.SGD(model.parameters(), lr=0.0), lambda logits, y: logits.mean(),
                            Augment("none"), {"mean": [0.5, 0.25, 0.0], "std": [0.25, 0.5, 2.0]}, amp=amp,
                            channels_last=channels_last)
