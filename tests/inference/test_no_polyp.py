@@ -22,7 +22,7 @@ from helpers.inference import write_video
 from resunetpp import Segmenter
 from resunetpp.cli import app
 from resunetpp.inference.findings import NO_POLYP, certainty, describe
-from resunetpp.inference.overlay import draw_label, draw_overlay
+from resunetpp.inference.overlay import draw_label, draw_overlay, draw_text
 from resunetpp.inference.predict import predict_files
 from resunetpp.inference.video import H264, MP4V, process_video
 
@@ -133,3 +133,47 @@ def test_video_falls_back_to_mp4v_with_a_notice_and_names_an_unwritable_output(t
     with pytest.raises(OSError, match="cannot write H.264"):
         process_video(seg(), src, tmp_path / "h.mp4", progress=False, codec="h264")
 
+
+
+LABEL = "polyp 25.0 %, certainty high"
+
+
+def _label_box(shape, corner):
+    """(y0, y1, x0, x1) of the box `draw_text` darkens for LABEL in `corner`, found from its pixels: the scene
+    (200) darkened to 0.4 (80); the text's descenders may hang below the box, in other values."""
+    blank = np.full(shape, 200, np.uint8)
+    ys, xs = np.nonzero((draw_text(blank.copy(), [LABEL], corner) == 80).all(axis=2))
+    return ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+
+
+@pytest.mark.parametrize("case", ["ring outside top-left", "column inside top-left", "row inside top-left",
+                                  "only bottom-left free"])
+def test_label_weighs_exactly_the_box_it_draws(case):
+    """draw_label counts the polyp pixels under the very box draw_text darkens, to the pixel: a polyp one pixel
+    outside the top-left box does not count, one pixel inside does (against a few pixels in the top-right box),
+    and the bottom corners are weighed where they are drawn."""
+    shape = (300, 700, 3)
+    image = np.full(shape, 200, np.uint8)
+    mask = np.zeros(shape[:2], bool)
+    tl, tr, bl, br = (_label_box(shape, c) for c in ("top-left", "top-right", "bottom-left", "bottom-right"))
+    y1, x1 = tl[1], tl[3]
+    for y0_, y1_, x0_, x1_ in (bl, br):
+        mask[y0_:y1_, x0_:x1_] = True  # the bottom corners: fully covered
+    cy, cx = (tr[0] + tr[1]) // 2, (tr[2] + tr[3]) // 2
+    mask[cy:cy + 2, cx:cx + 2] = True  # the top-right: 4 pixels
+    if case == "ring outside top-left":  # 0 under the box: top-left wins
+        mask[:y1 + 1, x1] = True
+        mask[y1, :x1 + 1] = True
+        expected = "top-left"
+    elif case == "column inside top-left":  # y1 pixels under the box, more than the top-right's 4
+        mask[:y1, x1 - 1] = True
+        expected = "top-right"
+    elif case == "row inside top-left":
+        mask[y1 - 1, :x1] = True
+        expected = "top-right"
+    else:  # every corner but the bottom-left covered
+        mask[:] = True
+        mask[bl[0]:bl[1], bl[2]:bl[3]] = False
+        expected = "bottom-left"
+    got = draw_label(image.copy(), LABEL, mask)
+    np.testing.assert_array_equal(got, draw_text(image.copy(), [LABEL], expected))
