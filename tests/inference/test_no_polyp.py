@@ -71,6 +71,7 @@ def test_label_goes_to_the_corner_that_hides_least_of_the_polyp():
     assert changed[:20, 200:].any() and not changed[:, :150].any()  # top-right: nothing drawn over a polyp
     empty = draw_label(image.copy(), NO_POLYP)
     assert (empty != image).any(axis=2)[:20, :100].any()
+    np.testing.assert_array_equal(empty, draw_text(image.copy(), [NO_POLYP], "top-left"))  # one line, top-left
 
 
 def test_predict_says_no_polyp_in_csv_and_overlay(tmp_path):
@@ -146,13 +147,13 @@ def _label_box(shape, corner):
     return ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
 
 
+@pytest.mark.parametrize("shape", [(300, 700, 3), (1000, 1400, 3)])  # text scale 0.43 (thickness 1) and 1.43 (3)
 @pytest.mark.parametrize("case", ["ring outside top-left", "column inside top-left", "row inside top-left",
                                   "only bottom-left free"])
-def test_label_weighs_exactly_the_box_it_draws(case):
+def test_label_weighs_exactly_the_box_it_draws(case, shape):
     """draw_label counts the polyp pixels under the very box draw_text darkens, to the pixel: a polyp one pixel
     outside the top-left box does not count, one pixel inside does (against a few pixels in the top-right box),
     and the bottom corners are weighed where they are drawn."""
-    shape = (300, 700, 3)
     image = np.full(shape, 200, np.uint8)
     mask = np.zeros(shape[:2], bool)
     tl, tr, bl, br = (_label_box(shape, c) for c in ("top-left", "top-right", "bottom-left", "bottom-right"))
