@@ -73,15 +73,18 @@ def open_weights(weights: str | os.PathLike | nn.Module, backend: str | None, de
                  threads: int | None, channels_last: bool, precision: str, config: dict[str, Any] | None = None):
     """(backend name, weights path or None, runner, config dict, where the config came from) for a run
     folder, a .safetensors or .onnx file, or an nn.Module; `config` replaces the weights' own."""
+    backend, path, runner, own, source = _open(weights, backend, device, threads, channels_last, precision, config)
+    return (backend, path, runner, config, "config") if config else (backend, path, runner, own, source)
+
+
+def _open(weights, backend, device, threads, channels_last, precision, config):
+    """`open_weights` with the weights' own config (an .onnx file's is not read when `config` replaces it)."""
     bf16 = precision == "bf16"
     if isinstance(weights, nn.Module):
         if backend in ("onnxruntime", "openvino"):
             raise ValueError(f"the {backend} backend needs an .onnx file, not an nn.Module")
-        runner = TorchRunner(weights, device, channels_last, bf16)
-        if config:
-            return "torch", None, runner, config, "config"
-        return "torch", None, runner, getattr(weights, "pretrained_config", None) or {}, \
-            "the module's pretrained_config"
+        return ("torch", None, TorchRunner(weights, device, channels_last, bf16),
+                getattr(weights, "pretrained_config", None) or {}, "the module's pretrained_config")
     path = Path(weights)
     if backend in ("onnxruntime", "openvino") and path.is_dir() and (path / "model.onnx").is_file():
         path = path / "model.onnx"
@@ -89,14 +92,12 @@ def open_weights(weights: str | os.PathLike | nn.Module, backend: str | None, de
     backend = backend or ("onnxruntime" if is_onnx else "torch")
     if backend != "torch":
         runner, cfg = open_onnx(path, backend, device, threads, precision, config)
-        return backend, path, runner, cfg, "config" if config else f"{path} (its config)"
+        return backend, path, runner, cfg, f"{path} (its config)"
     if is_onnx:
         raise ValueError(f"{path}: an .onnx model runs with backend='onnxruntime', not torch")
     model = hub.load_model(path, device)
-    runner = TorchRunner(model, device, channels_last, bf16)
-    if config:
-        return "torch", path, runner, config, "config"
-    return "torch", path, runner, model.pretrained_config, f"{path} (config.json)"
+    return "torch", path, TorchRunner(model, device, channels_last, bf16), model.pretrained_config, \
+        f"{path} (config.json)"
 
 
 class Segmenter:
