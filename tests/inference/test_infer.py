@@ -406,13 +406,13 @@ def test_module_weights_use_their_pretrained_config_and_the_runner_options(tmp_p
     assert Segmenter(model, config={"input_size": [8, 8]}).threshold == 0.5
     plain = Segmenter(_MeanGrey())
     assert (plain.input_size, plain.threshold, plain.mean, plain.std) == ((256, 256), 0.5, [0, 0, 0], [1, 1, 1])
-    # channels_last and bf16 reach the forward pass (default: neither)
+    # channels_last and bf16 reach the forward pass (default: channels_last, fp32)
     model.calls.clear()
-    for kwargs in ({}, {"channels_last": True}, {"precision": "bf16"}):
+    for kwargs in ({}, {"channels_last": False}, {"precision": "bf16"}):
         seg = Segmenter(model, **kwargs)
         seg.segment(image)
         assert seg.precision == kwargs.get("precision", "fp32")
-    assert model.calls == [(False, False), (True, False), (False, True)]
+    assert model.calls == [(True, False), (False, False), (True, True)]
     # the same from a checkpoint path (load_model stood in for, to watch the model's inputs)
     loaded = []
 
@@ -422,13 +422,13 @@ def test_module_weights_use_their_pretrained_config_and_the_runner_options(tmp_p
 
     monkeypatch.setattr(hub, "load_model", load_model)
     model.calls.clear()
-    for kwargs in ({}, {"channels_last": True}, {"precision": "bf16"}):
+    for kwargs in ({}, {"channels_last": False}, {"precision": "bf16"}):
         seg = Segmenter(tmp_path / "run", **kwargs)
         seg.segment(image)
         assert seg.weights == tmp_path / "run" and f"weights='{tmp_path / 'run'}'" in repr(seg)
         assert f"precision='{kwargs.get('precision', 'fp32')}'" in repr(seg)
     assert loaded == [tmp_path / "run"] * 3
-    assert model.calls == [(False, False), (True, False), (False, True)]
+    assert model.calls == [(True, False), (False, False), (True, True)]
 
 
 def _mean_grey_onnx(path: Path, config: dict | None = None) -> Path:

@@ -43,7 +43,7 @@ def onnx_config(path: str | os.PathLike) -> dict[str, Any]:
 
 
 class TorchRunner:
-    def __init__(self, model: nn.Module, device: str | torch.device, channels_last: bool = False,
+    def __init__(self, model: nn.Module, device: str | torch.device, channels_last: bool = True,
                  bf16: bool = False):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()

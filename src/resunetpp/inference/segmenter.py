@@ -117,7 +117,8 @@ class Segmenter:
         threshold: The probability threshold in [0, 1] (default: the config's).
         config: Replaces the weights' config (input size, normalisation, threshold, min_area).
         threads: onnxruntime / OpenVINO threads (default: their choice, one per physical core).
-        channels_last: PyTorch memory format.
+        channels_last: Run the torch backend in the channels_last memory format (the same numbers, faster
+            on a CPU too: 1.1-1.6x for the five networks, benchmarks/RESULTS.md).
         precision: "fp32", or "bf16" (torch autocast, or OpenVINO's bf16 inference precision; the
             fastest accurate CPU option measured, see benchmarks/RESULTS.md). onnxruntime runs the
             precision the .onnx file has (fp32, or int8 from `resunetpp export --int8`).
@@ -136,7 +137,7 @@ class Segmenter:
     def __init__(self, weights: str | os.PathLike | nn.Module | None = None, device: str = "auto",
                  backend: str | None = None, tta: bool = False, crf: str | None = None,
                  threshold: float | None = None, config: dict[str, Any] | None = None,
-                 threads: int | None = None, channels_last: bool = False, precision: str = "fp32",
+                 threads: int | None = None, channels_last: bool = True, precision: str = "fp32",
                  min_area: float | None = None):
         device = resolve_device(device)
         check_options(backend, precision, min_area, crf)
