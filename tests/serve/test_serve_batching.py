@@ -205,35 +205,108 @@ def test_serve_settings_are_checked():
             ServeSettings(**bad)
 
 
-def test_workers_run_forward_passes_at_once(ckpt):
-    """With infer_workers=2, two requests are in the model at the same time (each waits at a barrier that only
-    both together pass; one worker would leave the first alone there until the guard's timeout fails it), and
-    the expected wait counts the workers."""
-    seg = Segmenter(ckpt, device="cpu")
-    real, barrier, threads = seg.probabilities, threading.Barrier(2, timeout=60), set()
+def test_cpu_workers_default_to_the_cores_and_a_lone_request_gets_them_all(ckpt):
+    """On a CPU with torch the server runs up to 4 forward passes at once, sharing the cores by the load; a
+    request alone is run on every core (its answer says how many threads it had)."""
+    import torch
+
+    app = create_app(Segmenter(ckpt, device="cpu"), ServeSettings())
+    cores = torch.get_num_threads()
+    with TestClient(app) as c:
+        r = c.post("/v1/segment", content=_png(), headers={"content-type": "image/png"})
+        h = c.get("/v1/health").json()["batching"]
+    assert r.status_code == 200 and r.json()["threads"] == cores
+    assert h["infer_workers"] == min(cores, 4) and h["running"] == 0
+    assert app.state.batcher.set_threads is torch.set_num_threads and app.state.batcher.cores == cores
+    assert torch.get_num_threads() == cores  # the server's thread counts stay on its own threads
+
+
+def _scenario(run_model, body, workers=2, cores=2):
+    """Run `body(batcher)` on a fresh event loop with a Batcher that records each pass's thread count."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from resunetpp.serve.batching import Batcher, Gate
+
+    async def main():
+        with ThreadPoolExecutor(workers) as pool:
+            batcher = Batcher(run_model, pool, Gate(64), max_images=1, max_wait_s=0, workers=workers,
+                              set_threads=lambda n: None, cores=cores)
+            try:
+                return await body(batcher)
+            finally:
+                batcher.close()
+
+    return asyncio.run(main())
+
+
+def _zeros(images):
+    return [np.zeros(im.shape[:2], np.float32) for im in images]
+
+
+IMAGE = np.zeros((4, 4, 3), np.uint8)
+
+
+def test_queued_requests_run_side_by_side_each_on_its_share_of_the_cores():
+    """Two requests queued at once run at the same time (each waits at a barrier only both together pass),
+    one thread each on two cores; four queued on four cores with two workers: two threads each."""
+    import asyncio
+
+    barrier = threading.Barrier(2, timeout=20)
 
     def both(images):
-        threads.add(threading.get_ident())
         barrier.wait()
-        return real(images)
+        return _zeros(images)
 
-    seg.probabilities = both
-    app = create_app(seg, ServeSettings(infer_batch=1, infer_workers=2, batch_wait_ms=0))
-    results = {}
-    with TestClient(app) as c:
-        def post(i):
-            results[i] = c.post("/v1/segment", content=_png(i), headers={"content-type": "image/png"})
+    async def two(batcher):
+        return await asyncio.gather(*(batcher.submit([IMAGE]) for _ in range(2)))
 
-        posts = [threading.Thread(target=post, args=(i,)) for i in range(2)]
-        for t in posts:
-            t.start()
-        for t in posts:
-            t.join(90)
-    assert [results[i].status_code for i in range(2)] == [200, 200]
-    assert len(threads) == 2 and not barrier.broken
-    gate = app.state.gate
-    gate.s_per_image, gate.images_waiting = 0.4, 3
-    assert gate.expected_wait_s() == pytest.approx((3 + 1) * 0.4 / 2)
+    assert [a.threads for a in _scenario(both, two)] == [1, 1] and not barrier.broken
+
+    async def four(batcher):
+        return await asyncio.gather(*(batcher.submit([IMAGE]) for _ in range(4)))
+
+    assert [a.threads for a in _scenario(_zeros, four, workers=2, cores=4)] == [2, 2, 2, 2]
+
+
+def test_a_request_waits_while_a_pass_holds_every_core():
+    """A lone request runs on all cores; one arriving meanwhile does not start beside it (that would put
+    three threads on two cores) but waits, then, alone again, gets all the cores too."""
+    import asyncio
+
+    entered, release = threading.Event(), threading.Event()
+    calls = []
+
+    def held_first(images):
+        calls.append(1)
+        if len(calls) == 1:
+            entered.set()
+            assert release.wait(20), "never released"
+        return _zeros(images)
+
+    async def body(batcher):
+        first = asyncio.ensure_future(batcher.submit([IMAGE]))
+        while not entered.is_set():
+            await asyncio.sleep(0.001)
+        second = asyncio.ensure_future(batcher.submit([IMAGE]))
+        for _ in range(50):  # every worker gets its turns on the loop
+            await asyncio.sleep(0)
+        assert batcher.running == 1 and batcher.threads_used == 2 and len(calls) == 1
+        release.set()
+        return await first, await second
+
+    first, second = _scenario(held_first, body)
+    assert (first.threads, second.threads) == (2, 2) and len(calls) == 2
+
+
+def test_expected_wait_counts_passes_side_by_side():
+    """A pass of 0.4 s on half the machine drains the queue at 0.2 s per image."""
+    from resunetpp.serve.batching import Gate
+
+    gate = Gate(8)
+    gate.observe_batch(1, 0.4, share=0.5)
+    gate.images_waiting = 3
+    assert gate.s_per_image == pytest.approx(0.2) and gate.expected_wait_s() == pytest.approx((3 + 1) * 0.2)
 
 
 def test_a_second_worker_takes_what_is_queued_while_the_first_runs():
@@ -254,7 +327,7 @@ def test_a_second_worker_takes_what_is_queued_while_the_first_runs():
 
     async def scenario():
         with ThreadPoolExecutor(2) as pool:
-            batcher = Batcher(run_model, pool, Gate(8, workers=2), max_images=1, max_wait_s=0, workers=2)
+            batcher = Batcher(run_model, pool, Gate(8), max_images=1, max_wait_s=0, workers=2)
             image = np.zeros((4, 4, 3), np.uint8)
             answers = await asyncio.gather(batcher.submit([image]), batcher.submit([image]))
             batcher.close()

@@ -60,9 +60,9 @@ def serve(
                                       "the model (images waiting x recent time per image) gets 503 + Retry-After."),
     infer_batch: int | None = typer.Option(None, "--infer-batch", min=1, help="Images per forward pass: concurrent "
                                            "requests are batched up to this (default: 8 on a GPU, 1 on a CPU)."),
-    infer_workers: int = typer.Option(1, "--infer-workers", min=1, help="Forward passes at once; with the torch "
-                                      "backend each gets cores / N threads (one each: no thread waits for another "
-                                      "that the decoding of other requests has paused)."),
+    infer_workers: int | None = typer.Option(None, "--infer-workers", min=1, help="Forward passes at once (default: "
+                                             "up to 4 on a CPU with the torch backend, else 1). On a CPU with torch "
+                                             "they share the cores by the load: a lone request gets them all."),
     batch_wait_ms: float = typer.Option(5.0, "--batch-wait-ms", callback=number(0, 10_000),
                                         help="Once the model is free, wait at most this long for more images."),
     max_batch: int = typer.Option(16, min=1, help="Images per /v1/segment/batch request."),
@@ -83,7 +83,6 @@ def serve(
             max_bytes=max_bytes, max_pixels=max_pixels, queue_size=queue_size, max_queue_s=max_queue_s,
             infer_batch=infer_batch, infer_workers=infer_workers, batch_wait_ms=batch_wait_ms, max_batch=max_batch,
             max_streams=max_streams, stream_idle_s=stream_idle_s, token=token or None)
-    serving.share_cores(seg, infer_workers)
     app = serving.create_app(seg, settings)
     ws = serving.websocket_library()
     if ws == "none":

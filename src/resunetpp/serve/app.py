@@ -30,7 +30,6 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from resunetpp.inference.segmenter import Segmenter
-from resunetpp.serve.batching import share_cores
 from resunetpp.serve.decode import ApiError
 from resunetpp.serve.images import router as image_routes
 from resunetpp.serve.page import STATIC_DIR
@@ -39,7 +38,7 @@ from resunetpp.serve.state import DISCLAIMER, TOKEN_ENV, ServeSettings, ServeSta
 from resunetpp.serve.stream import router as stream_routes
 from resunetpp.version import __version__
 
-__all__ = ["DISCLAIMER", "STATIC_DIR", "TOKEN_ENV", "ServeSettings", "create_app", "share_cores"]
+__all__ = ["DISCLAIMER", "STATIC_DIR", "TOKEN_ENV", "ServeSettings", "create_app"]
 
 
 def create_app(segmenter: Segmenter | str | Path, settings: ServeSettings | None = None,

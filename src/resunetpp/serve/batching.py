@@ -6,6 +6,11 @@ Images of concurrent requests go through the model together: up to `infer_batch`
 reports its time in the queue and how many images shared its forward pass. A request is refused (503 with
 `Retry-After`) when the images already waiting, at the recent model time per image, would keep it queued
 longer than `max_queue_s`.
+
+With the torch backend on a CPU the workers share the cores by the load: a request alone gets every core for
+its forward pass (the lowest latency), concurrent requests run side by side with a share each (on two cores,
+two one-thread passes make more images per second than one two-thread pass), and no forward pass starts while
+the cores are all taken.
 """
 
 from __future__ import annotations
@@ -14,7 +19,6 @@ import asyncio
 import collections
 import contextlib
 import math
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,9 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from resunetpp.inference.segmenter import Segmenter
 from resunetpp.serve.decode import ApiError
 
 
@@ -37,21 +39,20 @@ class Gate:
     Args:
         capacity: Requests inside the server at once (`queue_size`).
         max_wait_s: The longest expected wait for the model a new request may have.
-        workers: Forward passes running at once.
 
     Raises:
         ValueError: `capacity` is below 1.
     """
 
-    def __init__(self, capacity: int, max_wait_s: float = math.inf, workers: int = 1):
+    def __init__(self, capacity: int, max_wait_s: float = math.inf):
         if capacity < 1:
             raise ValueError(f"queue_size must be >= 1, got {capacity}")
         self.capacity = capacity
         self.max_wait_s = max_wait_s
-        self.workers = workers  # forward passes running at once: the queue drains that much faster
         self.pending = 0
         self.images_waiting = 0  # submitted to the model, not yet answered (the Batcher counts them)
-        self.s_per_image: float | None = None  # running mean of model seconds per image, None until measured
+        # running mean of the machine's seconds per image (a pass's time x its share of the machine)
+        self.s_per_image: float | None = None
         self.mean_s = 0.25  # running mean seconds per request, for Retry-After
         self._lock = threading.Lock()
         self.refusal = ""
@@ -60,11 +61,12 @@ class Gate:
         """Seconds a new request of `extra` images would wait for the model, from the recent batches."""
         if self.s_per_image is None:
             return 0.0
-        return (max(self.images_waiting, self.pending) + extra) * self.s_per_image / self.workers
+        return (max(self.images_waiting, self.pending) + extra) * self.s_per_image
 
-    def observe_batch(self, images: int, seconds: float) -> None:
-        """Update the running model time per image with a forward pass of `images` that took `seconds`."""
-        per = seconds / max(1, images)
+    def observe_batch(self, images: int, seconds: float, share: float = 1.0) -> None:
+        """Update the running time per image with a forward pass of `images` that took `seconds` on `share`
+        of the machine (passes running side by side drain the queue that much faster)."""
+        per = seconds * share / max(1, images)
         with self._lock:
             self.s_per_image = per if self.s_per_image is None else 0.7 * self.s_per_image + 0.3 * per
 
@@ -127,12 +129,14 @@ class Batched:
         queue_ms: From submission to the start of its forward pass.
         infer_ms: The forward pass (shared with the others of its batch).
         batch_images: Images in that forward pass.
+        threads: CPU threads of that forward pass (None: the backend chose).
     """
 
     probs: list[np.ndarray]
     queue_ms: float
     infer_ms: float
     batch_images: int
+    threads: int | None = None
 
 
 class Batcher:
@@ -142,6 +146,10 @@ class Batcher:
     waits at most `max_wait_s` for more. A submission is never split (a /v1/segment/batch request larger
     than `max_images` runs alone).
 
+    With `set_threads`, the workers share `cores` by the load: a forward pass gets `cores` divided by the
+    passes that can run now (this one, those running, those waiting, at most `workers`), and waits while
+    every core is taken. So a lone request runs on all cores, and a queue runs `workers` passes side by side.
+
     Args:
         run_model: A list of images -> a list of probability maps.
         pool: Where the model runs; it needs `workers` threads.
@@ -150,15 +158,21 @@ class Batcher:
         max_wait_s: How long a free model waits for more images.
         clock: Seconds, for the queue times (tests inject one).
         workers: Forward passes at once.
+        set_threads: Called on the worker thread before each pass with its thread count
+            (`torch.set_num_threads`, which holds per thread); None: the backend keeps its own.
+        cores: The threads to share out with `set_threads`.
     """
 
     def __init__(self, run_model: Callable[[list[np.ndarray]], list[np.ndarray]], pool: ThreadPoolExecutor,
                  gate: Gate, max_images: int = 8, max_wait_s: float = 0.005,
-                 clock: Callable[[], float] = time.perf_counter, workers: int = 1):
+                 clock: Callable[[], float] = time.perf_counter, workers: int = 1,
+                 set_threads: Callable[[int], None] | None = None, cores: int = 1):
         self.run_model, self.pool, self.gate = run_model, pool, gate
         self.max_images, self.max_wait_s, self.clock = max_images, max_wait_s, clock
-        self.workers = workers
+        self.workers, self.set_threads, self.cores = workers, set_threads, max(1, cores)
         self.batches = 0
+        self.running = 0  # forward passes under way
+        self.threads_used = 0  # their threads (with set_threads)
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def _start(self) -> None:
@@ -168,6 +182,7 @@ class Batcher:
         self._loop = loop  # a new event loop (a test client without lifespan): start afresh on it
         self._items: collections.deque = collections.deque()
         self._wake = asyncio.Event()
+        self._freed = asyncio.Event()  # set when a forward pass ends
         self._tasks = [loop.create_task(self._work()) for _ in range(self.workers)]
 
     async def submit(self, images: list[np.ndarray]) -> Batched:
@@ -186,11 +201,22 @@ class Batcher:
             n += len(item[0])
         return n
 
+    def _threads(self) -> int | None:
+        """Threads for the next forward pass: its share of the cores (None without `set_threads`)."""
+        if self.set_threads is None:
+            return None
+        side_by_side = min(self.workers, self.running + 1 + len(self._items))
+        return max(1, min(self.cores // side_by_side, self.cores - self.threads_used))
+
     async def _work(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
             while self._items:
+                if self.set_threads is not None and self.threads_used >= self.cores:
+                    self._freed.clear()  # every core is taken: wait for a pass to end
+                    await self._freed.wait()
+                    continue
                 first = self._items.popleft()
                 batch = [first]
                 n = self._take(batch, len(first[0]))
@@ -203,15 +229,20 @@ class Batcher:
                     n = self._take(batch, n)
                     if n == before and self._items:  # the next one does not fit: run what we have
                         break
+                threads = self._threads()
                 if self._items:  # more is waiting: an idle worker takes it while this batch runs
                     self._wake.set()
-                await self._run(batch, n)
+                await self._run(batch, n, threads)
 
-    async def _run(self, batch: list, n: int) -> None:
+    async def _run(self, batch: list, n: int, threads: int | None) -> None:
         images = [im for item in batch for im in item[0]]
         started = self.clock()
+        self.running += 1
+        self.threads_used += threads or 0
 
         def job():
+            if threads is not None:
+                self.set_threads(threads)
             t0 = time.perf_counter()
             probs = self.run_model(images)
             return probs, time.perf_counter() - t0
@@ -225,13 +256,16 @@ class Batcher:
             return
         finally:
             self.gate.images_waiting -= n
+            self.running -= 1
+            self.threads_used -= threads or 0
+            self._freed.set()
         self.batches += 1
-        self.gate.observe_batch(n, seconds)
+        self.gate.observe_batch(n, seconds, threads / self.cores if threads else 1 / self.workers)
         i = 0
         for item_images, future, submitted in batch:
             k = len(item_images)
             if not future.done():  # a client gone meanwhile cancelled its future
-                future.set_result(Batched(probs[i:i + k], (started - submitted) * 1000, seconds * 1000, n))
+                future.set_result(Batched(probs[i:i + k], (started - submitted) * 1000, seconds * 1000, n, threads))
             i += k
 
     def close(self) -> None:
@@ -240,18 +274,3 @@ class Batcher:
             if not worker.done():
                 with contextlib.suppress(RuntimeError):  # its loop already closed
                     worker.get_loop().call_soon_threadsafe(worker.cancel)
-
-
-def share_cores(seg: Segmenter, workers: int) -> None:
-    """Give each inference worker its share of the cores (torch backend only).
-
-    With several workers, each gets cores / workers threads, so no thread waits at a barrier for one that
-    another worker paused. Process-wide, so `resunetpp serve` calls it, not `create_app` (tests build many
-    apps in one process).
-
-    Args:
-        seg: The segmenter the server runs.
-        workers: Forward passes at once (`ServeSettings.infer_workers`).
-    """
-    if seg.backend == "torch" and workers > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))

@@ -226,7 +226,8 @@ async def segment(
 
     JSON: width, height, model, threshold, polyp, area_fraction, confidence (mean probability inside the
     mask), max_probability, components [{box [x0, y0, x1, y1], area, area_fraction, confidence,
-    polygon?}], mask_png (base64 PNG, 0/255, the image's size), prob_png? and timing_ms."""
+    polygon?}], mask_png (base64 PNG, 0/255, the image's size), prob_png?, batch_images (images in its
+    forward pass), threads (that pass's CPU threads; null when the backend chooses) and timing_ms."""
     state = _authorized(request)
     t = time.perf_counter()
     with state.admitted():
@@ -236,10 +237,10 @@ async def segment(
         if format == "png":
             data, headers = await state.run(result_png, state.seg, image, p, threshold, output, opacity)
             headers.update({"X-Inference-Ms": f"{done.infer_ms:.1f}", "X-Queue-Ms": f"{done.queue_ms:.1f}",
-                            "X-Batch-Images": str(done.batch_images)})
+                            "X-Batch-Images": str(done.batch_images), "X-Threads": str(done.threads or "")})
             return Response(data, media_type="image/png", headers=headers)
         out = await state.run(result_json, state.seg, image, p, threshold, polygons, prob, levels)
-        out["batch_images"] = done.batch_images
+        out["batch_images"], out["threads"] = done.batch_images, done.threads
     out["timing_ms"] = {"decode": round(decode_ms, 1), "queue": round(done.queue_ms, 1),
                         "inference": round(done.infer_ms, 1), "total": round((time.perf_counter() - t) * 1000, 1)}
     return out

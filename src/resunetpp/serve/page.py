@@ -41,7 +41,8 @@ async def health(request: Request):
             "queue": {"pending": gate.pending, "capacity": gate.capacity},
             "batching": {"images_waiting": gate.images_waiting,
                          "expected_wait_s": round(gate.expected_wait_s(), 2), "max_queue_s": settings.max_queue_s,
-                         "infer_batch": settings.infer_batch, "batches": state.batcher.batches,
+                         "infer_batch": settings.infer_batch, "infer_workers": settings.infer_workers,
+                         "running": state.batcher.running, "batches": state.batcher.batches,
                          "model_ms_per_image": None if gate.s_per_image is None else
                          round(gate.s_per_image * 1000, 1)},
             "streams": stats.streams, "uptime_s": round(time.time() - stats.started, 1)}

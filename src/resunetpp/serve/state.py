@@ -42,7 +42,8 @@ class ServeSettings:
         infer_batch: Images per forward pass (concurrent requests are batched up to this); None: 8 on a GPU,
             1 on a CPU, where batching measured slower per image (20 clients on 2 cores: 2.97 requests/s
             at 8, 5.74 at 1; RESULTS.md).
-        infer_workers: Forward passes at once (each on its own thread; `resunetpp serve` gives each a core).
+        infer_workers: Forward passes at once, each on its own thread; None: up to 4 on a CPU with the torch
+            backend (there the workers share the cores by the load: a lone request gets them all), else 1.
         batch_wait_ms: Once the model is free, wait at most this long for more images to batch.
         max_batch: Images per /v1/segment/batch request.
         max_streams: Concurrent WebSocket streams.
@@ -58,7 +59,7 @@ class ServeSettings:
     queue_size: int = 64
     max_queue_s: float = 30.0
     infer_batch: int | None = None
-    infer_workers: int = 1
+    infer_workers: int | None = None
     batch_wait_ms: float = 5.0
     max_batch: int = 16
     max_streams: int = 4
@@ -69,7 +70,7 @@ class ServeSettings:
         for name in ("max_bytes", "max_pixels", "queue_size", "infer_batch", "infer_workers", "max_batch",
                      "max_streams"):
             value = getattr(self, name)
-            if name == "infer_batch" and value is None:
+            if name in ("infer_batch", "infer_workers") and value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -131,21 +132,26 @@ class ServeState:
 
         Args:
             seg: The segmenter to serve.
-            settings: Limits and access; `infer_batch` None becomes 8 on a GPU, 1 on a CPU.
+            settings: Limits and access; `infer_batch` None becomes 8 on a GPU, 1 on a CPU, and
+                `infer_workers` None up to 4 on a CPU with the torch backend, else 1.
             clock: Seconds, judging a stream's idleness.
             idle_poll_s: How often a stream's idleness is checked.
 
         Returns:
             The state, to be closed with `close()`.
         """
+        on_cpu_torch = seg.backend == "torch" and _device(seg).type == "cpu"
+        cores = torch.get_num_threads()
         if settings.infer_batch is None:
-            on_gpu = getattr(getattr(seg, "_run", None), "device", torch.device("cpu")).type == "cuda"
-            settings = replace(settings, infer_batch=8 if on_gpu else 1)
-        gate = Gate(settings.queue_size, settings.max_queue_s, settings.infer_workers)
+            settings = replace(settings, infer_batch=8 if _device(seg).type == "cuda" else 1)
+        if settings.infer_workers is None:
+            settings = replace(settings, infer_workers=min(cores, 4) if on_cpu_torch else 1)
+        gate = Gate(settings.queue_size, settings.max_queue_s)
         infer_pool = ThreadPoolExecutor(max_workers=settings.infer_workers, thread_name_prefix="resunetpp-infer")
         work_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="resunetpp-io")
         batcher = Batcher(lambda images: seg.probabilities(images), infer_pool, gate, settings.infer_batch,
-                          settings.batch_wait_ms / 1000, workers=settings.infer_workers)
+                          settings.batch_wait_ms / 1000, workers=settings.infer_workers,
+                          set_threads=torch.set_num_threads if on_cpu_torch else None, cores=cores)
         return cls(seg, settings, gate, batcher, Stats(), infer_pool, work_pool, clock, idle_poll_s)
 
     def close(self) -> None:
@@ -172,6 +178,11 @@ class ServeState:
             if e.code == "busy":
                 self.stats.busy_rejections += 1
             raise
+
+
+def _device(seg: Segmenter) -> torch.device:
+    """The torch device `seg` runs on (CPU for onnxruntime and OpenVINO)."""
+    return getattr(getattr(seg, "_run", None), "device", torch.device("cpu"))
 
 
 def state_of(connection: HTTPConnection) -> ServeState:
