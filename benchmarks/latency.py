@@ -53,6 +53,14 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def cpu_flags() -> str:
+    """The CPU's vector-extension flags (avx*, amx*): what decides these timings."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return " ".join(sorted(f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx", "fma"))))
+    return "unknown"
+
+
 def time_runner(run: Runner, x: np.ndarray, runs: int, warmup: int, sync: Callable[[], None] = lambda: None):
     for _ in range(warmup):
         run(x)
@@ -236,6 +244,7 @@ def main() -> None:
 
     print(f"# latency {datetime.date.today()} | {cpu_model()} | {args.threads} threads | input {args.size}x"
           f"{args.size} | {', '.join(versions)}")
+    print(f"# CPU flags: {cpu_flags()}")
     for n in notes:
         print(f"# {n}")
     head = f"| backend | precision | batch-1 median ms | batch-1 p90 ms | batch-1 fps | batch-{args.bulk_batch} img/s |"

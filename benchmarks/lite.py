@@ -37,6 +37,7 @@ import torch
 from latency import (
     ROOT,
     _calibration,
+    cpu_flags,
     cpu_model,
     dice_of,
     load_dice_set,
@@ -55,14 +56,6 @@ from resunetpp.inference.video import process_video
 from resunetpp.networks.registry import count_parameters
 from resunetpp.training.loop import training_step
 from resunetpp.training.losses import get_loss
-
-
-def cpu_flags() -> str:
-    """The CPU's vector-extension flags (avx*, amx*): what decides these timings."""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            return " ".join(sorted(f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx", "fma"))))
-    return "unknown"
 
 
 def gflop(name: str, kwargs: dict, size: tuple[int, int]) -> float:

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from latency import cpu_flags, cpu_model
 
 
 @dataclass
@@ -89,6 +90,57 @@ def make_checkpoint(kind: str, folder: Path) -> Path:
         size = [256, 256]
     kwargs = {"filters": [8, 16, 32, 64, 128]} if kind == "tiny" else {}
     return resunetpp.save_pretrained(model, folder, {"model": "resunetpp", "model_kwargs": kwargs, "input_size": size})
+
+
+def model_ceiling(weights: Path, jpeg: bytes) -> dict:
+    """`model_alone` in a fresh process (this one's client threads and memory would skew it)."""
+    with tempfile.TemporaryDirectory(prefix="serve-load-ceiling-") as tmp:
+        image = Path(tmp) / "image.jpg"
+        image.write_bytes(jpeg)
+        out = subprocess.run([sys.executable, __file__, "--model-alone", str(weights), str(image)],
+                             capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def model_alone(weights: Path, jpeg: Path, seconds: float = 8.0) -> dict:
+    """The server's model alone on this CPU, without HTTP, JSON or decoding: images per second of
+    `Segmenter.probabilities` on every core at batch 1, 2 and 4, and with one one-thread pass per core side
+    by side. No schedule can serve more requests per second than the best of these."""
+    import torch
+
+    from resunetpp import Segmenter
+    from resunetpp.io import read_image
+
+    image = read_image(jpeg)
+    seg = Segmenter(weights, device="cpu")
+    cores = torch.get_num_threads()
+
+    def rate(passes: int, threads: int, batch: int) -> float:
+        counts, start = [0] * passes, threading.Barrier(passes + 1)
+
+        def loop(i: int) -> None:
+            torch.set_num_threads(threads)  # this thread's own count
+            seg.probabilities([image] * batch)  # warm-up
+            start.wait()
+            while time.perf_counter() < stop[0]:
+                seg.probabilities([image] * batch)
+                counts[i] += batch
+
+        stop = [float("inf")]
+        workers = [threading.Thread(target=loop, args=(i,)) for i in range(passes)]
+        for t in workers:
+            t.start()
+        start.wait()
+        t0 = time.perf_counter()
+        stop[0] = t0 + seconds
+        for t in workers:
+            t.join()
+        return sum(counts) / (time.perf_counter() - t0)
+
+    # the best of two rounds each: one round's figure can dip while the stopped server's memory is freed
+    out = {f"all {cores} cores, batch {b}": round(max(rate(1, cores, b) for _ in range(2)), 2) for b in (1, 2, 4)}
+    out[f"{cores} one-thread passes side by side"] = round(max(rate(cores, 1, 1) for _ in range(2)), 2)
+    return out
 
 
 def free_port() -> int:
@@ -210,7 +262,13 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=60.0, help="client timeout per request (s)")
     p.add_argument("--token", default=os.environ.get("RESUNETPP_TOKEN"))
     p.add_argument("--json", type=Path, help="also write the figures here")
+    p.add_argument("--ceiling", action="store_true", help="after the load, with the server stopped, time its model "
+                   "alone on this CPU (no HTTP): the most requests/s any schedule could reach")
+    p.add_argument("--model-alone", nargs=2, metavar=("WEIGHTS", "JPEG"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.model_alone:  # --ceiling's own process
+        print(json.dumps(model_alone(*map(Path, args.model_alone))))
+        return
 
     import httpx
 
@@ -279,6 +337,7 @@ def main() -> None:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        ceiling = model_ceiling(weights, good) if args.ceiling and proc and args.device in (None, "cpu") else None
         if tmp:
             tmp.cleanup()
 
@@ -286,7 +345,7 @@ def main() -> None:
     pct = {q: round(float(np.percentile(lat, q)), 1) if len(lat) else None for q in (50, 90, 99)}
     lost = tally.sent - tally.answered
     res = {
-        "date": time.strftime("%Y-%m-%d"), "url": url, "model": model.get("model"),
+        "date": time.strftime("%Y-%m-%d"), "cpu": cpu_model(), "url": url, "model": model.get("model"),
         "model_kwargs": model.get("model_kwargs"), "input_size": model.get("input_size"),
         "parameters": model.get("parameters"), "backend": model.get("backend"), "precision": model.get("precision"),
         "clients": args.clients, "image": f"{w}x{h} JPEG ({len(good):,} bytes)",
@@ -300,6 +359,7 @@ def main() -> None:
         "server_pending_after": health["queue"]["pending"], "cpu_count": os.cpu_count(),
         "server_batching": health.get("batching"), "sequential": base,
         "speedup_vs_sequential": round(len(lat) / wall / base["requests_per_s"], 2) if base and base["ok"] else None,
+        "model_alone_images_per_s": ceiling, "cpu_flags": cpu_flags(),
     }
     print(json.dumps(res, indent=2))
     for e in tally.errors[:10]:
@@ -313,6 +373,10 @@ def main() -> None:
     if base:
         print(f"sequential (1 client, same images): {base['requests_per_s']} req/s, p50 {base['p50_ms']} ms, "
               f"p99 {base['p99_ms']} ms; concurrent / sequential = {res['speedup_vs_sequential']}x")
+    if ceiling:
+        best = max(ceiling.values())
+        print(f"the model alone (no HTTP): {ceiling}; so at most {best} req/s"
+              + (f", {best / base['requests_per_s']:.2f}x one client" if base and base["ok"] else ""))
     if tally.errors or lost:
         raise SystemExit(1)
 

@@ -118,7 +118,7 @@ class Segmenter:
         config: Replaces the weights' config (input size, normalisation, threshold, min_area).
         threads: onnxruntime / OpenVINO threads (default: their choice, one per physical core).
         channels_last: Run the torch backend in the channels_last memory format (the same numbers, faster
-            on a CPU too: 1.1-1.6x for the five networks, benchmarks/RESULTS.md).
+            on a CPU too: 1.3-2.2x at batch 1 for the five networks, benchmarks/RESULTS.md).
         precision: "fp32", or "bf16" (torch autocast, or OpenVINO's bf16 inference precision; the
             fastest accurate CPU option measured, see benchmarks/RESULTS.md). onnxruntime runs the
             precision the .onnx file has (fp32, or int8 from `resunetpp export --int8`).
