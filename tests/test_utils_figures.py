@@ -1,7 +1,9 @@
-"""atomic_path (permissions, failures) and what the figures actually draw (read back from matplotlib's objects)."""
+"""atomic_path and output_folder (permissions, failures, paths in the way) and what the figures actually draw
+(read back from matplotlib's objects)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
@@ -11,7 +13,7 @@ import pytest
 import torch
 
 import resunetpp.figures as F
-from resunetpp.utils import atomic_path, write_json
+from resunetpp.utils import atomic_path, output_folder, write_json
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
@@ -41,6 +43,53 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
     with atomic_path(target) as tmp:
         tmp.write_text("new")
     assert target.read_text() == "new" and os.listdir(target.parent) == ["f.json"]
+
+
+def test_a_path_in_the_way_is_said_of_the_file_asked_for_in_one_line(tmp_path):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("x")
+    cases = [(tmp_path / "folder", IsADirectoryError, f"cannot write {tmp_path / 'folder'}: it is a folder"),
+             (tmp_path / "file" / "a.json", NotADirectoryError,
+              f"cannot write {tmp_path / 'file' / 'a.json'}: {tmp_path / 'file'} is a file, not a folder"),
+             (tmp_path / "file" / "sub" / "a.json", NotADirectoryError, f"{tmp_path / 'file'} is a file")]
+    for target, kind, words in cases:
+        with pytest.raises(kind) as info, atomic_path(target):
+            pytest.fail("the body must not run")
+        assert words in str(info.value) and "[Errno" not in str(info.value) and ".tmp" not in str(info.value)
+    assert sorted(os.listdir(tmp_path)) == ["file", "folder"] and os.listdir(tmp_path / "folder") == []
+    assert (tmp_path / "file").read_text() == "x"  # never replaced
+
+
+def test_a_failed_rename_names_the_target_and_keeps_its_errno(tmp_path, monkeypatch):
+    """A full disk at the rename reads as the file asked for (not the temporary one), and stays recognisable."""
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device", src, dst)
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(OSError) as info, atomic_path(tmp_path / "m.json") as tmp:
+        tmp.write_text("x")
+    assert info.value.errno == errno.ENOSPC and info.value.reason == "No space left on device"
+    assert str(info.value) == f"cannot write {tmp_path / 'm.json'}: No space left on device"
+    assert os.listdir(tmp_path) == []
+
+
+def test_output_folder_makes_checks_or_refuses_in_one_line(tmp_path, monkeypatch):
+    assert output_folder(tmp_path / "a" / "b") == tmp_path / "a" / "b" and (tmp_path / "a" / "b").is_dir()
+    assert output_folder(tmp_path / "c", create=False) == tmp_path / "c" and not (tmp_path / "c").exists()
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(NotADirectoryError, match="exists and is a file, not a folder"):
+        output_folder(tmp_path / "f", create=False)
+    with pytest.raises(NotADirectoryError, match=f"cannot create this folder because {tmp_path / 'f'} is a file"):
+        output_folder(tmp_path / "f" / "g" / "h")
+
+    def denied(self, *a, **k):  # root may write anywhere: the read-only disk is simulated
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", denied)
+    with pytest.raises(PermissionError) as info:
+        output_folder(tmp_path / "ro")
+    assert str(info.value) == (f"{tmp_path / 'ro'}: cannot create this folder: permission denied; choose a folder "
+                               "you can write to") and info.value.errno == errno.EACCES
 
 
 @pytest.fixture

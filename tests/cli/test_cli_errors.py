@@ -52,10 +52,13 @@ def test_cuda_without_cuda_is_one_usage_line(command, ckpt, tmp_path, data):
 def test_data_split_out_onto_a_folder_or_an_unwritable_path(data, tmp_path, monkeypatch):
     (tmp_path / "folder").mkdir()
     r = runner.invoke(app, ["data", "split", str(data), "--out", str(tmp_path / "folder")])
-    assert r.exit_code == ExitCode.BAD_INPUT and str(tmp_path / "folder") in one_line(r)
+    assert r.exit_code == ExitCode.BAD_INPUT
+    assert one_line(r) == f"error: cannot write {tmp_path / 'folder'}: it is a folder; give a file name"
     (tmp_path / "file").write_text("x")
     r = runner.invoke(app, ["data", "split", str(data), "--out", str(tmp_path / "file" / "split.json")])
-    assert r.exit_code == ExitCode.BAD_INPUT and "file" in one_line(r)
+    assert r.exit_code == ExitCode.BAD_INPUT
+    assert one_line(r) == (f"error: cannot write {tmp_path / 'file' / 'split.json'}: {tmp_path / 'file'} is a file, "
+                           "not a folder")
     import resunetpp.cli.data as D  # the command's own name for the library's save_split
 
     def read_only(*a, **k):  # root writes anywhere, so the read-only disk is simulated
@@ -64,6 +67,27 @@ def test_data_split_out_onto_a_folder_or_an_unwritable_path(data, tmp_path, monk
     monkeypatch.setattr(D, "save_split", read_only)
     r = runner.invoke(app, ["data", "split", str(data), "--out", str(tmp_path / "ro" / "split.json")])
     assert r.exit_code == ExitCode.BAD_INPUT and "Permission denied" in one_line(r)
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_an_output_folder_that_is_a_file_is_refused_before_any_work(command, ckpt, data, tmp_path, monkeypatch):
+    import resunetpp.evaluation.evaluator as E
+
+    def no_loading(*a, **k):
+        raise AssertionError("the data was loaded before --out was checked")
+
+    monkeypatch.setattr(E, "load_pairs", no_loading)
+    monkeypatch.setattr(T, "load_data", no_loading)
+    (tmp_path / "file").write_text("x")
+    args = {"train": ["train", "--data", str(data), "--epochs", "1"],
+            "evaluate": ["evaluate", "--data", str(data), "--weights", str(ckpt)]}[command]
+    r = runner.invoke(app, [*args, "--out", str(tmp_path / "file")])
+    assert r.exit_code == ExitCode.BAD_INPUT
+    assert one_line(r) == (f"error: {tmp_path / 'file'}: exists and is a file, not a folder; choose another output "
+                           "folder (nothing was written)")
+    r = runner.invoke(app, [*args, "--out", str(tmp_path / "file" / "run")])
+    assert r.exit_code == ExitCode.BAD_INPUT and f"because {tmp_path / 'file'} is a file" in one_line(r)
+    assert (tmp_path / "file").read_text() == "x"
 
 
 def test_a_config_value_of_the_wrong_type_names_file_and_setting(data, tmp_path):

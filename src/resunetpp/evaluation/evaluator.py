@@ -63,7 +63,7 @@ from resunetpp.inference.transforms import (
 )
 from resunetpp.io import read_mask
 from resunetpp.progress import progress_bar
-from resunetpp.utils import atomic_path, write_json
+from resunetpp.utils import atomic_path, output_folder, write_json
 
 SPLIT_NAMES = ("train", "val", "test", "all")
 PROTOCOLS = ("default", "polyp-benchmark")
@@ -148,8 +148,11 @@ def evaluate(weights: str | os.PathLike | None, data: str | os.PathLike, split: 
             the original dataset is needed, or no pairs to evaluate.
         FileNotFoundError: The weights or the split file do not exist.
         DeviceError: A device this machine does not have.
+        NotADirectoryError: `out` is a file, or lies under one.
     """
     min_area = _check_options(protocol, threshold, min_area)
+    if out is not None:
+        output_folder(out, create=False)  # a file in the way is said before the scoring, not after it
     weights = bundled_weights() if weights is None else resolve_weights(weights)
     dev = resolve_device(device)
     model = load_model(weights, dev)
@@ -288,8 +291,7 @@ def metrics_markdown(summary: dict[str, Any], settings: dict[str, Any] | None = 
 
 def write_reports(result: Evaluation, out: str | os.PathLike) -> Path:
     """per_image.csv, metrics.json, metrics.md and (with detection figures) polyp_dice.png in `out`."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(out)
     with atomic_path(out / "per_image.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(result.per_image[0]))
         w.writeheader()

@@ -31,6 +31,7 @@ from resunetpp.inference.overlay import draw_label, draw_overlay
 from resunetpp.inference.segmenter import Segmenter
 from resunetpp.io import IMAGE_EXTENSIONS, ImageReadError, read_image
 from resunetpp.progress import progress_bar
+from resunetpp.utils import output_folder
 
 CSV_COLUMNS = ("input", "mask", "overlay", "prob", "height", "width", "area_fraction", "polyp",
                "confidence", "certainty", "finding", "x0", "y0", "x1", "y1", "time_ms", "error")
@@ -150,28 +151,15 @@ _DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG)
 def prepare_out_dir(out: str | os.PathLike) -> Path:
     """Create `out` (and its parents) or raise `PredictOutputError` with one line saying what to do.
     An existing file is never replaced by the folder."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise PredictOutputError(f"{out}: exists and is a file, not a folder; choose another output folder "
-                                 "(nothing was written)")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        blocker = next((a for a in [out, *out.parents] if a.exists() and not a.is_dir()), out.parent)
-        raise PredictOutputError(f"{out}: cannot create this folder because {blocker} is a file; "
-                                 "choose another output folder") from None
-    except PermissionError:
-        raise PredictOutputError(f"{out}: cannot create this folder: permission denied; choose a folder you can "
-                                 "write to") from None
+        return output_folder(out)
     except OSError as e:
-        raise PredictOutputError(f"{out}: cannot create this folder ({e.strerror}); "
-                                 "choose another output folder") from None
-    return out
+        raise PredictOutputError(str(e)) from None
 
 
 def _os_reason(e: BaseException) -> str:
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
+    if isinstance(e, OSError) and (getattr(e, "reason", None) or e.strerror):
+        return getattr(e, "reason", None) or e.strerror  # reason: utils' one-line errors, without the path
     return f"{type(e).__name__}: {e}"
 
 

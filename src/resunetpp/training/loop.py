@@ -92,7 +92,7 @@ from resunetpp.training.runtime import (  # noqa: F401
     set_rng_state,
     weights_finite,
 )
-from resunetpp.utils import atomic_path
+from resunetpp.utils import atomic_path, output_folder
 
 
 class CheckpointError(ValueError):
@@ -318,7 +318,7 @@ def run_folder(cfg: TrainConfig, resume: str | os.PathLike | None) -> Path:
         raise FileNotFoundError(f"{out / 'last.pt'}: nothing to resume (no checkpoint in {out})")
     if not resume and (out / "last.pt").exists():
         raise FileExistsError(f"{out} already holds a run (last.pt); resume it, or choose another output folder")
-    return out
+    return output_folder(out, create=False)  # a file in the way is said now, not after loading the data
 
 
 def should_stop(run: Run, epoch: int, out_of_time: bool) -> bool:
@@ -519,8 +519,7 @@ def write_run_files(run: Run, data: Data, compile_mode: str, resume: bool) -> No
     # tensorboard is heavy to import (and pulls in its own dependencies): only when a run starts
     from torch.utils.tensorboard import SummaryWriter
 
-    cfg, rt, out = run.cfg, run.rt, run.out
-    out.mkdir(parents=True, exist_ok=True)
+    cfg, rt, out = run.cfg, run.rt, output_folder(run.out)
     settings = {**asdict(cfg), "out": str(out), "resolved_device": str(rt.device), "amp": rt.amp,
                 "deterministic": rt.deterministic, "world_size": rt.world, "dataset": data.name,
                 "steps_per_epoch": run.steps, "compiled": compile_mode}
