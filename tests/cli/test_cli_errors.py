@@ -88,6 +88,9 @@ def test_an_output_folder_that_is_a_file_is_refused_before_any_work(command, ckp
     r = runner.invoke(app, [*args, "--out", str(tmp_path / "file" / "run")])
     assert r.exit_code == ExitCode.BAD_INPUT and f"because {tmp_path / 'file'} is a file" in one_line(r)
     assert (tmp_path / "file").read_text() == "x"
+    if command == "evaluate":  # weights that are a plain file: said as such, not as the default --out under them
+        r = runner.invoke(app, ["evaluate", "--data", str(data), "--weights", str(tmp_path / "file")])
+        assert r.exit_code == ExitCode.BAD_INPUT and "expected a run folder" in one_line(r)
 
 
 def test_a_config_value_of_the_wrong_type_names_file_and_setting(data, tmp_path):

@@ -151,8 +151,6 @@ def evaluate(weights: str | os.PathLike | None, data: str | os.PathLike, split: 
         NotADirectoryError: `out` is a file, or lies under one.
     """
     min_area = _check_options(protocol, threshold, min_area)
-    if out is not None:
-        output_folder(out, create=False)  # a file in the way is said before the scoring, not after it
     weights = bundled_weights() if weights is None else resolve_weights(weights)
     dev = resolve_device(device)
     model = load_model(weights, dev)
@@ -161,6 +159,8 @@ def evaluate(weights: str | os.PathLike | None, data: str | os.PathLike, split: 
     thr = check_threshold(cfg.get("threshold", 0.5) if threshold is None else threshold)
     benchmark = protocol == "polyp-benchmark"
     _check_original_data(data, native, benchmark)  # before the (slow) loading
+    if out is not None:
+        output_folder(out, create=False)  # a file in the way is said before the scoring, not after it
     ids, source = resolve_ids(data, split, weights, limit)
     pairs = load_pairs(data, ids=ids, size=size, skip_bad=skip_bad, progress=progress)
     if not len(pairs):
