@@ -24,7 +24,7 @@ FLAGS = [f for f in fields(TrainConfig) if f.metadata["setting"].flag]
 FORMS = {"--model", "--data", "--split", "--size", "--epochs", "--batch-size", "--lr", "--optimizer", "--loss",
          "--schedule", "--augment", "--seed", "--device", "--amp", "--out", "--config", "--resume", "--skip-bad",
          "--early-stop", "--limit", "--compile", "--eval-every", "--time-limit", "--sync-bn", "--teacher",
-         "--distill-weight", "--init"}
+         "--distill-weight", "--init", "--ema", "--multi-scale"}
 
 
 def options() -> dict:

@@ -56,8 +56,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 import yaml
 from safetensors import SafetensorError
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from resunetpp.data import Augment, load_pairs, make_split, save_split
@@ -93,6 +95,8 @@ from resunetpp.training.runtime import (  # noqa: F401
     weights_finite,
 )
 from resunetpp.utils import atomic_path, output_folder
+
+MULTI_SCALES = (0.75, 1.0, 1.25)  # the PraNet lineage's multi-scale training
 
 
 class CheckpointError(ValueError):
@@ -145,12 +149,15 @@ def make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, total_steps: in
 
 
 def training_step(model, opt, loss_fn, augment, norm: dict[str, torch.Tensor], amp: bool,
-                  channels_last: bool, sched=None):
+                  channels_last: bool, sched=None, ema: AveragedModel | None = None, sizes: tuple[int, ...] = ()):
     """The one training step, for `train` and `benchmarks/train_speed.py`: uint8 batch in, loss (on the
-    device, no sync) out. Augment, normalise, forward (bf16 autocast if `amp`), loss in float32, step.
-    With `soft` (a teacher's uint8 probabilities), augmented like the masks, `loss_fn` takes it third."""
+    device, no sync) out. Augment, resize to one of `sizes` (multi-scale; drawn per step), normalise, forward
+    (bf16 autocast if `amp`), loss in float32, step, update `ema`. With `soft` (a teacher's uint8
+    probabilities), augmented like the masks, `loss_fn` takes it third."""
     def step(images: torch.Tensor, masks: torch.Tensor, soft: torch.Tensor | None = None) -> torch.Tensor:
         x, y, *targets = augment(images, masks, soft)  # uint8 in, float [0, 1] / {0, 1} out
+        if sizes:
+            x, y, targets = rescale(x, y, targets, sizes[int(torch.randint(len(sizes), ()))])
         x = normalize(x, **norm)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -162,8 +169,31 @@ def training_step(model, opt, loss_fn, augment, norm: dict[str, torch.Tensor], a
         opt.step()
         if sched is not None:
             sched.step()
+        if ema is not None:
+            ema.update_parameters(model)
         return loss.detach()
     return step
+
+
+def rescale(x: torch.Tensor, y: torch.Tensor, targets: list[torch.Tensor], size: int):
+    """A batch resized to `size` x `size`: images and soft targets bilinearly, masks re-binarised at 0.5."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x, y, targets
+    def resize(t: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(t.float(), size=(size, size), mode="bilinear", align_corners=False)
+    return resize(x), (resize(y) > 0.5).to(y.dtype), [resize(t).to(t.dtype) for t in targets]
+
+
+def multi_scale_sizes(size: int, stride: int) -> tuple[int, ...]:
+    """The sizes of multi-scale training: `size` x 0.75, 1 and 1.25, each a multiple of `stride`."""
+    return tuple(sorted({max(stride, math.floor(size * s / stride + 0.5) * stride) for s in MULTI_SCALES}))
+
+
+def make_ema(model: torch.nn.Module, decay: float) -> AveragedModel | None:
+    """The weights' exponential moving average (buffers too: BatchNorm's statistics), None when `decay` is 0."""
+    if not decay:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def epoch_shard(train_idx: torch.Tensor, seed: int, epoch: int, rank: int = 0, world: int = 1) -> torch.Tensor:
@@ -228,6 +258,12 @@ class Run:
     tb: Any = None
     log: Any = print
     soft: torch.Tensor | None = None        # uint8 (N, 1, H, W) teacher probabilities x 255, when distilling
+    ema: AveragedModel | None = None        # the averaged weights, when `ema`: what is validated and saved
+
+    @property
+    def kept_model(self) -> torch.nn.Module:
+        """What validation scores and the best checkpoint saves: the averaged weights, or the trained ones."""
+        return self.raw_model if self.ema is None else self.ema.module
 
 
 def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
@@ -298,7 +334,7 @@ def epoch_row(run: Run, epoch: int, train_loss: float, seconds: float, t0: float
     with validation, since `t0`; `elapsed` over all the run's sessions: `before` this one, which began at
     `clock`)."""
     return {"epoch": epoch, "lr": run.opt.param_groups[0]["lr"], "train_loss": train_loss,
-            **validate(run.raw_model, run.val_x, run.val_y, run.cfg, run.loss_fn, run.rt.device),
+            **validate(run.kept_model, run.val_x, run.val_y, run.cfg, run.loss_fn, run.rt.device),
             "seconds": round(time.perf_counter() - t0, 3),
             "img_per_s": round(run.steps * run.cfg.batch_size / seconds, 2),
             "elapsed": round(before + time.perf_counter() - clock, 3)}
@@ -362,10 +398,10 @@ def setup(cfg: TrainConfig, rt: runtime.Runtime, out: Path, resume: bool, log) -
     soft = None
     if cfg.teacher:  # once, before the first epoch; cached in the run folder for resumes
         soft = cached_teacher_probs(cfg.teacher, data.images, data.ids, out / CACHE_NAME, rt.master)
-    loss_fn, opt, sched, step = optimisation(cfg, rt, model, raw_model, steps)
+    loss_fn, opt, sched, step, ema = optimisation(cfg, rt, model, raw_model, steps)
     run = Run(cfg, rt, out, data.images, data.masks, data.train_idx, data.images[data.val_idx],
               data.masks[data.val_idx].float(), model, raw_model, opt, sched, loss_fn, step, steps, rank_batch,
-              checkpoint_config(cfg, data), log=log, soft=soft)
+              checkpoint_config(cfg, data), log=log, soft=soft, ema=ema)
     if resume:
         restore(run, out / "last.pt")
     if rt.master:  # rank 0 writes everything
@@ -472,15 +508,18 @@ def plan_steps(cfg: TrainConfig, rt: runtime.Runtime, n_train: int) -> tuple[int
 
 def optimisation(cfg: TrainConfig, rt: runtime.Runtime, model: torch.nn.Module, raw_model: torch.nn.Module,
                  steps: int):
-    """(validation loss, optimiser, schedule, training step); the step's loss adds the teacher's term when
-    distilling."""
+    """(validation loss, optimiser, schedule, training step, weight EMA or None); the step's loss adds the
+    teacher's term when distilling."""
     loss_fn = get_loss(cfg.loss)
     train_loss_fn = distillation_loss(loss_fn, cfg.distill_weight) if cfg.teacher else loss_fn
     opt = make_optimizer(cfg, raw_model.parameters(), rt.device)
     sched = make_scheduler(cfg, opt, cfg.epochs * steps)
+    ema = make_ema(raw_model, cfg.ema)
+    sizes = multi_scale_sizes(cfg.size, raw_model.total_stride) if cfg.multi_scale else ()
     step = training_step(model, opt, train_loss_fn, Augment(cfg.augment).to(rt.device),
-                         normalization_on(rt.device), rt.amp, channels_last=rt.cuda, sched=sched)
-    return loss_fn, opt, sched, step
+                         normalization_on(rt.device), rt.amp, channels_last=rt.cuda, sched=sched, ema=ema,
+                         sizes=sizes)
+    return loss_fn, opt, sched, step, ema
 
 
 def checkpoint_config(cfg: TrainConfig, data: Data) -> dict[str, Any]:
@@ -496,6 +535,10 @@ def checkpoint_config(cfg: TrainConfig, data: Data) -> dict[str, Any]:
     }
     if cfg.init:
         config["training"]["init"] = str(cfg.init)
+    if cfg.ema:
+        config["training"]["ema"] = cfg.ema
+    if cfg.multi_scale:
+        config["training"]["multi_scale"] = list(MULTI_SCALES)
     if cfg.teacher:
         config["training"]["distillation"] = {"teacher": str(cfg.teacher), "weight": cfg.distill_weight}
     return config
@@ -507,6 +550,8 @@ def restore(run: Run, path: Path) -> None:
     run.raw_model.load_state_dict(ckpt["model"])
     run.opt.load_state_dict(ckpt["optimizer"])
     run.sched.load_state_dict(ckpt["scheduler"])
+    if run.ema is not None and "ema" in ckpt:  # without one (ema switched on at the resume) it starts afresh
+        run.ema.load_state_dict(ckpt["ema"])
     run.start_epoch, run.history, run.best = ckpt["epoch"], ckpt["history"], ckpt["best"]
     run.saved_epoch = run.start_epoch
     set_rng_state(ckpt["rng"])
@@ -577,12 +622,13 @@ def checkpoint(run: Run, row: dict[str, Any], epoch: int) -> None:
         if row["val_dice"] > run.best["dice"]:
             run.best = {"epoch": epoch, "dice": row["val_dice"]}
             metrics = {k[4:]: v for k, v in row.items() if k.startswith("val_")}
-            save_pretrained(run.raw_model, out, {**run.checkpoint_config, "metrics": {"val": metrics},
-                                                 "best_epoch": epoch})
+            save_pretrained(run.kept_model, out, {**run.checkpoint_config, "metrics": {"val": metrics},
+                                                  "best_epoch": epoch})
         with atomic_path(out / "last.pt") as tmp:
             torch.save({"model": run.raw_model.state_dict(), "optimizer": run.opt.state_dict(),
                         "scheduler": run.sched.state_dict(), "epoch": epoch, "best": run.best,
-                        "history": run.history, "rng": rng_state(), "config": asdict(run.cfg)}, tmp)
+                        "history": run.history, "rng": rng_state(), "config": asdict(run.cfg),
+                        **({"ema": run.ema.state_dict()} if run.ema is not None else {})}, tmp)
         wrote_last = True
         write_metrics_csv(out / "metrics.csv", run.history)
     except (OSError, RuntimeError, SafetensorError) as e:
