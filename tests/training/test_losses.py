@@ -49,7 +49,7 @@ def test_float32_under_autocast_and_gradients(name):
 
 
 def test_errors():
-    with pytest.raises(ValueError, match=r"^unknown loss 'focal'; choose one of dice, bce, bce\+dice, mse$"):
+    with pytest.raises(ValueError, match=r"^unknown loss 'focal'; choose one of dice, bce, bce\+dice, mse, structure$"):
         get_loss("focal")
     with pytest.raises(ValueError, match="differ in shape"):
         dice_loss(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 5))

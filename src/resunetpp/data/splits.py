@@ -12,6 +12,13 @@ Leak-free splits (`grouped_split_path`, `resunetpp.data.leaks.grouped_split`): `
 keeps each of the 31 video sequences (`cvc-clinicdb-sequences.json`) in one part, 490/61/61 frames;
 `kvasir-seg-by-near-duplicates.json` keeps each near-duplicate group (`kvasir-seg-near-duplicates.json`) in one
 part, 800/100/100. Both are ``grouped_split(ids, groups, seed=0)``.
+
+Published splits (`official_split_path`): `kvasir-seg-official.json` is Kvasir-SEG's official 880/120 split
+(ColonSegNet's `val.txt`, used by DDANet, NanoNet, HarDNet-MSEG and others): "test" holds the 120 published
+ids in the published file's order, and "val" (88) is carved from the 880 official training ids with seed 0,
+leaving 792 for "train", so model selection never sees the official test images. It is
+``official_split(ids, test_ids, seed=0, val_fraction=0.1)``, written by `save_official_split`; its extra
+fields ("source", "val_from", "made_by") say so, and `load_split` ignores them.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from importlib.resources import files
 from pathlib import Path
 
@@ -60,11 +67,19 @@ def make_split(ids: Iterable[str], seed: int = 0, fractions: Sequence[float] = (
     return {name: natural_sorted(part) for name, part in zip(PARTS, parts)}
 
 
-def save_split(split: dict, path: str | os.PathLike, dataset: str | None = None, seed: int | None = None) -> Path:
-    """Write a split (as made by make_split or read by load_split) as JSON; returns the path."""
+def save_split(split: dict, path: str | os.PathLike, dataset: str | None = None, seed: int | None = None,
+               extra: Mapping[str, str] | None = None) -> Path:
+    """Write a split (as made by make_split or read by load_split) as JSON; returns the path.
+
+    `extra` adds fields (a description: source, method) between "seed" and the parts; `load_split` skips them.
+    """
     _validate(split, str(path))
     obj = {"dataset": dataset if dataset is not None else split.get("dataset"),
            "seed": seed if seed is not None else split.get("seed")}
+    for key, value in (extra or {}).items():
+        if key in obj or key in PARTS:
+            raise ValueError(f"save_split: extra field {key!r} would replace the split's own")
+        obj[key] = value
     obj.update({p: list(split[p]) for p in PARTS})
     write_json(path, obj)
     return Path(path)
@@ -120,3 +135,98 @@ def _committed(name: str, files_by_name: dict[str, str], what: str, how: str) ->
     if key not in files_by_name:
         raise KeyError(f"no committed {what} for {name!r}; known: {', '.join(files_by_name)} (make one with `{how}`)")
     return Path(str(files("resunetpp") / "splits" / f"{files_by_name[key]}.json"))
+
+
+# Published splits: the test part as its authors published it, a seeded val carved from their training part
+OFFICIAL_SPLITS = {"kvasir-seg": "kvasir-seg-official"}
+
+OFFICIAL_SOURCES = {
+    "kvasir-seg": "Kvasir-SEG's official 880/120 split as published with the dataset and used by ColonSegNet "
+                  "(Jha et al., IEEE Access 2021), DDANet, NanoNet, HarDNet-MSEG and others: the test ids are the "
+                  "val.txt of the DebeshJha/ColonSegNet repository, commit bfee960, in that file's order.",
+}
+
+
+def official_split_path(name: str) -> Path:
+    """Path of the committed published split: Kvasir-SEG's official 880/120 split.
+
+    Its "test" part is the 120 published test ids (in the published order); "train" (792) and "val" (88)
+    share the 880 official training ids by seed 0, so selecting a model on "val" never sees a test image.
+    Give it to `resunetpp train --split` and `resunetpp evaluate --split` like any split file.
+
+    Args:
+        name: "kvasir-seg" (case-insensitive).
+
+    Raises:
+        KeyError: a dataset without a committed published split; the message lists the known ones.
+    """
+    return _committed(name, OFFICIAL_SPLITS, "official split", "save_official_split")
+
+
+def read_id_list(path: str | os.PathLike) -> list[str]:
+    """The ids of a text file, one a line, in the file's order (blank lines and "#" lines skipped)."""
+    lines = (line.strip() for line in Path(path).read_text().splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def official_split(all_ids: Iterable[str], test_ids: Sequence[str], seed: int = 0,
+                   val_fraction: float = 0.1) -> dict[str, list[str]]:
+    """A published train/test split with a validation part carved from its training part.
+
+    Args:
+        all_ids: every id of the dataset (unique).
+        test_ids: the published test ids, kept in their order; all of them must be in `all_ids`.
+        seed: the seed that picks val among the other ids.
+        val_fraction: val's share of the other ids (rounded), in [0, 1).
+
+    Returns:
+        {"train": [...], "val": [...], "test": [...]}: test = `test_ids` as given; train and val =
+        ``make_split(other ids, seed, (1 - val_fraction, val_fraction, 0))``'s train and val, each sorted
+        naturally. Kvasir-SEG: 792 / 88 / 120.
+
+    Raises:
+        ValueError: duplicate ids, test ids missing from `all_ids`, or a `val_fraction` outside [0, 1).
+    """
+    all_ids, test_ids = [str(i) for i in all_ids], [str(i) for i in test_ids]
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"official_split: val_fraction must be in [0, 1), got {val_fraction}")
+    for what, ids in (("ids", all_ids), ("test ids", test_ids)):
+        if len(set(ids)) != len(ids):
+            dup = natural_sorted({i for i in ids if ids.count(i) > 1})[:5]
+            raise ValueError(f"official_split: duplicate {what} {dup}")
+    known = set(all_ids)
+    missing = [i for i in test_ids if i not in known]
+    if missing:
+        raise ValueError(f"official_split: {len(missing)} test ids are not among the dataset's ids, e.g. {missing[:5]}")
+    test = set(test_ids)
+    rest = make_split([i for i in all_ids if i not in test], seed=seed,
+                      fractions=(1.0 - val_fraction, val_fraction, 0.0))
+    return {"train": rest["train"], "val": rest["val"], "test": test_ids}
+
+
+def save_official_split(name: str, all_ids: Iterable[str], test_ids: Sequence[str], path: str | os.PathLike,
+                        seed: int = 0, val_fraction: float = 0.1) -> Path:
+    """Write `official_split(all_ids, test_ids, seed, val_fraction)` with fields naming its source and making.
+
+    The committed `kvasir-seg-official.json` is ``save_official_split("kvasir-seg", <the image file stems of
+    Kvasir-SEG/images>, read_id_list("kvasir-seg-official-val.txt"), path)`` (a test checks it).
+
+    Raises:
+        KeyError: a `name` without a known source (`OFFICIAL_SOURCES`).
+        ValueError: as `official_split`.
+    """
+    key = name.lower()
+    if key not in OFFICIAL_SOURCES:
+        raise KeyError(f"no published split known for {name!r}; known: {', '.join(OFFICIAL_SOURCES)}")
+    split = official_split(all_ids, test_ids, seed=seed, val_fraction=val_fraction)
+    n_train, n_val, n_test = (len(split[p]) for p in PARTS)
+    extra = {
+        "source": OFFICIAL_SOURCES[key],
+        "val_from": f"val ({n_val}) was carved from the official training part ({n_train + n_val} ids) with seed "
+                    f"{seed} (val_fraction {val_fraction}), leaving {n_train} for train; test ({n_test}) is the "
+                    "official test part, never used for model selection.",
+        "made_by": f"resunetpp.data.splits.save_official_split({key!r}, <image file stems of the dataset's "
+                   f"images/>, read_id_list(<the published test list>), path, seed={seed}, "
+                   f"val_fraction={val_fraction})",
+    }
+    return save_split(split, path, dataset=key, seed=seed, extra=extra)
