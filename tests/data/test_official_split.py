@@ -96,3 +96,29 @@ def test_read_id_list_skips_blanks_and_comments(tmp_path):
     f = tmp_path / "ids.txt"
     f.write_text("# published test ids\nb\n\n  a  \nc\n")
     assert read_id_list(f) == ["b", "a", "c"]
+
+
+def test_train_and_evaluate_take_the_committed_splits_by_name(tmp_path):
+    """`--split official` / `--split grouped`: train gets the whole file, evaluate its test part; a dataset
+    without such a split is refused in one line that lists those that have one."""
+    from typer.testing import CliRunner
+
+    from helpers.training import write_discs
+    from resunetpp.cli import app
+    from resunetpp.data.splits import grouped_split_path, load_split
+    from resunetpp.evaluation.evaluator import resolve_ids
+    from resunetpp.training.config import TrainConfig, resolve_split
+
+    split, source = resolve_split(TrainConfig(data="x", split="official"), "kvasir-seg")
+    assert [len(split[p]) for p in ("train", "val", "test")] == [792, 88, 120] and "kvasir-seg-official" in source
+    split, _ = resolve_split(TrainConfig(data="x", split="grouped"), "cvc-clinicdb")
+    assert split["test"] == load_split(grouped_split_path("cvc-clinicdb"))["test"]
+    kvasir = write_discs(tmp_path / "Kvasir-SEG", n=2)  # a folder named like the dataset is taken for it
+    ids, source = resolve_ids(kvasir, "official")
+    assert ids == load_split(official_split_path("kvasir-seg"))["test"] and source.startswith("test of the official")
+    r = CliRunner().invoke(app, ["evaluate", "--data", str(write_discs(tmp_path / "CVC-ClinicDB", n=2)),
+                                 "--split", "official"])
+    lines = [line for line in r.output.splitlines() if line.startswith("error:")]
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    assert lines == ["error: no committed official split for 'cvc-clinicdb'; known: kvasir-seg (make one with "
+                     "`save_official_split`)"]

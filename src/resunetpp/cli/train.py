@@ -135,7 +135,8 @@ def evaluate(
     weights: Path | None = typer.Option(None, "--weights", help="Run folder (config.json + model.safetensors) or a "
                                         "bundled model's name. Default: the bundled ResUNet++ (Kvasir-SEG)."),
     data: Path = typer.Option(..., "--data", help="Dataset folder or prepared cache (any dataset)."),
-    split: str = typer.Option("test", help="test | val | train | all | a split JSON | a text file of ids."),
+    split: str = typer.Option("test", help="test | val | train | all | official | grouped (the test part of the "
+                              "committed published or leak-free split) | a split JSON | a text file of ids."),
     out: Path | None = typer.Option(None, "--out", help="Report folder (default WEIGHTS/eval/DATASET-SPLIT)."),
     threshold: float | None = typer.Option(None, callback=number(0, 1), help="Override config.json's threshold."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),

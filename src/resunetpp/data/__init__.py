@@ -16,10 +16,18 @@ from resunetpp.data.folder import SegmentationFolder
 from resunetpp.data.layouts import detect_layout, natural_sorted
 from resunetpp.data.load import check_dataset, load_pairs
 from resunetpp.data.pairs import Pairs, parse_size
-from resunetpp.data.splits import default_split, load_split, make_split, save_split
+from resunetpp.data.splits import (
+    NAMED_SPLITS,
+    default_split,
+    load_split,
+    make_split,
+    named_split_path,
+    official_split_path,
+    save_split,
+)
 
 __all__ = [
-    "Augment", "CheckReport", "DatasetCheckError", "Pairs", "Problem", "SegmentationFolder", "check_dataset",
-    "default_split", "detect_layout", "download_dataset", "load_pairs", "load_split", "make_split", "natural_sorted",
-    "parse_size", "prepare_cache", "save_split",
+    "NAMED_SPLITS", "Augment", "CheckReport", "DatasetCheckError", "Pairs", "Problem", "SegmentationFolder",
+    "check_dataset", "default_split", "detect_layout", "download_dataset", "load_pairs", "load_split", "make_split",
+    "named_split_path", "natural_sorted", "official_split_path", "parse_size", "prepare_cache", "save_split",
 ]

@@ -230,3 +230,17 @@ def save_official_split(name: str, all_ids: Iterable[str], test_ids: Sequence[st
                    f"val_fraction={val_fraction})",
     }
     return save_split(split, path, dataset=key, seed=seed, extra=extra)
+
+
+# committed splits a command can ask for by name (`--split official`, `--split grouped`)
+NAMED_SPLITS = {"official": official_split_path, "grouped": grouped_split_path}
+
+
+def named_split_path(kind: str, name: str) -> Path:
+    """The committed split `kind` ("official": the published one; "grouped": the leak-free one) of dataset
+    `name`.
+
+    Raises:
+        KeyError: no such split for that dataset; the message lists the datasets that have one.
+    """
+    return NAMED_SPLITS[kind](name)

@@ -11,7 +11,9 @@ Conventions:
   mean over images (the headline: mDice, mIoU, ...) and pooled over all pixels (micro).
 - `split`: "test" | "val" | "train" take that part of the run's own `split.json` when the data is the
   dataset the model was trained on, else the committed split of a known dataset (Kvasir-SEG,
-  CVC-ClinicDB); "all" takes every pair; a path takes a split JSON's "test" ids or a text file's ids
+  CVC-ClinicDB); "official" and "grouped" take the "test" part of the dataset's committed published split
+  (Kvasir-SEG's official 880/120) or leak-free split (CVC-ClinicDB by video sequence, Kvasir-SEG by
+  near-duplicate group); "all" takes every pair; a path takes a split JSON's "test" ids or a text file's ids
   (one a line, e.g. Kvasir-Sessile/ids.txt). Cross-dataset evaluation is the same call with another
   `data`, resized to the model's input size.
 - `miou_keras`: the paper's "mIoU" (`resunetpp.evaluation.metrics.keras_confusion`: Keras MeanIoU(2) on probabilities,
@@ -37,7 +39,16 @@ from typing import Any
 
 import torch
 
-from resunetpp.data import Pairs, SegmentationFolder, default_split, detect_layout, load_pairs, load_split
+from resunetpp.data import (
+    NAMED_SPLITS,
+    Pairs,
+    SegmentationFolder,
+    default_split,
+    detect_layout,
+    load_pairs,
+    load_split,
+    named_split_path,
+)
 from resunetpp.data.layouts import dataset_name
 from resunetpp.device import resolve_device
 from resunetpp.evaluation.metrics import (
@@ -65,7 +76,7 @@ from resunetpp.io import read_mask
 from resunetpp.progress import progress_bar
 from resunetpp.utils import atomic_path, output_folder, write_json
 
-SPLIT_NAMES = ("train", "val", "test", "all")
+SPLIT_NAMES = ("train", "val", "test", "all", *NAMED_SPLITS)
 PROTOCOLS = ("default", "polyp-benchmark")
 SETTING_NOTES = {  # how two of the figures are computed, in every metrics.json
     "miou_keras": "Keras MeanIoU(2) on probabilities (p == 1.0 is polyp), pooled, at the model input size",
@@ -88,6 +99,9 @@ def resolve_ids(data: str | os.PathLike, split: str, weights: str | os.PathLike 
         return SegmentationFolder(data, skip_bad=True).ids[:limit], f"first {limit} of all"
     if split in ("train", "val", "test"):
         ids, source = _named_split(data, split, weights)
+    elif split in NAMED_SPLITS:  # the test part of a committed published or leak-free split
+        path = named_split_path(split, dataset_name(data))
+        ids, source = load_split(path)["test"], f"test of the {split} split ({path.name})"
     else:
         ids, source = _split_file(Path(split))
     ids = list(ids)[:limit] if limit else list(ids)

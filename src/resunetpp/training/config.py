@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from resunetpp.data import default_split, load_split
+from resunetpp.data import NAMED_SPLITS, default_split, load_split, named_split_path
 from resunetpp.errors import SettingError
 from resunetpp.networks.registry import list_models, model_info
 from resunetpp.training.losses import LOSSES
@@ -125,8 +125,9 @@ class TrainConfig:
     model_kwargs: dict[str, Any] = _field(help="Keyword arguments of the model's constructor, e.g. filters.",
                                           factory=dict, flag=False)
     data: str = _field("", "Dataset folder or prepared cache.")
-    split: str | None = _field(None, "Split JSON (default: the committed split of a known dataset, else a "
-                                     "seeded 80/10/10 split).")
+    split: str | None = _field(None, "Split JSON, or 'official' / 'grouped': the committed published or "
+                                     "leak-free split of a known dataset (default: its committed 80/10/10 split, "
+                                     "else a seeded 80/10/10 split).")
     out: str = _field("runs/resunetpp", "Run folder.")
     size: int = _field(256, "Square input size.", low=1)
     epochs: int = _field(120, "Number of epochs.", low=1)
@@ -325,6 +326,9 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
 def resolve_split(cfg: TrainConfig, name: str) -> tuple[dict[str, Any] | None, str]:
     """(split, where it came from): the file `cfg.split`, else the committed split of a known dataset, else
     (None, "made"): the caller makes a seeded 80/10/10 split of the ids it finds."""
+    if cfg.split in NAMED_SPLITS:
+        path = named_split_path(cfg.split, name)
+        return load_split(path), f"{cfg.split} split of {name} ({path.name})"
     if cfg.split:
         return load_split(cfg.split), str(cfg.split)
     if name in ("kvasir-seg", "cvc-clinicdb"):
