@@ -42,7 +42,7 @@ MODULES = {".".join(p.relative_to(SRC).with_suffix("").parts).removesuffix(".__i
 TREES = {name: ast.parse(path.read_text()) for name, path in MODULES.items()}
 OPTIONAL = {"uvicorn", "resunetpp.serve", "py_sod_metrics", "matplotlib.pyplot", "onnx", "onnxruntime",
             "onnxruntime.quantization", "openvino", "pydensecrf", "pydensecrf.densecrf", "pydensecrf.utils", "av",
-            "torch.utils.tensorboard"}
+            "torch.utils.tensorboard", "kornia"}  # kornia: 0.2 s more for every command, used by one preset
 
 
 def functions():

@@ -138,7 +138,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="unknown augmentation preset 'heavy'"):
         Augment("heavy")
     with pytest.raises(ValueError, match="unknown transform"):
-        Augment("paper", only=["shear"])
+        Augment("paper", only=["elastic"])
     images, masks = encoded_batch(n=2)
     with pytest.raises(ValueError, match=r"masks \(N, 1, H, W\)"):
         Augment("light")(images, masks[:, 0])
@@ -306,11 +306,13 @@ def test_inputs_are_scaled_and_checked_and_nothing_is_persistent():
         Augment("light")(good_images, torch.zeros(3, 1, 8, 8))
     with pytest.raises(ValueError, match=r"^images \(2, 3, 8, 8\) and masks \(2, 1, 8, 4\) do not match$"):
         Augment("light")(good_images, torch.zeros(2, 1, 8, 4))
-    with pytest.raises(ValueError, match=r"^unknown augmentation preset 'heavy'; choose one of paper, light, none$"):
+    with pytest.raises(ValueError,
+                       match=r"^unknown augmentation preset 'heavy'; choose one of paper, light, strong, none$"):
         Augment("heavy")
-    with pytest.raises(ValueError, match=r"^unknown transform\(s\) \['shear'\]; known: centre_crop, random_crop, "
-                                         r"hflip, vflip, scale, rotate, rot90, cutout, brightness$"):
-        Augment("paper", only=["shear"])
+    with pytest.raises(ValueError, match=r"^unknown transform\(s\) \['elastic'\]; known: centre_crop, random_crop, "
+                                         r"hflip, vflip, scale, rotate, rot90, cutout, brightness, shear, "
+                                         r"translate, gain, contrast, saturation, hue, blur, jpeg$"):
+        Augment("paper", only=["elastic"])
 
 
 def test_brightness_adds_the_drawn_shift_and_clips_to_one():

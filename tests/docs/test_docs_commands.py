@@ -125,12 +125,13 @@ def parse(command: str) -> None:
     elif argv[0] == "resunetpp":
         parse_resunetpp(argv[1:])
     elif argv[:2] == ["bash", "benchmarks/device_run.sh"] and argv[2] == "--fetch-data":
-        source = argv[3]
+        source, size = argv[3], (argv[4] if len(argv) > 4 else "256")
         script = (ROOT / "benchmarks" / "device_run.sh").read_text()
         prepares = re.findall(r"^\s*(resunetpp data prepare .*)$", script, re.M)
         assert len(prepares) == 2
         for line in prepares:
-            parse_resunetpp(shlex.split(line.replace("$SRC", source))[1:])
+            line = line.replace("$SRC", source).replace("$SIZE", size).replace("$Q", "90")
+            parse_resunetpp(shlex.split(line)[1:])
     elif argv[:2] == ["bash", "benchmarks/device_run.sh"]:
         _script("device_run").parser().parse_args(argv[2:])
     elif argv[:2] == ["python", "benchmarks/loader.py"]:
@@ -243,8 +244,8 @@ def test_parse_catches_a_misspelt_option_and_a_bad_choice(monkeypatch):
     monkeypatch.chdir(ROOT)
     with pytest.raises(Exception, match="No such option: --epoch"):
         parse("resunetpp train --config configs/quick-cpu.yaml --epoch 3")
-    with pytest.raises(Exception, match="strong"):
-        parse("resunetpp data show ../shared/data/Kvasir-SEG --augment strong")
+    with pytest.raises(Exception, match="heavy"):
+        parse("resunetpp data show ../shared/data/Kvasir-SEG --augment heavy")
     with pytest.raises(AssertionError, match="no command 'inspect'"):
         parse("resunetpp data inspect ../shared/data/Kvasir-SEG")
     parse("resunetpp data show ../shared/data/Kvasir-SEG --augment paper")

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from resunetpp.data import NAMED_SPLITS, default_split, load_split, named_split_path
+from resunetpp.data.augment import PRESETS
 from resunetpp.errors import SettingError
 from resunetpp.networks.registry import list_models, model_info
 from resunetpp.training.losses import LOSSES
@@ -28,7 +29,7 @@ except ModuleNotFoundError:  # Python 3.10: TOML files are refused by name, YAML
 
 OPTIMIZERS = ("adam", "adamw", "nadam")
 SCHEDULES = ("sgdr", "cosine", "constant", "onecycle")
-AUGMENTS = ("paper", "light", "none")
+AUGMENTS = PRESETS  # the augmentation presets, one list for `train --augment` and `data show --augment`
 COMPILE_MODES = ("auto", "off", "default", "reduce-overhead", "max-autotune")
 COMPILE_PAYS_FROM = 60_000  # images: 47 s / (1/546 - 1/1084 s per image), H200, ResUNet++ at 256, rounded up
 # per-process batch from which compiling paid: 1.71x at 64 (H200); at 16 H100s trained ResUNet++ at 561 img/s
