@@ -14,8 +14,12 @@ Stages, each writing its results as soon as it ends, all stopping cleanly before
    comes from the measured speed-up of concurrent processes): ResUNet++ on Kvasir-SEG and on
    CVC-ClinicDB with the paper's recipe, then on CVC-ClinicDB's sequence-grouped split, the "beyond the
    paper" ResUNet++ on Kvasir-SEG, the "fast" one (45 s of training), then the baselines of Table I, of
-   Table II and of Table II's grouped split (`JOBS`). Each gets the time left (`--time-limit`), stops
-   resumably, and is evaluated on its test split.
+   Table II and of Table II's grouped split, the lite models, then issue 23's "strong" recipe (`STRONG_CONFIG`:
+   Kvasir-SEG's committed and official splits, CVC-ClinicDB by sequence, and a recipe search that turns
+   one switch at a time off, compared on val only) (`JOBS`). Each gets the time left (`--time-limit`),
+   stops resumably, and is evaluated on its test split. The strong jobs read 352x352 caches
+   (`device_run.sh --fetch-data SRC 352`), the others 256x256 ones: both sets do not fit one transfer,
+   so a slot runs one kind (`--jobs`).
 5. tables: `reproduce(train_runs=False)` tabulates what finished (table.md, results.json, fig3.png).
 
 `--jobs` picks trainings (in the order given), `--trainings-only` leaves stage 0 out (a later slot, once
@@ -55,6 +59,15 @@ JOBS = [("table1-resunetpp", "paper", "table1", "resunetpp"), ("table2-resunetpp
         ("table2-resunet-mod-by-sequence", "by-sequence", "table2", "resunet-mod"),
         ("table2-resunet-by-sequence", "by-sequence", "table2", "resunet"),
         ("lite-kvasir", "lite", "table1", "resunetpp-lite"), ("lite-cvc-clinicdb", "lite", "table2", "resunetpp-lite")]
+# issue 23's strong recipe (STRONG_CONFIG below) on Kvasir-SEG's committed and official splits and CVC-ClinicDB by video
+# sequence, then a recipe search on the committed split, compared on its val: one switch changed each
+STRONG_JOBS = {"strong-kvasir": ("table1", {}), "strong-kvasir-official": ("table1", {"split": "official"}),
+               "strong-cvc-by-sequence": ("table2", {"split": "grouped"}),
+               "search-kvasir-bce-dice": ("table1", {"loss": "bce+dice"}),
+               "search-kvasir-paper-augment": ("table1", {"augment": "paper"}),
+               "search-kvasir-single-scale": ("table1", {"multi_scale": False}),
+               "search-kvasir-no-ema": ("table1", {"ema": 0.0})}
+JOBS += [(name, "strong", table, "resunetpp") for name, (table, _) in STRONG_JOBS.items()]
 # "Beyond the paper": the same network from scratch, a stronger recipe (bce+dice, AdamW 1e-3 with a
 # one-cycle schedule, longer); epochs fitted to the measured speed so the schedule ends inside the slot.
 BEYOND = {"loss": "bce+dice", "optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "schedule": "onecycle",
@@ -71,6 +84,11 @@ FAST_SECONDS = 45
 LITE = {"loss": "bce+dice", "optimizer": "adamw", "lr": 3e-3, "schedule": "onecycle", "augment": "paper",
         "batch_size": 16, "epochs": 200, "eval_every": 2, "distill_weight": 0.5}
 TEACHERS = {"table1": "resunetpp-kvasir-seg", "table2": "resunetpp-cvc-clinicdb"}
+# "Strong" (issue 23): configs/strong-kvasir.yaml's recipe (its data, out and epochs replaced: epochs fit the
+# slot). It reads 352x352 caches (`--fetch-data SRC 352`).
+STRONG_CONFIG = ROOT / "configs" / "strong-kvasir.yaml"
+# a 352x352 multi-scale step (sizes 272, 352, 448) against a 256x256 one, in pixels: what fits the slot
+STRONG_COST = sum(s * s for s in (272, 352, 448)) / 3 / 256**2
 DRY = {"size": 32, "epochs": 2, "limit": 8, "batch_size": 4}
 # eager bf16 img/s of one process at batch 16 on the slower card lent (H100: 432; H200: 546; benchmarks/
 # RESULTS.md), for fitting the beyond recipe's epochs when `--trainings-only` leaves stage 0 out
@@ -80,8 +98,9 @@ EAGER_IMG_S = 432
 # 120 epochs repay (U-Net: 1,234 against 920 after 25 s, about even; ResUNet++: 561 against 432 after 60 s)
 COMPILED = ("resunet", "resunet-mod")
 # brought back as fp16 safetensors
-WEIGHTS = ("table1-resunetpp", "table2-resunetpp", "table2-resunetpp-by-sequence", "beyond-kvasir", "lite-kvasir",
-           "lite-cvc-clinicdb")
+WEIGHTS = ("strong-kvasir", "strong-kvasir-official", "strong-cvc-by-sequence", "table1-resunetpp", "table2-resunetpp",
+           "table2-resunetpp-by-sequence", "beyond-kvasir", "lite-kvasir", "lite-cvc-clinicdb")
+MAX_FILES = 8  # what comes back from the GPU machine: the log, summary.md, results.tar.gz and at most 5 weights
 
 
 class Log:
@@ -97,19 +116,29 @@ class Log:
 def job_run(work: Path, name: str) -> Path:
     """The run folder a job trains into (where `reproduce` puts it for the tables' jobs)."""
     _, kind, table, model = next(j for j in JOBS if j[0] == name)
-    return {"beyond": work / name, "fast": work / name, "lite": work / name, "paper": work / table / model,
-            "by-sequence": work / table / "by-sequence" / model}[kind]
+    return {"beyond": work / name, "fast": work / name, "lite": work / name, "strong": work / name,
+            "paper": work / table / model, "by-sequence": work / table / "by-sequence" / model}[kind]
 
 
-def data_dir(root: Path, table: str) -> Path:
-    """The dataset folder or prepared cache for a table under `root`: <root>/<name>[-256] or the shared layout."""
+def strong_recipe(name: str) -> dict:
+    """The settings of a strong job: configs/strong-kvasir.yaml's recipe (less model, data, out and epochs, which
+    the job sets) with the job's one change."""
+    from resunetpp.training.config import read_config_file
+
+    recipe = {k: v for k, v in read_config_file(STRONG_CONFIG).items() if k not in ("model", "data", "out", "epochs")}
+    return {**recipe, **STRONG_JOBS[name][1]}
+
+
+def data_dir(root: Path, table: str, size: int = 256) -> Path:
+    """The dataset folder or prepared cache for a table under `root`: <root>/<name>-<size>, <root>/<name> or the
+    shared layout."""
     name = TABLE_DATA[table]
-    for cand in (root / f"{name}-256", root / name, root / {"kvasir-seg": "Kvasir-SEG",
-                                                            "cvc-clinicdb": "CVC-ClinicDB"}[name]):
+    for cand in (root / f"{name}-{size}", root / name, root / {"kvasir-seg": "Kvasir-SEG",
+                                                               "cvc-clinicdb": "CVC-ClinicDB"}[name]):
         if cand.exists():
             return cand
-    raise FileNotFoundError(f"{root}: no {name} data (expected {name}-256/ from `resunetpp data prepare`, or "
-                            f"the dataset folder)")
+    raise FileNotFoundError(f"{root}: no {name} data (expected {name}-{size}/ from `bash benchmarks/device_run.sh "
+                            f"--fetch-data SRC {size}`, or the dataset folder)")
 
 
 # ------------------------------------------------------------------------------------------- one job
@@ -137,15 +166,17 @@ def run_job(args: argparse.Namespace) -> None:
                   command=f"device_run.py job {name}",
                   random_split=kind == "paper", grouped=kind == "by-sequence", **size, **common)
         return
-    recipe, time_limit = {"beyond": (BEYOND, args.time_limit), "lite": (LITE, args.time_limit),
-                          "fast": (FAST, min(args.time_limit, FAST_SECONDS))}[kind]
-    epochs = 2 if args.dry_run else args.epochs if kind == "beyond" else recipe["epochs"]
+    recipe = strong_recipe(name) if kind == "strong" else {"beyond": BEYOND, "lite": LITE, "fast": FAST}[kind]
+    time_limit = min(args.time_limit, FAST_SECONDS) if kind == "fast" else args.time_limit
+    epochs = 2 if args.dry_run else args.epochs if kind in ("beyond", "strong") else recipe["epochs"]
     teacher = {"teacher": TEACHERS[table]} if kind == "lite" else {}
+    if kind == "strong":
+        data = data_dir(args.data_root, table, recipe["size"])
     cfg = TrainConfig(model=model, data=str(data), out=str(work / name), time_limit=time_limit,
                       **{**recipe, **size, "epochs": epochs}, **teacher, **common)
     run = work / name
     train(cfg, resume=run if (run / "last.pt").is_file() else None)
-    evaluate(run, data, split="test", out=run / "eval", device=common["device"], limit=size.get("limit"),
+    evaluate(run, data, split=cfg.split or "test", out=run / "eval", device=common["device"], limit=size.get("limit"),
              progress=False)
 
 
@@ -231,8 +262,9 @@ def trainings(args, log: Log, deadline: float, workers: int) -> list[dict]:
             limit = left - args.eval_reserve
             if name == "beyond-kvasir" and args.beyond_seconds:
                 limit = min(limit, args.beyond_seconds)
+            cost = STRONG_COST if name in STRONG_JOBS else 1.0
             cmd = [sys.executable, __file__, "--job", name, "--data-root", str(args.data_root), "--work",
-                   str(args.work), "--time-limit", f"{limit:.0f}", "--epochs", str(beyond_epochs(args, limit))]
+                   str(args.work), "--time-limit", f"{limit:.0f}", "--epochs", str(beyond_epochs(args, limit, cost))]
             if args.dry_run:
                 cmd.append("--dry-run")
             logf = open(args.work / f"{name}.log", "w")
@@ -268,10 +300,11 @@ def job_queue(names: str | None) -> list[tuple]:
     return [known[n] for n in names.split(",")]
 
 
-def beyond_epochs(args, seconds: float) -> int:
-    """Epochs of the beyond recipe that fit `seconds` of training at the measured per-worker speed (its
-    one-cycle schedule must end inside the slot to pay off), between 40 and 300."""
-    per_epoch = 800 / max(getattr(args, "per_worker_img_s", 0) or 1, 1) * 1.15  # + validation and slack
+def beyond_epochs(args, seconds: float, cost: float = 1.0) -> int:
+    """Epochs of the beyond (or strong) recipe that fit `seconds` of training at the measured per-worker speed
+    (its schedule must end inside the slot to pay off), between 40 and 300; `cost`: an image's time against a
+    256x256 one."""
+    per_epoch = 800 * cost / max(getattr(args, "per_worker_img_s", 0) or 1, 1) * 1.15  # + validation and slack
     return int(min(300, max(40, seconds / per_epoch)))
 
 
@@ -303,9 +336,14 @@ def pack(args, log: Log) -> None:
         for p in sorted(args.work.rglob("*")):
             if keep(p):
                 tar.add(p, arcname=str(p.relative_to(args.work)))
+    room = MAX_FILES - len(list(args.out.iterdir()))
     for name in WEIGHTS:
         run = job_run(args.work, name)
         if (run / "model.safetensors").is_file():
+            if room == 0:
+                log(f"{name}: its weights stay behind (at most {MAX_FILES} files come back)")
+                continue
+            room -= 1
             state = load_file(run / "model.safetensors")
             tensors = {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}
             save_file(tensors, args.out / f"{name}.safetensors")  # its config.json is in results.tar.gz

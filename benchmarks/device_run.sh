@@ -13,11 +13,14 @@ PY=${PYTHON:-python3}
 WHEELS=${WHEELS:-.whl}
 
 if [[ "${1:-}" == "--fetch-data" ]]; then
-  # 256x256 caches of both datasets, JPEG q95 (35 MB): the exact lossless caches (88 MB) do not fit a
+  # caches of both datasets: 256x256 at JPEG q95 (35 MB) for the paper's jobs, or (`--fetch-data SRC 352`)
+  # 352x352 at q90 (39 MB) for the strong recipe's: the exact lossless caches (88 MB at 256) do not fit a
   # 64 MiB transfer beside the repository; evaluation of what comes back is redone on the source files
   SRC=${2:-../shared/data}
-  resunetpp data prepare "$SRC/Kvasir-SEG" --size 256 --quality 95 --out .devdata/kvasir-seg-256
-  resunetpp data prepare "$SRC/CVC-ClinicDB" --size 256 --quality 95 --out .devdata/cvc-clinicdb-256
+  SIZE=${3:-256}
+  Q=$([[ "$SIZE" == 256 ]] && echo 95 || echo 90)
+  resunetpp data prepare "$SRC/Kvasir-SEG" --size "$SIZE" --quality "$Q" --out ".devdata/kvasir-seg-$SIZE"
+  resunetpp data prepare "$SRC/CVC-ClinicDB" --size "$SIZE" --quality "$Q" --out ".devdata/cvc-clinicdb-$SIZE"
   exit 0
 fi
 

@@ -10,6 +10,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 from resunetpp import load_model
 
@@ -24,7 +25,7 @@ def dry_run(tmp_path_factory, kvasir_dir, clinicdb_dir) -> Path:
     cmd = ["bash", str(ROOT / "benchmarks" / "device_run.sh"), "--dry-run", "--budget", "86400", "--out", str(out),
            "--data-root", str(kvasir_dir.parent), "--max-workers", "2", "--min-job-seconds", "5",
            "--jobs", "table1-resunetpp,table2-resunetpp,table2-resunetpp-by-sequence,beyond-kvasir,fast-kvasir,"
-           "table1-unet,lite-kvasir"]
+           "table1-unet,lite-kvasir,strong-kvasir-official"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=7200, env={**__import__("os").environ,
                                                                                 "PYTHON": sys.executable})
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -38,11 +39,13 @@ def test_dry_run_outputs_fit_the_transfer_limits(dry_run):
     assert all(p.stat().st_size <= 16 * 2**20 for p in files)
     assert all(len(p.relative_to(dry_run).parts) <= 3 for p in files)
     names = {p.name for p in files}
-    assert names == {"device_run.log", "summary.md", "results.tar.gz", "table1-resunetpp.safetensors",
-                     "table2-resunetpp.safetensors", "table2-resunetpp-by-sequence.safetensors",
-                     "beyond-kvasir.safetensors", "lite-kvasir.safetensors"}
+    # six trainings with weights, room for five: the lowest in `WEIGHTS`' priority stays behind, and says so
+    assert names == {"device_run.log", "summary.md", "results.tar.gz", "strong-kvasir-official.safetensors",
+                     "table1-resunetpp.safetensors", "table2-resunetpp.safetensors",
+                     "table2-resunetpp-by-sequence.safetensors", "beyond-kvasir.safetensors"}
     log = (dry_run / "device_run.log").read_text()
     assert "smoke: trained and evaluated" in log and "SMOKE FAILED" not in log and "FAILED" not in log
+    assert "lite-kvasir: its weights stay behind (at most 8 files come back)" in log
 
 
 @pytest.mark.slow  # the dry run: several trainings in subprocesses
@@ -75,6 +78,13 @@ def test_dry_run_tables_curves_and_weights(dry_run, tmp_path):
     lite = (tmp_path / "lite-kvasir" / "train_config.yaml").read_text()  # distilled from the bundled model
     assert "model: resunetpp-lite" in lite and "teacher: resunetpp-kvasir-seg" in lite
     assert (tmp_path / "lite-kvasir" / "eval" / "metrics.json").is_file()
+    strong = yaml.safe_load((tmp_path / "strong-kvasir-official" / "train_config.yaml").read_text())
+    assert {k: strong[k] for k in ("split", "loss", "augment", "multi_scale", "ema", "optimizer", "schedule")} == {
+        "split": "official", "loss": "structure", "augment": "strong", "multi_scale": True, "ema": 0.999,
+        "optimizer": "adamw", "schedule": "cosine"}
+    assert strong["size"] == 32  # the dry run's size; 352 on the GPU
+    official = json.loads((tmp_path / "strong-kvasir-official" / "eval" / "metrics.json").read_text())
+    assert "kvasir-seg-official" in official["settings"]["split"]  # scored on the official test ids
     # the fp16 weights load back as a model with their config
     run = tmp_path / "w"
     run.mkdir()
@@ -104,6 +114,9 @@ def test_beyond_epochs_fit_the_seconds_given_at_the_measured_speed():
     args = argparse.Namespace(per_worker_img_s=546)
     assert device_run.beyond_epochs(args, 190) == 112  # the H100 slot's 190 s: 800 images / 546 img/s x 1.15
     assert device_run.beyond_epochs(args, 10) == 40 and device_run.beyond_epochs(args, 1e5) == 300
+    # the strong recipe's multi-scale 352x352 steps cost 2.03x a 256x256 one: fewer epochs in the same time
+    assert device_run.STRONG_COST == pytest.approx((272**2 + 352**2 + 448**2) / 3 / 256**2)
+    assert device_run.beyond_epochs(args, 190, device_run.STRONG_COST) == 55
 
 
 @pytest.mark.parametrize("job, compiled", [("table2-resunet", True), ("table1-resunet-mod", True),
