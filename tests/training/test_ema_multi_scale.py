@@ -37,23 +37,27 @@ class Scale(torch.nn.Module):
 
 
 def test_ema_follows_every_step_by_its_decay():
-    """With SGD at lr 1 and loss mean(logits), each step lowers w by mean(x); the average starts at the first
-    step's weights and then moves by (1 - decay) towards each new one, buffers too."""
+    """With SGD at lr 1 and loss mean(logits), each step lowers w by mean(x); the average starts at the model's
+    weights and moves by 1 - d towards each new one, d = min(decay, (1 + t) / (10 + t)) at update t (the warm-up),
+    buffers too."""
     model = Scale()
     ema = T.make_ema(model, 0.9)
     step = T.training_step(model, torch.optim.SGD(model.parameters(), lr=1.0), lambda logits, y: logits.mean(),
                            Augment("none"), NORM, amp=False, channels_last=False, ema=ema)
     m = torch.zeros(2, 1, 4, 4, dtype=torch.uint8)
-    expected, calls = None, None
-    for value in (51, 102, 204):
+    expected, calls = 2.0, 0.0
+    for t, value in enumerate((51, 102, 204, 153, 102, 51, 204, 204, 102, 51, 153, 204)):
         step(torch.full((2, 3, 4, 4), value, dtype=torch.uint8), m)
-        w, c = model.w.item(), model.calls.item()
-        expected = w if expected is None else 0.9 * expected + 0.1 * w
-        calls = c if calls is None else 0.9 * calls + 0.1 * c
+        d = min(0.9, (1 + t) / (10 + t))
+        expected = d * expected + (1 - d) * model.w.item()
+        calls = d * calls + (1 - d) * model.calls.item()
         assert ema.module.w.item() == pytest.approx(expected, abs=1e-12)
         assert ema.module.calls.item() == pytest.approx(calls, abs=1e-12)
-    assert model.w.item() == pytest.approx(2.0 - (51 + 102 + 204) / 255, abs=1e-6)  # x is float32
+    assert ema.updates == 12 and ema.current_decay() == pytest.approx(13 / 22)  # still warming up
+    ema.updates = 81
+    assert ema.current_decay() == 0.9  # (1 + 81) / 91 > 0.9: the decay asked for from there on
     assert ema.module.w.item() != pytest.approx(model.w.item(), abs=1e-3)  # it lags the trained weights
+    assert not ema.module.w.requires_grad and not ema.module.training
     assert T.make_ema(model, 0.0) is None
 
 
@@ -61,7 +65,7 @@ def test_a_run_with_ema_validates_and_saves_the_averaged_weights(discs, tmp_path
     run = train(tiny(discs, tmp_path / "run", epochs=1, ema=0.9))
     last = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
     saved = load_file(run / "model.safetensors")
-    averaged = {k.removeprefix("module."): v for k, v in last["ema"].items() if k.startswith("module.")}
+    averaged = last["ema"]["module"]
     assert saved.keys() == averaged.keys() == last["model"].keys()
     assert all(torch.equal(saved[k], averaged[k].to(saved[k].dtype)) for k in saved)
     assert any(not torch.equal(saved[k], last["model"][k]) for k in saved)  # not the trained weights
@@ -77,7 +81,9 @@ def test_a_resumed_run_with_ema_matches_an_unbroken_one(discs, tmp_path):
     assert torch.load(cut / "last.pt", weights_only=True)["epoch"] == 1
     train(tiny(discs, tmp_path / "cut", epochs=2, ema=0.8), resume=cut)
     a, b = (torch.load(r / "last.pt", weights_only=True)["ema"] for r in (whole, cut))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a["updates"] == b["updates"] > 0
+    assert a["module"].keys() == b["module"].keys() and all(torch.equal(a["module"][k], b["module"][k])
+                                                            for k in a["module"])
 
 
 def test_ema_out_of_range_is_refused():

@@ -165,7 +165,8 @@ class TrainConfig:
     init: str | None = _field(None, "Start from these weights (a bundled name or run folder) instead of random "
                                     "ones: fine-tuning.")
     ema: float = _field(0.0, "Decay of an exponential moving average of the weights, updated every step (e.g. "
-                             "0.999); validation picks and saves the averaged weights. 0: off.", low=0, high=0.99999)
+                             "0.999, after a warm-up: min(decay, (1 + t) / (10 + t))); validation picks and saves "
+                             "the averaged weights. 0: off.", low=0, high=0.99999)
     multi_scale: bool = _field(False, "Multi-scale training: each step resizes its batch to size x 0.75, 1 or "
                                       "1.25 (drawn per step, rounded to the model's stride); validation stays at size.")
 

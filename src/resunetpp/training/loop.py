@@ -59,7 +59,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 from safetensors import SafetensorError
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from resunetpp.data import Augment, load_pairs, make_split, save_split
@@ -86,6 +85,7 @@ from resunetpp.training.config import (  # noqa: F401  (re-exported: the trainin
     resolve_split,
 )
 from resunetpp.training.distill import CACHE_NAME, cached_teacher_probs, distillation_loss
+from resunetpp.training.ema import WeightEMA
 from resunetpp.training.losses import get_loss
 from resunetpp.training.runtime import (  # noqa: F401
     normalization_on,
@@ -149,7 +149,7 @@ def make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, total_steps: in
 
 
 def training_step(model, opt, loss_fn, augment, norm: dict[str, torch.Tensor], amp: bool,
-                  channels_last: bool, sched=None, ema: AveragedModel | None = None, sizes: tuple[int, ...] = ()):
+                  channels_last: bool, sched=None, ema: WeightEMA | None = None, sizes: tuple[int, ...] = ()):
     """The one training step, for `train` and `benchmarks/train_speed.py`: uint8 batch in, loss (on the
     device, no sync) out. Augment, resize to one of `sizes` (multi-scale; drawn per step), normalise, forward
     (bf16 autocast if `amp`), loss in float32, step, update `ema`. With `soft` (a teacher's uint8
@@ -170,7 +170,7 @@ def training_step(model, opt, loss_fn, augment, norm: dict[str, torch.Tensor], a
         if sched is not None:
             sched.step()
         if ema is not None:
-            ema.update_parameters(model)
+            ema.update(model)
         return loss.detach()
     return step
 
@@ -189,11 +189,9 @@ def multi_scale_sizes(size: int, stride: int) -> tuple[int, ...]:
     return tuple(sorted({max(stride, math.floor(size * s / stride + 0.5) * stride) for s in MULTI_SCALES}))
 
 
-def make_ema(model: torch.nn.Module, decay: float) -> AveragedModel | None:
+def make_ema(model: torch.nn.Module, decay: float) -> WeightEMA | None:
     """The weights' exponential moving average (buffers too: BatchNorm's statistics), None when `decay` is 0."""
-    if not decay:
-        return None
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    return WeightEMA(model, decay) if decay else None
 
 
 def epoch_shard(train_idx: torch.Tensor, seed: int, epoch: int, rank: int = 0, world: int = 1) -> torch.Tensor:
@@ -258,7 +256,7 @@ class Run:
     tb: Any = None
     log: Any = print
     soft: torch.Tensor | None = None        # uint8 (N, 1, H, W) teacher probabilities x 255, when distilling
-    ema: AveragedModel | None = None        # the averaged weights, when `ema`: what is validated and saved
+    ema: WeightEMA | None = None            # the averaged weights, when `ema`: what is validated and saved
 
     @property
     def kept_model(self) -> torch.nn.Module:
