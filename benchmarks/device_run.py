@@ -66,7 +66,9 @@ STRONG_JOBS = {"strong-kvasir": ("table1", {}), "strong-kvasir-official": ("tabl
                "search-kvasir-bce-dice": ("table1", {"loss": "bce+dice"}),
                "search-kvasir-paper-augment": ("table1", {"augment": "paper"}),
                "search-kvasir-single-scale": ("table1", {"multi_scale": False}),
-               "search-kvasir-no-ema": ("table1", {"ema": 0.0})}
+               "search-kvasir-no-ema": ("table1", {"ema": 0.0}),
+               # the general model: both training parts (Kvasir-SEG's committed split, CVC-ClinicDB by sequence)
+               "strong-polyp": ("both", {"split": ":grouped"})}
 JOBS += [(name, "strong", table, "resunetpp") for name, (table, _) in STRONG_JOBS.items()]
 # "Beyond the paper": the same network from scratch, a stronger recipe (bce+dice, AdamW 1e-3 with a
 # one-cycle schedule, longer); epochs fitted to the measured speed so the schedule ends inside the slot.
@@ -98,8 +100,8 @@ EAGER_IMG_S = 432
 # 120 epochs repay (U-Net: 1,234 against 920 after 25 s, about even; ResUNet++: 561 against 432 after 60 s)
 COMPILED = ("resunet", "resunet-mod")
 # brought back as fp16 safetensors
-WEIGHTS = ("strong-kvasir", "strong-kvasir-official", "strong-cvc-by-sequence", "table1-resunetpp", "table2-resunetpp",
-           "table2-resunetpp-by-sequence", "beyond-kvasir", "lite-kvasir", "lite-cvc-clinicdb")
+WEIGHTS = ("strong-polyp", "strong-kvasir", "strong-kvasir-official", "strong-cvc-by-sequence", "table1-resunetpp",
+           "table2-resunetpp", "table2-resunetpp-by-sequence", "beyond-kvasir", "lite-kvasir", "lite-cvc-clinicdb")
 MAX_FILES = 8  # what comes back from the GPU machine: the log, summary.md, results.tar.gz and at most 5 weights
 
 
@@ -155,6 +157,8 @@ def run_job(args: argparse.Namespace) -> None:
     name, kind, table, model = next(j for j in JOBS if j[0] == args.job)
     if args.dry_run:
         torch.set_num_threads(1)
+    if kind == "strong":
+        return run_strong_job(args, name, table, model)
     data = data_dir(args.data_root, table)
     work = args.work
     common = {"device": "cpu" if args.dry_run else "cuda", "progress": False}
@@ -166,18 +170,39 @@ def run_job(args: argparse.Namespace) -> None:
                   command=f"device_run.py job {name}",
                   random_split=kind == "paper", grouped=kind == "by-sequence", **size, **common)
         return
-    recipe = strong_recipe(name) if kind == "strong" else {"beyond": BEYOND, "lite": LITE, "fast": FAST}[kind]
+    recipe = {"beyond": BEYOND, "lite": LITE, "fast": FAST}[kind]
     time_limit = min(args.time_limit, FAST_SECONDS) if kind == "fast" else args.time_limit
-    epochs = 2 if args.dry_run else args.epochs if kind in ("beyond", "strong") else recipe["epochs"]
+    epochs = 2 if args.dry_run else args.epochs if kind == "beyond" else recipe["epochs"]
     teacher = {"teacher": TEACHERS[table]} if kind == "lite" else {}
-    if kind == "strong":
-        data = data_dir(args.data_root, table, recipe["size"])
     cfg = TrainConfig(model=model, data=str(data), out=str(work / name), time_limit=time_limit,
                       **{**recipe, **size, "epochs": epochs}, **teacher, **common)
     run = work / name
     train(cfg, resume=run if (run / "last.pt").is_file() else None)
-    evaluate(run, data, split=cfg.split or "test", out=run / "eval", device=common["device"], limit=size.get("limit"),
+    evaluate(run, data, split="test", out=run / "eval", device=common["device"], limit=size.get("limit"),
              progress=False)
+
+
+def run_strong_job(args: argparse.Namespace, name: str, table: str, model: str) -> None:
+    """A strong job: its recipe on 352x352 caches (one dataset, or both for the general model), evaluated on
+    each dataset's test part (CVC-ClinicDB's by video sequence when the job trained on that split)."""
+    from resunetpp.data.layouts import dataset_name
+    from resunetpp.evaluation.evaluator import evaluate
+    from resunetpp.training.loop import DATA_SEPARATOR, TrainConfig, train
+
+    recipe = strong_recipe(name)
+    size = DRY if args.dry_run else {"size": recipe["size"]}
+    folders = [data_dir(args.data_root, t, size["size"]) for t in (("table1", "table2") if table == "both"
+                                                                    else (table,))]
+    device = "cpu" if args.dry_run else "cuda"
+    cfg = TrainConfig(model=model, data=DATA_SEPARATOR.join(map(str, folders)), out=str(args.work / name),
+                      time_limit=args.time_limit, **{**recipe, **size, "epochs": 2 if args.dry_run else args.epochs},
+                      device=device, progress=False)
+    run = args.work / name
+    train(cfg, resume=run if (run / "last.pt").is_file() else None)
+    entries = (cfg.split or "").split(DATA_SEPARATOR)
+    for folder, split in zip(folders, entries * len(folders) if len(entries) == 1 else entries):
+        out = run / ("eval" if len(folders) == 1 else f"eval-{dataset_name(folder)}")
+        evaluate(run, folder, split=split or "test", out=out, device=device, limit=size.get("limit"), progress=False)
 
 
 # ------------------------------------------------------------------------------------------- stages

@@ -52,6 +52,14 @@ PARSE_ONLY = {
     "OMP_NUM_THREADS=1 resunetpp train --config configs/lite": "the lite models' CPU training (an hour); "
                                                                "test_distill.py trains with a teacher",
     "torchrun": "several processes; test_train.py's torchrun test runs DDP",
+    "resunetpp train --config configs/strong-kvasir.yaml": "the strong recipe (a GPU); test_ema_multi_scale.py, "
+                                                           "test_losses_structure.py and test_augment_strong.py "
+                                                           "test its switches, test_device_run.py its jobs",
+    "resunetpp evaluate --weights runs/strong-kvasir-official": "needs that GPU run; test_official_split.py "
+                                                                 "resolves --split official",
+    "resunetpp train --data ../shared/data/Kvasir-SEG:": "two whole datasets at full size (GPU hours); "
+                                                         "test_multi_data.py trains on two",
+    "resunetpp evaluate --weights runs/polyp": "needs that run; test_device_run.py scores the general model",
     "resunetpp data download": "the network; test_data_download.py serves an archive locally",
     "resunetpp data prepare": "a minute per dataset; test_data_cache.py prepares real subsets",
     "python benchmarks/loader.py": "times a full-size training step",

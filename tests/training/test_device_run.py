@@ -25,7 +25,7 @@ def dry_run(tmp_path_factory, kvasir_dir, clinicdb_dir) -> Path:
     cmd = ["bash", str(ROOT / "benchmarks" / "device_run.sh"), "--dry-run", "--budget", "86400", "--out", str(out),
            "--data-root", str(kvasir_dir.parent), "--max-workers", "2", "--min-job-seconds", "5",
            "--jobs", "table1-resunetpp,table2-resunetpp,table2-resunetpp-by-sequence,beyond-kvasir,fast-kvasir,"
-           "table1-unet,lite-kvasir,strong-kvasir-official"]
+           "table1-unet,lite-kvasir,strong-kvasir-official,strong-polyp"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=7200, env={**__import__("os").environ,
                                                                                 "PYTHON": sys.executable})
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -39,13 +39,14 @@ def test_dry_run_outputs_fit_the_transfer_limits(dry_run):
     assert all(p.stat().st_size <= 16 * 2**20 for p in files)
     assert all(len(p.relative_to(dry_run).parts) <= 3 for p in files)
     names = {p.name for p in files}
-    # six trainings with weights, room for five: the lowest in `WEIGHTS`' priority stays behind, and says so
-    assert names == {"device_run.log", "summary.md", "results.tar.gz", "strong-kvasir-official.safetensors",
-                     "table1-resunetpp.safetensors", "table2-resunetpp.safetensors",
-                     "table2-resunetpp-by-sequence.safetensors", "beyond-kvasir.safetensors"}
+    # seven trainings with weights, room for five: the lowest in `WEIGHTS`' priority stay behind, and say so
+    assert names == {"device_run.log", "summary.md", "results.tar.gz", "strong-polyp.safetensors",
+                     "strong-kvasir-official.safetensors", "table1-resunetpp.safetensors",
+                     "table2-resunetpp.safetensors", "table2-resunetpp-by-sequence.safetensors"}
     log = (dry_run / "device_run.log").read_text()
     assert "smoke: trained and evaluated" in log and "SMOKE FAILED" not in log and "FAILED" not in log
-    assert "lite-kvasir: its weights stay behind (at most 8 files come back)" in log
+    for name in ("beyond-kvasir", "lite-kvasir"):
+        assert f"{name}: its weights stay behind (at most 8 files come back)" in log
 
 
 @pytest.mark.slow  # the dry run: several trainings in subprocesses
@@ -85,6 +86,13 @@ def test_dry_run_tables_curves_and_weights(dry_run, tmp_path):
     assert strong["size"] == 32  # the dry run's size; 352 on the GPU
     official = json.loads((tmp_path / "strong-kvasir-official" / "eval" / "metrics.json").read_text())
     assert "kvasir-seg-official" in official["settings"]["split"]  # scored on the official test ids
+    # the general model: both datasets' training parts, scored on each test part
+    general = json.loads((tmp_path / "strong-polyp" / "config.json").read_text())
+    assert general["dataset"] == "kvasir-seg+cvc-clinicdb" and "cvc-clinicdb-by-sequence" in general["split"]["source"]
+    for folder, split in (("eval-kvasir-seg", "test of the committed kvasir-seg split"),
+                          ("eval-cvc-clinicdb", "test of the grouped split (cvc-clinicdb-by-sequence.json)")):
+        metrics = json.loads((tmp_path / "strong-polyp" / folder / "metrics.json").read_text())
+        assert metrics["settings"]["split"] == split
     # the fp16 weights load back as a model with their config
     run = tmp_path / "w"
     run.mkdir()

@@ -125,10 +125,12 @@ class TrainConfig:
     model: str = _field("resunetpp", "Registry name of the architecture.", choices=list_models)
     model_kwargs: dict[str, Any] = _field(help="Keyword arguments of the model's constructor, e.g. filters.",
                                           factory=dict, flag=False)
-    data: str = _field("", "Dataset folder or prepared cache.")
+    data: str = _field("", "Dataset folder or prepared cache; several joined by ':' train one model on all of "
+                           "them, each with its own split.")
     split: str | None = _field(None, "Split JSON, or 'official' / 'grouped': the committed published or "
                                      "leak-free split of a known dataset (default: its committed 80/10/10 split, "
-                                     "else a seeded 80/10/10 split).")
+                                     "else a seeded 80/10/10 split); with several datasets, one for all or one "
+                                     "each, joined by ':' (empty: the default).")
     out: str = _field("runs/resunetpp", "Run folder.")
     size: int = _field(256, "Square input size.", low=1)
     epochs: int = _field(120, "Number of epochs.", low=1)

@@ -50,7 +50,7 @@ import pickle
 import shutil
 import time
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +97,7 @@ from resunetpp.training.runtime import (  # noqa: F401
 from resunetpp.utils import atomic_path, output_folder
 
 MULTI_SCALES = (0.75, 1.0, 1.25)  # the PraNet lineage's multi-scale training
+DATA_SEPARATOR = ":"  # several datasets in one run, as PATH joins folders
 
 
 class CheckpointError(ValueError):
@@ -422,7 +423,39 @@ class Data:
 
 def load_data(cfg: TrainConfig, rt: runtime.Runtime, log) -> Data:
     """The split's train and val pairs (a seeded 80/10/10 split of the good pairs for an unknown dataset),
-    without the pairs that fail the check under `skip_bad`."""
+    without the pairs that fail the check under `skip_bad`. Several datasets (`data` joined by ':') are
+    loaded each with its own split (`split` entries joined by ':', one for all or one each) and trained on
+    together; their ids become "<dataset>/<id>"."""
+    sources, splits = cfg.data.split(DATA_SEPARATOR), (cfg.split or "").split(DATA_SEPARATOR)
+    if len(sources) == 1:
+        return load_one(cfg, rt, log)
+    if len(splits) not in (1, len(sources)):
+        raise SettingError(f"split {cfg.split!r}: {len(splits)} entries for {len(sources)} datasets; give one for "
+                           "all or one each, joined by ':'", "split")
+    parts = [load_one(replace(cfg, data=d, split=s or None), rt, log)
+             for d, s in zip(sources, splits * len(sources) if len(splits) == 1 else splits)]
+    return join_data(parts, cfg.seed)
+
+
+def join_data(parts: list[Data], seed: int) -> Data:
+    """Datasets loaded apart, as one: ids "<dataset>/<id>", each part's split kept."""
+    names = [d.name for d in parts]
+    if len(set(names)) < len(names):
+        raise SettingError(f"data: the same dataset twice ({', '.join(names)})", "data")
+    offsets = [0]
+    for d in parts[:-1]:
+        offsets.append(offsets[-1] + len(d.ids))
+    split = {"dataset": "+".join(names), "seed": seed,
+             **{p: [f"{d.name}/{k}" for d in parts for k in d.split[p]] for p in ("train", "val", "test")}}
+    return Data("+".join(names), [f"{d.name}/{k}" for d in parts for k in d.ids], split,
+                "; ".join(f"{d.name}: {d.split_source}" for d in parts),
+                torch.cat([d.images for d in parts]), torch.cat([d.masks for d in parts]),
+                torch.cat([d.train_idx + o for d, o in zip(parts, offsets)]),
+                torch.cat([d.val_idx + o for d, o in zip(parts, offsets)]))
+
+
+def load_one(cfg: TrainConfig, rt: runtime.Runtime, log) -> Data:
+    """One dataset's train and val pairs (`load_data`)."""
     split, split_source = resolve_split(cfg, dataset_name(cfg.data))
     if split is not None:
         split = limit_split(split, cfg.limit)
