@@ -89,6 +89,8 @@ TEACHERS = {"table1": "resunetpp-kvasir-seg", "table2": "resunetpp-cvc-clinicdb"
 # "Strong" (issue 23): configs/strong-kvasir.yaml's recipe (its data, out and epochs replaced: epochs fit the
 # slot). It reads 352x352 caches (`--fetch-data SRC 352`).
 STRONG_CONFIG = ROOT / "configs" / "strong-kvasir.yaml"
+# training images per epoch: Kvasir-SEG's committed split (the official one has 792), CVC-ClinicDB by sequence, both
+TRAIN_IMAGES = {"table1": 800, "table2": 490, "both": 1290}
 # a 352x352 multi-scale step (sizes 272, 352, 448) against a 256x256 one, in pixels: what fits the slot
 STRONG_COST = sum(s * s for s in (272, 352, 448)) / 3 / 256**2
 DRY = {"size": 32, "epochs": 2, "limit": 8, "batch_size": 4}
@@ -288,8 +290,10 @@ def trainings(args, log: Log, deadline: float, workers: int) -> list[dict]:
             if name == "beyond-kvasir" and args.beyond_seconds:
                 limit = min(limit, args.beyond_seconds)
             cost = STRONG_COST if name in STRONG_JOBS else 1.0
+            images = TRAIN_IMAGES[STRONG_JOBS[name][0]] if name in STRONG_JOBS else 800
             cmd = [sys.executable, __file__, "--job", name, "--data-root", str(args.data_root), "--work",
-                   str(args.work), "--time-limit", f"{limit:.0f}", "--epochs", str(beyond_epochs(args, limit, cost))]
+                   str(args.work), "--time-limit", f"{limit:.0f}",
+                   "--epochs", str(beyond_epochs(args, limit, cost, images))]
             if args.dry_run:
                 cmd.append("--dry-run")
             logf = open(args.work / f"{name}.log", "w")
@@ -314,6 +318,13 @@ def trainings(args, log: Log, deadline: float, workers: int) -> list[dict]:
     return done
 
 
+def trainings_only_pool(workers: int | None) -> tuple[int, float]:
+    """(processes, img/s each) without stage 0's measurement: `--workers` processes (default 1) sharing the
+    measured eager rate of one, so each one's schedule is fitted to end inside the slot."""
+    n = workers or 1
+    return n, EAGER_IMG_S / n
+
+
 def job_queue(names: str | None) -> list[tuple]:
     """The `JOBS` named in `names` (comma-separated) in that order; all of them when None."""
     if not names:
@@ -325,11 +336,11 @@ def job_queue(names: str | None) -> list[tuple]:
     return [known[n] for n in names.split(",")]
 
 
-def beyond_epochs(args, seconds: float, cost: float = 1.0) -> int:
+def beyond_epochs(args, seconds: float, cost: float = 1.0, images: int = 800) -> int:
     """Epochs of the beyond (or strong) recipe that fit `seconds` of training at the measured per-worker speed
     (its schedule must end inside the slot to pay off), between 40 and 300; `cost`: an image's time against a
-    256x256 one."""
-    per_epoch = 800 * cost / max(getattr(args, "per_worker_img_s", 0) or 1, 1) * 1.15  # + validation and slack
+    256x256 one; `images`: the training images of an epoch."""
+    per_epoch = images * cost / max(getattr(args, "per_worker_img_s", 0) or 1, 1) * 1.15  # + validation, slack
     return int(min(300, max(40, seconds / per_epoch)))
 
 
@@ -388,7 +399,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--jobs", help="comma-separated trainings to run, in that order (default: all, in priority order)")
     ap.add_argument("--min-job-seconds", type=float, default=45)
     ap.add_argument("--trainings-only", action="store_true",
-                    help="leave out stage 0 (smoke, speed table, profile, latency): one worker")
+                    help="leave out stage 0 (smoke, speed table, profile, latency): --workers processes")
+    ap.add_argument("--workers", type=int, help="with --trainings-only: trainings at once on the GPU (default 1), "
+                    "each given the whole time left")
     ap.add_argument("--beyond-seconds", type=float, help="training seconds for the beyond recipe (default: all left)")
     ap.add_argument("--eval-reserve", type=float, default=35, help="seconds kept for evaluation and packing")
     ap.add_argument("--job", help=argparse.SUPPRESS)
@@ -425,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
             raise RuntimeError("no CUDA device: run with --dry-run on a CPU")
         t = time.perf_counter()
         if args.trainings_only:  # stage 0 ran in an earlier slot: its time goes to the trainings
-            workers, args.per_worker_img_s = 1, EAGER_IMG_S
+            workers, args.per_worker_img_s = trainings_only_pool(args.workers)
         else:
             summary["stages"]["smoke"] = smoke(args, log, stage_dir)
             workers = speed(args, log, stage_dir)

@@ -113,6 +113,15 @@ def test_jobs_run_in_the_order_given_and_a_misspelt_one_stops_before_anything_ru
     assert not (tmp_path / "out").exists()
 
 
+def test_trainings_only_runs_the_workers_asked_for_sharing_one_process_s_speed():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import device_run
+
+    assert device_run.trainings_only_pool(None) == (1, device_run.EAGER_IMG_S)
+    assert device_run.trainings_only_pool(3) == (3, device_run.EAGER_IMG_S / 3)
+    assert device_run.parser().parse_args(["--trainings-only", "--workers", "3"]).workers == 3
+
+
 def test_beyond_epochs_fit_the_seconds_given_at_the_measured_speed():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import argparse
@@ -125,6 +134,7 @@ def test_beyond_epochs_fit_the_seconds_given_at_the_measured_speed():
     # the strong recipe's multi-scale 352x352 steps cost 2.03x a 256x256 one: fewer epochs in the same time
     assert device_run.STRONG_COST == pytest.approx((272**2 + 352**2 + 448**2) / 3 / 256**2)
     assert device_run.beyond_epochs(args, 190, device_run.STRONG_COST) == 55
+    assert device_run.beyond_epochs(args, 600, device_run.STRONG_COST, 1290) == 108  # the general model: both sets
 
 
 @pytest.mark.parametrize("job, compiled", [("table2-resunet", True), ("table1-resunet-mod", True),
