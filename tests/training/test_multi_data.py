@@ -66,3 +66,18 @@ def test_splits_that_do_not_match_the_datasets_are_refused(two, tmp_path):
         train(tiny(f"{a}:{b}", tmp_path / "r1", split="x:y:z"))
     with pytest.raises(SettingError, match="the same dataset twice"):
         train(tiny(f"{a}:{a}", tmp_path / "r2"))
+
+
+def test_evaluating_a_joint_run_on_one_dataset_takes_that_dataset_s_own_held_out_ids(two, tmp_path):
+    """Not the committed split of the dataset (which could hold the run's training images) but the ids the
+    run itself kept out of training, with their dataset prefix removed."""
+    from resunetpp.evaluation.evaluator import resolve_ids
+
+    a, b = two
+    run = train(tiny(f"{a}:{b}", tmp_path / "run", epochs=1))
+    split = json.loads((run / "split.json").read_text())
+    ids, source = resolve_ids(b, "test", run)
+    assert ids == [k.removeprefix("discs-b/") for k in split["test"] if k.startswith("discs-b/")] and ids
+    assert source == f"test of {run / 'split.json'} (discs-b)"
+    ids_a, _ = resolve_ids(a, "val", run)
+    assert ids_a == [k.removeprefix("discs-a/") for k in split["val"] if k.startswith("discs-a/")]

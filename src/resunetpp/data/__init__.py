@@ -18,6 +18,7 @@ from resunetpp.data.load import check_dataset, load_pairs
 from resunetpp.data.pairs import Pairs, parse_size
 from resunetpp.data.splits import (
     NAMED_SPLITS,
+    dataset_part,
     default_split,
     load_split,
     make_split,
@@ -28,6 +29,7 @@ from resunetpp.data.splits import (
 
 __all__ = [
     "NAMED_SPLITS", "Augment", "CheckReport", "DatasetCheckError", "Pairs", "Problem", "SegmentationFolder",
-    "check_dataset", "default_split", "detect_layout", "download_dataset", "load_pairs", "load_split", "make_split",
-    "named_split_path", "natural_sorted", "official_split_path", "parse_size", "prepare_cache", "save_split",
+    "check_dataset", "dataset_part", "default_split", "detect_layout", "download_dataset", "load_pairs", "load_split",
+    "make_split", "named_split_path", "natural_sorted", "official_split_path", "parse_size", "prepare_cache",
+    "save_split",
 ]

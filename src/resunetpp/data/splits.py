@@ -244,3 +244,15 @@ def named_split_path(kind: str, name: str) -> Path:
         KeyError: no such split for that dataset; the message lists the datasets that have one.
     """
     return NAMED_SPLITS[kind](name)
+
+
+def dataset_part(split: dict, part: str, name: str) -> list[str] | None:
+    """The ids of dataset `name` in `part` of `split`: all of them when the split is that dataset's, its
+    "<name>/<id>" ids without the prefix when the split joins several datasets ("a+b", `train --data A:B`),
+    None when it holds none of `name`'s."""
+    datasets = str(split.get("dataset") or "").split("+")
+    if datasets == [name]:
+        return list(split[part])
+    if name not in datasets:
+        return None
+    return [k.split("/", 1)[1] for k in split[part] if k.startswith(f"{name}/")]

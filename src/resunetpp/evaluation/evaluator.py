@@ -10,12 +10,12 @@ Conventions:
 - The metrics and the empty-mask convention are those of `resunetpp.evaluation.metrics`: each reported as the
   mean over images (the headline: mDice, mIoU, ...) and pooled over all pixels (micro).
 - `split`: "test" | "val" | "train" take that part of the run's own `split.json` when the data is the
-  dataset the model was trained on, else the committed split of a known dataset (Kvasir-SEG,
-  CVC-ClinicDB); "official" and "grouped" take the "test" part of the dataset's committed published split
-  (Kvasir-SEG's official 880/120) or leak-free split (CVC-ClinicDB by video sequence, Kvasir-SEG by
-  near-duplicate group); "all" takes every pair; a path takes a split JSON's "test" ids or a text file's ids
-  (one a line, e.g. Kvasir-Sessile/ids.txt). Cross-dataset evaluation is the same call with another
-  `data`, resized to the model's input size.
+  dataset the model was trained on (alone, or beside others: then its "<dataset>/<id>" ids), else the
+  committed split of a known dataset (Kvasir-SEG, CVC-ClinicDB); "official" and "grouped" take the "test"
+  part of the dataset's committed published split (Kvasir-SEG's official 880/120) or leak-free split
+  (CVC-ClinicDB by video sequence, Kvasir-SEG by near-duplicate group); "all" takes every pair; a path
+  takes a split JSON's "test" ids or a text file's ids (one a line, e.g. Kvasir-Sessile/ids.txt).
+  Cross-dataset evaluation is the same call with another `data`, resized to the model's input size.
 - `miou_keras`: the paper's "mIoU" (`resunetpp.evaluation.metrics.keras_confusion`: Keras MeanIoU(2) on probabilities,
   so only p == 1.0 is polyp), pooled over the set at the model's input size. Compare the paper's mIoU
   column with this one, not with miou_2class (docs/evaluation.md).
@@ -43,6 +43,7 @@ from resunetpp.data import (
     NAMED_SPLITS,
     Pairs,
     SegmentationFolder,
+    dataset_part,
     default_split,
     detect_layout,
     load_pairs,
@@ -109,12 +110,14 @@ def resolve_ids(data: str | os.PathLike, split: str, weights: str | os.PathLike 
 
 
 def _named_split(data: str | os.PathLike, split: str, weights: str | os.PathLike | None) -> tuple[list[str], str]:
-    """The run's own split of `data` when it was trained on it, else the committed split of a known dataset."""
+    """The run's own split of `data` when it was trained on it (alone or beside other datasets), else the
+    committed split of a known dataset."""
     name = dataset_name(data)
     own = Path(weights) / "split.json" if weights is not None else None
     own_split = load_split(own) if own is not None and own.is_file() else None
-    if own_split is not None and own_split.get("dataset") == name:
-        return own_split[split], f"{split} of {own}"
+    ids = dataset_part(own_split, split, name) if own_split is not None else None
+    if ids is not None:
+        return ids, f"{split} of {own}" + (f" ({name})" if own_split.get("dataset") != name else "")
     if name in ("kvasir-seg", "cvc-clinicdb"):
         return load_split(default_split(name))[split], f"{split} of the committed {name} split"
     raise ValueError(f"{data}: no split known for dataset {name!r}; use split 'all' or a split file")

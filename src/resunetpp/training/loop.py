@@ -438,7 +438,8 @@ def load_data(cfg: TrainConfig, rt: runtime.Runtime, log) -> Data:
 
 
 def join_data(parts: list[Data], seed: int) -> Data:
-    """Datasets loaded apart, as one: ids "<dataset>/<id>", each part's split kept."""
+    """Datasets loaded apart, as one: ids "<dataset>/<id>", each part's split kept, the name "a+b" (as
+    `resunetpp.data.dataset_part` reads them back)."""
     names = [d.name for d in parts]
     if len(set(names)) < len(names):
         raise SettingError(f"data: the same dataset twice ({', '.join(names)})", "data")
