@@ -89,10 +89,15 @@ def test_dry_run_tables_curves_and_weights(dry_run, tmp_path):
     # the general model: both datasets' training parts, scored on each test part
     general = json.loads((tmp_path / "strong-polyp" / "config.json").read_text())
     assert general["dataset"] == "kvasir-seg+cvc-clinicdb" and "cvc-clinicdb-by-sequence" in general["split"]["source"]
-    for folder, split in (("eval-kvasir-seg", "test of the committed kvasir-seg split"),
-                          ("eval-cvc-clinicdb", "test of the grouped split (cvc-clinicdb-by-sequence.json)")):
+    # Kvasir-SEG: the ids the run itself held out (its own split.json), CVC-ClinicDB: the by-sequence test part
+    for folder, ends in (("eval-kvasir-seg", "strong-polyp/split.json (kvasir-seg)"),
+                         ("eval-cvc-clinicdb", "test of the grouped split (cvc-clinicdb-by-sequence.json)")):
         metrics = json.loads((tmp_path / "strong-polyp" / folder / "metrics.json").read_text())
-        assert metrics["settings"]["split"] == split
+        assert metrics["settings"]["split"].endswith(ends)
+    held_out = [k.removeprefix("kvasir-seg/") for k in json.loads((tmp_path / "strong-polyp" / "split.json")
+                                                                  .read_text())["test"] if k.startswith("kvasir-seg/")]
+    scored = (tmp_path / "strong-polyp" / "eval-kvasir-seg" / "per_image.csv").read_text().splitlines()[1:]
+    assert [line.split(",")[0] for line in scored] == held_out
     # the fp16 weights load back as a model with their config
     run = tmp_path / "w"
     run.mkdir()
